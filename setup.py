@@ -1,0 +1,23 @@
+from setuptools import find_packages, setup
+
+extras = {
+    "flash": ["flash-attn>=2.6", "ring-flash-attn>=0.1.4"],
+    "deepspeed": ["deepspeed>=0.16"],
+    "trl": ["trl>=0.20"],
+    "test": ["pytest>=8", "pytest-timeout"],
+    "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "matplotlib"],
+}
+
+setup(
+    name="transformers_cp",
+    version="0.1.0",
+    description="Context parallelism (ring, zigzag, llama3, Ulysses, hybrid) for Hugging Face causal LMs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    package_dir={"": "src"},
+    packages=find_packages("src"),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.5", "transformers>=5.0", "accelerate>=1.0"],
+    extras_require=extras,
+    license="Apache-2.0",
+)

@@ -1,0 +1,1 @@
+"""Context-parallel attention algorithms, one module each, composed by `transformers_cp.attention`."""

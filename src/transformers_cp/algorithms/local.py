@@ -1,0 +1,23 @@
+"""Attention on whole local sequences: no communication (Ulysses after its all-to-all, or one rank)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..kernels import AttentionKernel, Segments
+
+
+class LocalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, seg: Segments, kernel: AttentionKernel, scale: float):
+        out, lse = kernel.forward(q, k, v, seg, scale)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.seg, ctx.kernel, ctx.scale = seg, kernel, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.kernel.backward(dout, q, k, v, out, lse, ctx.seg, ctx.scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None

@@ -1,0 +1,23 @@
+"""Blockwise softmax bookkeeping: partial outputs merge through their log-sum-exp, in float32."""
+
+from __future__ import annotations
+
+import torch
+
+
+class Accumulator:
+    """Running (out, lse) of local queries over the KV blocks seen so far."""
+
+    def __init__(self, q: torch.Tensor) -> None:
+        self.out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        self.lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+
+    def add(self, rows: tuple[int, int], out: torch.Tensor, lse: torch.Tensor) -> None:
+        """Fold a block's result for query rows [a, b) in. Every row of a block sees at least one key."""
+        a, b = rows
+        acc_out, acc_lse = self.out[a:b], self.lse[:, a:b]
+        new_lse = torch.logaddexp(acc_lse, lse)
+        w_acc = torch.exp(acc_lse - new_lse).T.unsqueeze(-1)
+        w_new = torch.exp(lse - new_lse).T.unsqueeze(-1)
+        acc_out.mul_(w_acc).add_(out.float() * w_new)
+        acc_lse.copy_(new_lse)

@@ -1,0 +1,70 @@
+"""Ring attention over any chunked layout (`ring`: contiguous, `zigzag`: balanced 2N chunks).
+
+KV travels around the ring by P2P, the next block in flight while the current one is computed. In backward the
+KV goes around again and each block's dK/dV (float32) travels with it, so it is home after a full turn.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..comm import RingComm
+from ..kernels import AttentionKernel
+from ..plan import Block
+from .merge import Accumulator
+
+
+def _sl(rows: tuple[int, int]) -> slice:
+    return slice(rows[0], rows[1])
+
+
+class RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, steps: list[list[Block]], group: dist.ProcessGroup, kernel: AttentionKernel, scale):
+        comm = RingComm(group)
+        kv = torch.stack([k, v])
+        acc = Accumulator(q)
+        for s, blocks in enumerate(steps):
+            nxt = comm.start(kv) if s + 1 < len(steps) else None
+            for b in blocks:
+                out, lse = kernel.forward(q[_sl(b.q)], kv[0, _sl(b.k)], kv[1, _sl(b.k)], b.seg, scale)
+                acc.add(b.q, out, lse)
+            if nxt is not None:
+                comm.wait()
+                kv = nxt
+        out = acc.out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, acc.lse)
+        ctx.steps, ctx.group, ctx.kernel, ctx.scale = steps, group, kernel, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        kv_comm, grad_comm = RingComm(ctx.group), RingComm(ctx.group)
+        kv = torch.stack([k, v])
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+        incoming = None
+        for s, blocks in enumerate(ctx.steps):
+            nxt = kv_comm.start(kv) if s + 1 < len(ctx.steps) else None
+            grads = []
+            for b in blocks:
+                qs = _sl(b.q)
+                dq_b, dk_b, dv_b = ctx.kernel.backward(
+                    dout[qs], q[qs], kv[0, _sl(b.k)], kv[1, _sl(b.k)], out[qs], lse[:, qs], b.seg, ctx.scale
+                )
+                dq[qs] += dq_b
+                grads.append((b.k, dk_b, dv_b))
+            if incoming is not None:  # the dK/dV of the block we hold, accumulated by the ranks before us
+                grad_comm.wait()
+                dkv = incoming
+            for rows, dk_b, dv_b in grads:
+                dkv[0, _sl(rows)] += dk_b
+                dkv[1, _sl(rows)] += dv_b
+            incoming = grad_comm.start(dkv)
+            if nxt is not None:
+                kv_comm.wait()
+                kv = nxt
+        grad_comm.wait()
+        return dq.to(q.dtype), incoming[0].to(k.dtype), incoming[1].to(v.dtype), None, None, None, None

@@ -1,0 +1,67 @@
+"""The context-parallel attention entry point: one rank's shard of q, k, v in, its shard of the output out."""
+
+from __future__ import annotations
+
+import torch
+
+from .algorithms.llama3 import Llama3Attention
+from .algorithms.local import LocalAttention
+from .algorithms.ring import RingAttention
+from .algorithms.ulysses import gather_heads, scatter_heads
+from .kernels import select_kernel
+from .mesh import ContextParallelMesh
+from .plan import Documents, local_segments, prefix_plan, ring_plan
+
+
+def window_left(sliding_window: int | None, seq_len: int) -> int | None:
+    """HF's `sliding_window` W lets a query see itself and the W-1 keys before it."""
+    if sliding_window is None or sliding_window <= 0 or sliding_window >= seq_len:
+        return None
+    return sliding_window - 1
+
+
+def _gather_order(mesh: ContextParallelMesh, seq_len: int, device) -> torch.Tensor | None:
+    """Index that puts KV all-gathered in ring-rank order into global order (None when it already is)."""
+    layout = mesh.layout
+    pos = torch.cat([torch.arange(s, e) for r in range(layout.ring) for s, e in layout.ring_ranges(seq_len, r)])
+    if torch.equal(pos, torch.arange(seq_len)):
+        return None
+    return torch.argsort(pos).to(device)
+
+
+def context_parallel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mesh: ContextParallelMesh,
+    docs: Documents,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of this rank's shard of a packed row against the whole row.
+
+    q: (L, Hq, D), k and v: (L, Hk, D), L = row length / CP size, in the layout of `mesh`; `docs` holds the row's
+    global document boundaries. Returns (L, Hq, D).
+    """
+    config, layout = mesh.config, mesh.layout
+    kernel = select_kernel(config.backend, q)
+    left = window_left(sliding_window, docs.seq_len)
+    if layout.ulysses > 1:
+        q, k, v = scatter_heads(q, k, v, mesh.ulysses_group, layout.chunks_per_rank)
+    if layout.ring == 1:
+        out = LocalAttention.apply(q, k, v, local_segments(docs, left), kernel, scale)
+    elif config.mode == "llama3":
+        if k.shape[1] % config.heads_k_stride:
+            raise ValueError(
+                f"context_parallel_heads_k_stride={config.heads_k_stride} must divide the {k.shape[1]} key/value "
+                "heads of the model; pick a divisor of the KV head count."
+            )
+        order = docs.cached(("order", layout), lambda: _gather_order(mesh, docs.seq_len, q.device))
+        prefix = prefix_plan(docs, layout, mesh.ring_rank, left)
+        out = Llama3Attention.apply(q, k, v, prefix, order, mesh.ring_group, kernel, scale, config.heads_k_stride)
+    else:
+        steps = ring_plan(docs, layout, mesh.ring_rank, left)
+        out = RingAttention.apply(q, k, v, steps, mesh.ring_group, kernel, scale)
+    if layout.ulysses > 1:
+        out = gather_heads(out, mesh.ulysses_group, layout.chunks_per_rank)
+    return out

@@ -1,0 +1,75 @@
+"""Communication pieces the algorithms share: ring P2P, all-gather, reduce-scatter and an autograd all-to-all."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class RingComm:
+    """Send to the next rank of a group and receive from the previous one, asynchronously."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
+        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
+        self._reqs: list = []
+
+    def start(self, send: torch.Tensor) -> torch.Tensor:
+        """Begin passing `send` one step along the ring; returns the buffer that `wait` fills."""
+        recv = torch.empty(send.shape, dtype=send.dtype, device=send.device)
+        ops = [
+            dist.P2POp(dist.isend, send, self.next, self.group),
+            dist.P2POp(dist.irecv, recv, self.prev, self.group),
+        ]
+        self._reqs = dist.batch_isend_irecv(ops)
+        return recv
+
+    def wait(self) -> None:
+        for req in self._reqs:
+            req.wait()
+        self._reqs = []
+
+
+def all_gather(x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
+    """Concatenate `x` from every rank of `group` along a new leading dimension (rank order)."""
+    world = dist.get_world_size(group)
+    out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    work = dist.all_gather_into_tensor(out, x.contiguous(), group=group, async_op=async_op)
+    out = out.unflatten(0, (world, x.shape[0]))
+    return (out, work) if async_op else out
+
+
+def reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
+    """Sum `x` (leading dimension = group size) over ranks and keep this rank's slice."""
+    rank = dist.get_rank(group)
+    if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter: all-reduce and take the slice
+        x = x.contiguous()
+        work = dist.all_reduce(x, group=group, async_op=async_op)
+        out = x[rank]
+    else:
+        out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
+        work = dist.reduce_scatter_tensor(out, x.contiguous(), group=group, async_op=async_op)
+    return (out, work) if async_op else out
+
+
+def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+class AllToAll(torch.autograd.Function):
+    """Exchange slices of the leading dimension (one per rank); the gradient goes back the same way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _all_to_all(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_to_all(grad, ctx.group), None

@@ -1,0 +1,111 @@
+"""`ContextParallelConfig`: the one object every piece of transformers_cp reads its settings from."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+MODES = ("ring", "zigzag", "llama3", "ulysses", "hybrid")
+BACKENDS = ("auto", "torch", "flash_attn")
+DEFAULT_MODE = "zigzag"
+
+
+class ContextParallelConfigError(ValueError):
+    """A context-parallel setting is invalid; the message names the setting and the fix."""
+
+
+@dataclass(frozen=True)
+class ContextParallelConfig:
+    """Settings of context parallelism.
+
+    Args:
+        size: ranks that share one sequence (1 = off). `None` means every rank of the job.
+        mode: `ring` (contiguous shards, KV passed around a ring), `zigzag` (ring on the balanced 2N-chunk layout),
+            `llama3` (KV all-gathered `heads_k_stride` heads at a time, on the zigzag layout), `ulysses` (all-to-all
+            between sequence and head shards) or `hybrid` (Ulysses inside groups of `ulysses_size`, zigzag ring across).
+        ulysses_size: for `hybrid`, the Ulysses degree; `size // ulysses_size` is the ring degree.
+        heads_k_stride: for `llama3`, how many KV heads are all-gathered at a time (must divide the KV heads).
+        backend: local attention kernel: `torch` (PyTorch's fused ops, exact math on CPU), `flash_attn`
+            (flash-attn, when installed) or `auto` (flash_attn when installed and on CUDA, else torch).
+    """
+
+    size: int | None = None
+    mode: str = DEFAULT_MODE
+    ulysses_size: int | None = None
+    heads_k_stride: int = 1
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.size is not None and (not isinstance(self.size, int) or self.size < 1):
+            raise ContextParallelConfigError(
+                f"context_parallel_size must be an integer >= 1 (got {self.size!r}); use 1 to turn context "
+                "parallelism off."
+            )
+        if self.mode not in MODES:
+            raise ContextParallelConfigError(
+                f"context_parallel_mode={self.mode!r} is unknown; choose one of {', '.join(MODES)}."
+            )
+        if self.backend not in BACKENDS:
+            raise ContextParallelConfigError(
+                f"context_parallel_backend={self.backend!r} is unknown; choose one of {', '.join(BACKENDS)}."
+            )
+        if not isinstance(self.heads_k_stride, int) or self.heads_k_stride < 1:
+            raise ContextParallelConfigError(
+                f"context_parallel_heads_k_stride must be an integer >= 1 (got {self.heads_k_stride!r})."
+            )
+        if self.mode == "hybrid":
+            if self.ulysses_size is None or self.ulysses_size < 1:
+                raise ContextParallelConfigError(
+                    "context_parallel_mode='hybrid' needs context_parallel_ulysses_size >= 1 (the Ulysses degree; "
+                    "the rest of context_parallel_size is the ring degree)."
+                )
+            if self.size is not None and self.size % self.ulysses_size != 0:
+                raise ContextParallelConfigError(
+                    f"context_parallel_ulysses_size={self.ulysses_size} must divide context_parallel_size="
+                    f"{self.size}; pick a divisor of {self.size}."
+                )
+        elif self.ulysses_size not in (None, self.size if self.mode == "ulysses" else None):
+            raise ContextParallelConfigError(
+                f"context_parallel_ulysses_size is only used with context_parallel_mode='hybrid' (mode is "
+                f"{self.mode!r}); leave it unset or switch the mode to 'hybrid'."
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.size is None or self.size > 1
+
+    def resolved(self, world_size: int) -> ContextParallelConfig:
+        """The config with `size` filled in from the job's world size, checked against it."""
+        size = world_size if self.size is None else self.size
+        if world_size % size != 0:
+            raise ContextParallelConfigError(
+                f"context_parallel_size={size} must divide the number of processes ({world_size}); launch a "
+                f"multiple of {size} processes or pick a size that divides {world_size}."
+            )
+        fields = asdict(self)
+        fields["size"] = size
+        return ContextParallelConfig(**fields)
+
+    @property
+    def ring_size(self) -> int:
+        """Degree of the ring (P2P / all-gather) dimension."""
+        assert self.size is not None, "resolve the config against the world size first"
+        if self.mode == "ulysses":
+            return 1
+        if self.mode == "hybrid":
+            return self.size // self.ulysses_size
+        return self.size
+
+    @property
+    def ulysses_degree(self) -> int:
+        """Degree of the Ulysses (all-to-all) dimension."""
+        assert self.size is not None, "resolve the config against the world size first"
+        if self.mode == "ulysses":
+            return self.size
+        if self.mode == "hybrid":
+            return self.ulysses_size
+        return 1
+
+    @property
+    def layout(self) -> str:
+        """Sequence layout the mode runs on: `contiguous` or `zigzag` (causal work balanced across the ring)."""
+        return "contiguous" if self.mode in ("ring", "ulysses") else "zigzag"

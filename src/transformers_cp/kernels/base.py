@@ -1,0 +1,66 @@
+"""The one local attention kernel interface every algorithm calls.
+
+Tensors are packed: q (Tq, Hq, D), k and v (Tk, Hk, D) with Hq a multiple of Hk (GQA is handled by the kernel, KV
+heads are never repeated in memory). Segments pair q rows [cu_q[i], cu_q[i+1]) with k rows [cu_k[i], cu_k[i+1]) and are
+aligned bottom-right as in flash-attn: with lq, lk the segment lengths, query row a may see key row b when
+`b <= a + lk - lq` (if causal) and `b >= a + lk - lq - window_left` (if window_left is not None). The forward returns
+`(out, lse)` with lse of shape (Hq, Tq) in float32; the backward takes `(dout, q, k, v, out, lse)`, where out and
+lse may be the final merged ones of a blockwise computation, and returns `(dq, dk, dv)`. The algorithms only build
+segments in which every query row sees at least one key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Where the documents of one kernel call lie. Host lists serve the exact path, device tensors the fused ones."""
+
+    cu_q: tuple[int, ...]
+    cu_k: tuple[int, ...]
+    causal: bool
+    window_left: int | None = None
+    device: torch.device | None = None
+
+    @property
+    def max_q(self) -> int:
+        return max(b - a for a, b in zip(self.cu_q, self.cu_q[1:]))
+
+    @property
+    def max_k(self) -> int:
+        return max(b - a for a, b in zip(self.cu_k, self.cu_k[1:]))
+
+    def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cu_seqlens as int32 device tensors, made once per segments object and device."""
+        cache = self.__dict__.setdefault("_tensors", {})
+        if device not in cache:
+            cache[device] = (
+                torch.tensor(self.cu_q, dtype=torch.int32).to(device, non_blocking=True),
+                torch.tensor(self.cu_k, dtype=torch.int32).to(device, non_blocking=True),
+            )
+        return cache[device]
+
+
+class AttentionKernel(Protocol):
+    name: str
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def backward(
+        self,
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        seg: Segments,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...

@@ -1,0 +1,94 @@
+"""Process groups for context parallelism as a named DeviceMesh.
+
+The mesh is (dp, cp) with CP ranks adjacent: torchrun numbers ranks node by node, so a CP group stays inside a
+node (NVLink) whenever its size divides the GPUs per node. For `hybrid` the cp dimension is (ring, ulysses) with the
+Ulysses ranks innermost, because the all-to-all moves the most bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .config import ContextParallelConfig
+from .layout import Layout
+
+
+@dataclass
+class ContextParallelMesh:
+    """The groups and coordinates one rank needs. Groups are `None` where their dimension has size 1."""
+
+    config: ContextParallelConfig  # resolved: `size` is set
+    layout: Layout
+    device_mesh: object | None
+    cp_group: dist.ProcessGroup | None
+    ring_group: dist.ProcessGroup | None
+    ulysses_group: dist.ProcessGroup | None
+    dp_group: dist.ProcessGroup | None
+    cp_rank: int
+    dp_rank: int
+    dp_size: int
+
+    @property
+    def cp_size(self) -> int:
+        return self.config.size
+
+    @property
+    def ring_rank(self) -> int:
+        return self.cp_rank // self.layout.ulysses
+
+    @property
+    def ulysses_rank(self) -> int:
+        return self.cp_rank % self.layout.ulysses
+
+
+def default_device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def init_distributed(device_type: str | None = None) -> None:
+    """Start the default process group from torchrun's environment if nobody has (nccl on GPU, gloo on CPU)."""
+    if dist.is_initialized() or "WORLD_SIZE" not in os.environ:
+        return
+    device_type = device_type or default_device_type()
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+
+
+def build_mesh(config: ContextParallelConfig, device_type: str | None = None) -> ContextParallelMesh:
+    """Build the (dp, cp) mesh for `config` over every process of the job.
+
+    Every rank validates the config against the world size before any collective is issued, so a bad size raises
+    the same clear error on all ranks instead of hanging in group creation.
+    """
+    device_type = device_type or default_device_type()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    config = config.resolved(world)
+    layout = Layout.from_config(config)
+    cp, dp = config.size, world // config.size
+    if world == 1:
+        return ContextParallelMesh(config, layout, None, None, None, None, None, 0, 0, 1)
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    ring, uly = layout.ring, layout.ulysses
+    mesh = init_device_mesh(device_type, (dp, ring, uly), mesh_dim_names=("dp", "cp_ring", "cp_ulysses"))
+    cp_mesh = mesh["cp_ring", "cp_ulysses"]._flatten("cp")
+    coords = mesh.get_coordinate()
+    cp_rank = coords[1] * uly + coords[2]
+    return ContextParallelMesh(
+        config=config,
+        layout=layout,
+        device_mesh=mesh,
+        cp_group=cp_mesh.get_group() if cp > 1 else None,
+        ring_group=mesh.get_group("cp_ring") if ring > 1 else None,
+        ulysses_group=mesh.get_group("cp_ulysses") if uly > 1 else None,
+        dp_group=mesh.get_group("dp") if dp > 1 else None,
+        cp_rank=cp_rank,
+        dp_rank=coords[0],
+        dp_size=dp,
+    )

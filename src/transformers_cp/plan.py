@@ -1,0 +1,162 @@
+"""Which kernel calls each rank makes: global document boundaries + layout -> blocks of (q rows, k rows, segments).
+
+Everything here runs on the host, once per batch and window size (the `Documents` object caches its plans), so the
+per-layer path never synchronises with the device. Chunks of a layout are contiguous global ranges, and two chunks
+are either the same chunk, or one lies wholly before the other. A chunk seen against itself is a causal varlen call
+over the documents inside it. A k chunk wholly before a q chunk can only matter through the single document that
+spans both (documents are contiguous), so that pair is one dense, non-causal block, trimmed to the sliding window.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .kernels import Segments
+from .layout import Layout, Range
+
+
+@dataclass(frozen=True)
+class Block:
+    q: tuple[int, int]  # local query rows [a, b)
+    k: tuple[int, int]  # rows of the KV buffer [a, b)
+    seg: Segments
+
+
+class Documents:
+    """Document boundaries of one packed row (global positions), with the plans derived from them."""
+
+    def __init__(self, cu_seqlens: Sequence[int], seq_len: int) -> None:
+        bounds = [int(x) for x in cu_seqlens]
+        if not bounds or bounds[0] != 0:
+            bounds = [0, *bounds]
+        if bounds[-1] > seq_len or any(b <= a for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(
+                f"cu_seq_lens {bounds} do not describe documents of a packed row of {seq_len} tokens: they must "
+                "start at 0, strictly increase and end at most at the row length."
+            )
+        if bounds[-1] < seq_len:  # the collator's padding tail is a document of its own
+            bounds.append(seq_len)
+        self.bounds = bounds
+        self.seq_len = seq_len
+        self._plans: dict[tuple, object] = {}
+
+    def span(self, pos: int) -> Range:
+        """The document [start, end) containing global position `pos`."""
+        i = bisect.bisect_right(self.bounds, pos) - 1
+        return self.bounds[i], self.bounds[i + 1]
+
+    def pieces(self, start: int, end: int) -> list[int]:
+        """Lengths of the document pieces that tile [start, end)."""
+        out, pos = [], start
+        while pos < end:
+            e = min(self.span(pos)[1], end)
+            out.append(e - pos)
+            pos = e
+        return out
+
+    def cached(self, key: tuple, build):
+        if key not in self._plans:
+            self._plans[key] = build()
+        return self._plans[key]
+
+
+def _cumulative(lengths: list[int]) -> tuple[int, ...]:
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return tuple(out)
+
+
+def diagonal_segments(docs: Documents, ranges: Sequence[Range], window_left: int | None) -> Segments:
+    """Causal varlen segments of the concatenated `ranges` against themselves."""
+    cu = _cumulative([n for s, e in ranges for n in docs.pieces(s, e)])
+    return Segments(cu, cu, causal=True, window_left=window_left)
+
+
+def earlier_block(
+    docs: Documents, q: Range, q_off: int, k: Range, k_off: int, window_left: int | None
+) -> Block | None:
+    """The block of q chunk `q` against k chunk `k` that lies wholly before it, or None if nothing is visible."""
+    ds, de = docs.span(q[0])
+    qa, qe = q[0], min(q[1], de)
+    ks, kb = max(k[0], ds), k[1]
+    if window_left is not None:  # keep query rows that still reach back into k, and keys some row reaches
+        qe = min(qe, kb + window_left)
+        ks = max(ks, qa - window_left)
+    if ds >= kb or qe <= qa or ks >= kb:
+        return None
+    # Bottom-right alignment puts key kb-1 on the diagonal of query qe-1; the window must reach back
+    # window_left positions from each query: left = window_left - (qe - kb).
+    left = None if window_left is None else window_left - (qe - kb)
+    seg = Segments((0, qe - qa), (0, kb - ks), causal=False, window_left=left)
+    return Block((q_off, q_off + qe - qa), (k_off + ks - k[0], k_off + kb - k[0]), seg)
+
+
+def _offsets(ranges: Sequence[Range]) -> list[int]:
+    out, pos = [], 0
+    for s, e in ranges:
+        out.append(pos)
+        pos += e - s
+    return out
+
+
+def pair_blocks(
+    docs: Documents, q_ranges: Sequence[Range], k_ranges: Sequence[Range], window_left: int | None
+) -> list[Block]:
+    """All blocks of local queries (chunks `q_ranges`) against one KV buffer (chunks `k_ranges`)."""
+    blocks = []
+    if list(q_ranges) == list(k_ranges):
+        n = sum(e - s for s, e in q_ranges)
+        blocks.append(Block((0, n), (0, n), diagonal_segments(docs, q_ranges, window_left)))
+    for q, q_off in zip(q_ranges, _offsets(q_ranges)):
+        for k, k_off in zip(k_ranges, _offsets(k_ranges)):
+            if k[1] <= q[0]:
+                block = earlier_block(docs, q, q_off, k, k_off, window_left)
+                if block is not None:
+                    blocks.append(block)
+    return blocks
+
+
+def ring_plan(docs: Documents, layout: Layout, ring_rank: int, window_left: int | None) -> list[list[Block]]:
+    """Blocks per ring step; at step s a rank holds the KV of ring rank (rank - s) mod R."""
+
+    def build():
+        mine = layout.ring_ranges(docs.seq_len, ring_rank)
+        steps = []
+        for s in range(layout.ring):
+            src = (ring_rank - s) % layout.ring
+            steps.append(pair_blocks(docs, mine, layout.ring_ranges(docs.seq_len, src), window_left))
+        return steps
+
+    return docs.cached(("ring", layout, ring_rank, window_left), build)
+
+
+def prefix_plan(
+    docs: Documents, layout: Layout, ring_rank: int, window_left: int | None
+) -> list[tuple[int, int, Segments]]:
+    """For llama3: per local chunk, (k start, k end, segments) over the gathered KV in global order.
+
+    Each q chunk [a, b) attends the keys [k start, b): every document piece in the chunk pairs with the part of its
+    document up to b, so the pieces' ends align and bottom-right causal alignment is exact.
+    """
+
+    def build():
+        out = []
+        for a, b in layout.ring_ranges(docs.seq_len, ring_rank):
+            ds = docs.span(a)[0]
+            k0 = ds if window_left is None else max(ds, a - window_left)
+            q_lens = docs.pieces(a, b)
+            k_lens = [q_lens[0] + (a - k0), *q_lens[1:]]
+            out.append(
+                (k0, b, Segments(_cumulative(q_lens), _cumulative(k_lens), causal=True, window_left=window_left))
+            )
+        return out
+
+    return docs.cached(("prefix", layout, ring_rank, window_left), build)
+
+
+def local_segments(docs: Documents, window_left: int | None) -> Segments:
+    """The whole row against itself (Ulysses after the all-to-all, or no CP)."""
+    return docs.cached(("local", window_left), lambda: diagonal_segments(docs, [(0, docs.seq_len)], window_left))
