@@ -63,7 +63,7 @@ def _check_case(mesh, hq, hk, lengths, window, seed, dtype, rtol):
 def _worker(rank, world, mode, ulysses_size, cp_size, dtype, rtol):
     config = ContextParallelConfig(size=cp_size, mode=mode, ulysses_size=ulysses_size)
     mesh = build_mesh(config, "cpu")
-    for heads, (doc_name, lengths), window in itertools.product(("mha", "gqa"), DOCS.items(), WINDOWS):
+    for heads, (_doc_name, lengths), window in itertools.product(("mha", "gqa"), DOCS.items(), WINDOWS):
         hq, hk = _heads(heads, cp_size)
         _check_case(mesh, hq, hk, lengths, window, seed=17 + mesh.dp_rank, dtype=dtype, rtol=rtol)
 
