@@ -14,18 +14,30 @@ _EXPORTS = {
     "ContextParallelConfig": "config",
     "ContextParallelConfigError": "config",
     "Layout": "layout",
-    "build_mesh": "mesh",
     "ContextParallelMesh": "mesh",
+    "build_mesh": "mesh",
     "context_parallel_attention": "attention",
+    "apply_context_parallel": "modeling",
+    "remove_context_parallel": "modeling",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ContextParallelConfig",
+    "ContextParallelConfigError",
+    "ContextParallelMesh",
+    "Layout",
+    "apply_context_parallel",
+    "build_mesh",
+    "context_parallel_attention",
+    "remove_context_parallel",
+]
 
 if TYPE_CHECKING:
     from .attention import context_parallel_attention
     from .config import ContextParallelConfig, ContextParallelConfigError
     from .layout import Layout
     from .mesh import ContextParallelMesh, build_mesh
+    from .modeling import apply_context_parallel, remove_context_parallel
 
 
 def __getattr__(name: str):
