@@ -51,9 +51,9 @@ class Llama3Attention(torch.autograd.Function):
             offset = 0
             for k0, k1, seg in prefix:
                 rows = slice(offset, offset + seg.cu_q[-1])
-                o, l = kernel.forward(q[rows, qh], full[0, k0:k1], full[1, k0:k1], seg, scale)
+                o, block_lse = kernel.forward(q[rows, qh], full[0, k0:k1], full[1, k0:k1], seg, scale)
                 out[rows, qh] = o.to(q.dtype)
-                lse[qh, rows] = l
+                lse[qh, rows] = block_lse
                 offset += seg.cu_q[-1]
         ctx.save_for_backward(q, k, v, out, lse, order)
         ctx.prefix, ctx.group, ctx.kernel, ctx.scale, ctx.kv_stride = prefix, group, kernel, scale, kv_stride
