@@ -19,25 +19,53 @@ _EXPORTS = {
     "context_parallel_attention": "attention",
     "apply_context_parallel": "modeling",
     "remove_context_parallel": "modeling",
+    "context_parallel_mesh": "modeling",
+    "Trainer": "trainer",
+    "ContextParallelTrainerMixin": "trainer",
+    "TrainingArguments": "training_args",
+    "ContextParallelCollator": "collator",
+    "ContextParallelSampler": "sampler",
+    "shard_batch": "sharding",
+    "gather_sequence": "sharding",
+    "count_label_tokens": "loss",
+    "context_parallel_loss": "loss",
+    "reduce_loss_for_logging": "loss",
 }
 
 __all__ = [
+    "ContextParallelCollator",
     "ContextParallelConfig",
     "ContextParallelConfigError",
     "ContextParallelMesh",
+    "ContextParallelSampler",
+    "ContextParallelTrainerMixin",
     "Layout",
+    "Trainer",
+    "TrainingArguments",
     "apply_context_parallel",
     "build_mesh",
     "context_parallel_attention",
+    "context_parallel_loss",
+    "context_parallel_mesh",
+    "count_label_tokens",
+    "gather_sequence",
+    "reduce_loss_for_logging",
     "remove_context_parallel",
+    "shard_batch",
 ]
 
 if TYPE_CHECKING:
     from .attention import context_parallel_attention
+    from .collator import ContextParallelCollator
     from .config import ContextParallelConfig, ContextParallelConfigError
     from .layout import Layout
+    from .loss import context_parallel_loss, count_label_tokens, reduce_loss_for_logging
     from .mesh import ContextParallelMesh, build_mesh
-    from .modeling import apply_context_parallel, remove_context_parallel
+    from .modeling import apply_context_parallel, context_parallel_mesh, remove_context_parallel
+    from .sampler import ContextParallelSampler
+    from .sharding import gather_sequence, shard_batch
+    from .trainer import ContextParallelTrainerMixin, Trainer
+    from .training_args import TrainingArguments
 
 
 def __getattr__(name: str):

@@ -1,0 +1,63 @@
+"""`ContextParallelCollator`: packs a batch of examples into one row, as `DataCollatorWithFlattening` does, and keeps
+this rank's shard of it.
+
+It wraps the user's collator when there is one: a flattening collator's row is used as is; a padding collator's
+pads are removed (by its attention_mask) before packing. It holds only the layout and the CP rank, so it pickles into
+dataloader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from transformers import DataCollatorWithFlattening
+
+from .mesh import ContextParallelMesh
+from .sharding import pack_row, shard_row
+
+
+class ContextParallelCollator:
+    """Examples -> this rank's shard of their packed row (input_ids, position_ids, labels, shift_labels,
+    cu_seq_lens_q).
+
+    Args:
+        mesh: the CP mesh (`build_mesh`, or `context_parallel_mesh(model)`); only its layout and CP rank are kept.
+        collator: the user's collator, if any: `DataCollatorWithFlattening`, or one that pads (its `attention_mask`
+            tells the pads, which are removed) such as `DataCollatorWithPadding` or
+            `DataCollatorForLanguageModeling(mlm=False)`. Without one, examples need `input_ids` (and may have
+            `labels`, e.g. -100 on prompt tokens).
+        pad_token_id: the token that pads the row to the layout's multiple (it has no targets and attends only to
+            itself, so its value does not change the loss).
+    """
+
+    def __init__(self, mesh: ContextParallelMesh, collator: Callable | None = None, pad_token_id: int = 0) -> None:
+        self.layout = mesh.layout
+        self.cp_rank = mesh.cp_rank
+        self.collator = collator
+        self.pad_token_id = pad_token_id
+        self._flatten = DataCollatorWithFlattening(return_tensors="pt")
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        row = pack_row(self.flatten(features), self.layout.multiple, self.pad_token_id)
+        return shard_row(row, self.layout, self.cp_rank)
+
+    def flatten(self, features: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+        """The batch as one (1, T) row with position_ids restarting per example."""
+        if self.collator is None:
+            return self._flatten(features)
+        batch = self.collator(features)
+        input_ids = torch.as_tensor(batch["input_ids"])
+        if batch.get("attention_mask") is None and batch.get("position_ids") is not None and input_ids.shape[0] == 1:
+            return batch  # already flattened
+        labels = batch.get("labels")
+        mask = batch.get("attention_mask")
+        examples = []
+        for i in range(input_ids.shape[0]):
+            keep = torch.as_tensor(mask[i]).bool() if mask is not None else slice(None)
+            example = {"input_ids": input_ids[i][keep]}
+            if labels is not None:
+                example["labels"] = torch.as_tensor(labels[i])[keep]
+            examples.append(example)
+        return self._flatten(examples)

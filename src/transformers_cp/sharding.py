@@ -1,0 +1,123 @@
+"""Between a packed row and its CP shards: `pack_row` readies a (1, T) row, `shard_batch` keeps this rank's part,
+`gather_sequence` rebuilds full-row outputs.
+
+The row is readied once, before sharding, so that what depends on neighbours is computed on the whole row:
+`shift_labels` (next token within a document, -100 at each document's last token, so no target is lost at a shard
+boundary) and the global document boundaries `cu_seq_lens_q` that the attention needs. The row is padded to the
+layout's multiple with a tail that is a document of its own and has no targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+
+from .layout import Layout, padded_length
+from .loss import IGNORE_INDEX
+from .mesh import ContextParallelMesh
+
+_DROPPED_KEYS = ("cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx", "attention_mask")
+"""Keys of flattening collators that `cu_seq_lens_q` replaces (an all-ones mask says nothing for a packed row)."""
+
+
+def document_bounds(position_ids: torch.Tensor) -> list[int]:
+    """Document boundaries [0, ..., T] of a packed row: a document starts wherever positions do not count on by one."""
+    pos = position_ids.reshape(-1)
+    starts = (pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1
+    return [0, *starts.tolist(), pos.numel()]
+
+
+def shift_labels_within_documents(labels: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """Next-token targets of a (1, T) row: label i+1 for token i, -100 at each document's last token."""
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    shifted[:, torch.tensor(bounds[1:]) - 1] = IGNORE_INDEX
+    return shifted
+
+
+def _pad(tensor: torch.Tensor, pad: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(tensor, (0, pad), value=value) if pad else tensor
+
+
+def pack_row(batch: Mapping[str, torch.Tensor], multiple: int, pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Ready a packed (1, T) row for sharding: `shift_labels`, `cu_seq_lens_q`, and padding to `multiple`.
+
+    `batch` is what `DataCollatorWithFlattening` returns: `input_ids`, `position_ids` restarting at 0 per document
+    (without them the row is one document) and optionally `labels` (without them every token is a target) or
+    ready-made `shift_labels`. Keys that are not per-token pass through.
+    """
+    input_ids = torch.as_tensor(batch["input_ids"])
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(
+            f"context parallelism takes one packed row per step, got input_ids of shape {tuple(input_ids.shape)}; "
+            "flatten the batch first (transformers_cp.ContextParallelCollator does)."
+        )
+    length = input_ids.shape[1]
+    position_ids = batch.get("position_ids")
+    position_ids = torch.arange(length)[None] if position_ids is None else torch.as_tensor(position_ids)
+    if batch.get("cu_seq_lens_q") is not None:
+        bounds = [int(b) for b in batch["cu_seq_lens_q"]]
+    else:
+        bounds = document_bounds(position_ids)
+    if batch.get("labels") is not None:
+        labels = torch.as_tensor(batch["labels"])
+    else:
+        labels = input_ids.clone()
+        labels[:, bounds[:-1]] = IGNORE_INDEX  # as DataCollatorWithFlattening: a document's first token has no label
+    shift_labels = batch.get("shift_labels")
+    if shift_labels is None:
+        shift_labels = shift_labels_within_documents(labels, bounds)
+
+    pad = padded_length(length, Layout("contiguous", multiple, 1)) - length
+    out = {k: v for k, v in batch.items() if k not in _DROPPED_KEYS}
+    for key, value in out.items():
+        if (
+            isinstance(value, torch.Tensor)
+            and value.dim() >= 2
+            and value.shape[1] == length
+            and key
+            not in (
+                "input_ids",
+                "position_ids",
+                "labels",
+                "shift_labels",
+            )
+        ):
+            raise ValueError(
+                f"cannot shard the per-token input {key!r}; pass only input_ids, position_ids and labels."
+            )
+    out.update(
+        input_ids=_pad(input_ids, pad, pad_token_id),
+        position_ids=torch.cat([position_ids, torch.arange(pad, dtype=position_ids.dtype)[None]], dim=1),
+        labels=_pad(labels, pad, IGNORE_INDEX),
+        shift_labels=_pad(torch.as_tensor(shift_labels), pad, IGNORE_INDEX),
+        cu_seq_lens_q=torch.tensor(bounds, dtype=torch.int32),
+    )
+    return out
+
+
+_SEQUENCE_KEYS = ("input_ids", "position_ids", "labels", "shift_labels")
+
+
+def shard_row(row: Mapping[str, torch.Tensor], layout: Layout, cp_rank: int) -> dict[str, torch.Tensor]:
+    """This rank's part of a row readied by `pack_row` (`cu_seq_lens_q` stays global)."""
+    return {k: layout.shard(v, cp_rank, dim=1) if k in _SEQUENCE_KEYS else v for k, v in row.items()}
+
+
+def shard_batch(
+    batch: Mapping[str, torch.Tensor], mesh: ContextParallelMesh, pad_token_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """This rank's shard of a packed (1, T) row (e.g. `DataCollatorWithFlattening`'s output), ready for a model that
+    `apply_context_parallel` was called on: input_ids, position_ids, labels, shift_labels and cu_seq_lens_q."""
+    return shard_row(pack_row(batch, mesh.layout.multiple, pad_token_id), mesh.layout, mesh.cp_rank)
+
+
+def gather_sequence(tensor: torch.Tensor, mesh: ContextParallelMesh, dim: int = 1) -> torch.Tensor:
+    """The full row of a per-token output (logits, labels) from every CP rank's shard, in global token order."""
+    if mesh.cp_group is None:
+        return tensor
+    shards = [torch.empty_like(tensor) for _ in range(mesh.cp_size)]
+    dist.all_gather(shards, tensor.contiguous(), group=mesh.cp_group)
+    return mesh.layout.unshard(shards, dim=dim)

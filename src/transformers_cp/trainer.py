@@ -1,0 +1,197 @@
+"""`Trainer` with context parallelism: a mixin on transformers' Trainer (TRL's trainers can take it too).
+
+With `context_parallel_size = c` on c·d processes it trains, evaluates and predicts exactly as the stock Trainer with
+`DataCollatorWithFlattening` on d processes (same seed, data and hyper-parameters):
+
+- the model gets the CP attention (`apply_context_parallel`) over a (dp, cp) mesh;
+- data are split over the d dp ranks only (`shard_dataloader_over_dp`), for train, eval and test;
+- the collator packs each batch into one row and keeps this rank's shard (`ContextParallelCollator`);
+- the loss is normalised and scaled as `transformers_cp.loss` explains, and reported equal on every CP rank;
+- evaluation and prediction rebuild each row's loss, logits and labels over the CP group, then gather over dp ranks.
+
+With `context_parallel_size == 1` (or transformers' own `TrainingArguments`) nothing changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import transformers
+from transformers.data.data_collator import default_data_collator
+
+from .collator import ContextParallelCollator
+from .loss import count_label_tokens, loss_scale, reduce_loss_for_logging
+from .mesh import ContextParallelMesh, build_mesh
+from .modeling import apply_context_parallel
+from .sampler import shard_dataloader_over_dp
+from .sharding import gather_sequence
+
+
+def _check_arguments(args: transformers.TrainingArguments) -> None:
+    """Reject settings CP cannot honour exactly, on every rank, before any collective."""
+    if args.label_smoothing_factor:
+        raise ValueError(
+            f"label_smoothing_factor={args.label_smoothing_factor} is not supported with context_parallel_size > 1 "
+            "(the label smoother shifts labels itself, which a sequence shard cannot); set it to 0."
+        )
+    if args.train_sampling_strategy == "batch_rebalance":
+        raise ValueError(
+            "train_sampling_strategy='batch_rebalance' is not supported with context_parallel_size > 1 (it splits "
+            "batches over all processes); use 'random', 'sequential' or 'group_by_length'."
+        )
+    if args.accelerator_config.dispatch_batches:
+        raise ValueError(
+            "accelerator_config.dispatch_batches=True is not supported with context_parallel_size > 1; set it to False."
+        )
+
+
+class ContextParallelTrainerMixin:
+    """Context parallelism for a `transformers.Trainer` subclass: `class T(ContextParallelTrainerMixin, SFTTrainer)`.
+
+    Reads `args.context_parallel_config` (transformers_cp's `TrainingArguments`); `cp_mesh` is None while it is off.
+    """
+
+    cp_mesh: ContextParallelMesh | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        config = getattr(training_args, "context_parallel_config", None)
+        enabled = config is not None and config.enabled
+        if enabled:
+            _check_arguments(training_args)
+        super().__init__(*args, **kwargs)
+        if not enabled:
+            return
+        if self.compute_loss_func is not None:
+            raise ValueError(
+                "compute_loss_func is not supported with context_parallel_size > 1: the loss of a sequence shard is "
+                "computed by the model from shift_labels; subclass and override compute_loss instead."
+            )
+        if not self.model_accepts_loss_kwargs:
+            raise ValueError(
+                f"{type(self.model).__name__}.forward takes no loss kwargs (num_items_in_batch, shift_labels), which "
+                "context parallelism needs to compute the loss of a sequence shard; use a transformers causal LM."
+            )
+        self.cp_mesh = build_mesh(config, self.args.device.type)
+        apply_context_parallel(self.model, self.cp_mesh.config, mesh=self.cp_mesh)
+        user_collator = None if self.data_collator is default_data_collator else self.data_collator
+        self.data_collator = ContextParallelCollator(self.cp_mesh, collator=user_collator)
+        self.loss_is_scaled_for_ga = True  # the loss is normalised by the step's token count N (see loss.py)
+
+    # ---- model -------------------------------------------------------------------------------------------------
+
+    def call_model_init(self, trial=None):
+        model = super().call_model_init(trial)
+        if self.cp_mesh is not None:
+            apply_context_parallel(model, self.cp_mesh.config, mesh=self.cp_mesh)
+        return model
+
+    # ---- data --------------------------------------------------------------------------------------------------
+
+    def _get_dataloader(self, *args: Any, **kwargs: Any):
+        dataloader = super()._get_dataloader(*args, **kwargs)
+        return dataloader if self.cp_mesh is None else shard_dataloader_over_dp(dataloader, self.cp_mesh)
+
+    def get_total_train_batch_size(self, args) -> int:
+        total = super().get_total_train_batch_size(args)
+        return total if self.cp_mesh is None else total // self.cp_mesh.cp_size
+
+    def _track_num_input_tokens(self, inputs) -> None:
+        if self.cp_mesh is None or self.args.include_num_input_tokens_seen == "no":
+            return super()._track_num_input_tokens(inputs)
+        # One rank per CP group counts its row's real tokens (padding excluded), as the stock run counts its row.
+        tokens = int(inputs["cu_seq_lens_q"][-1]) if self.cp_mesh.cp_rank == 0 else 0
+        tokens = torch.tensor(tokens, device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+
+    # ---- loss --------------------------------------------------------------------------------------------------
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        if self.cp_mesh is None:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        if not batch_samples or "shift_labels" not in batch_samples[0]:
+            return None
+        labels = [batch["shift_labels"].to(device) for batch in batch_samples]
+        return count_label_tokens(labels, self.cp_mesh, across_dp=self.args.average_tokens_across_devices)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.cp_mesh is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if num_items_in_batch is None:
+            num_items_in_batch = self._get_num_items_in_batch([inputs], self.args.device)
+        outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        loss = loss * loss_scale(self.cp_mesh, self.args.average_tokens_across_devices)
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        return loss if self.cp_mesh is None else reduce_loss_for_logging(loss, self.cp_mesh)
+
+    # ---- evaluation and prediction -----------------------------------------------------------------------------
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self.cp_mesh is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        num_tokens = int(inputs["cu_seq_lens_q"][-1])
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+        def full_row(tensor: torch.Tensor) -> torch.Tensor:
+            return gather_sequence(tensor, self.cp_mesh, dim=1)[:, :num_tokens]
+
+        if loss is not None:
+            loss = reduce_loss_for_logging(loss, self.cp_mesh)
+        if logits is not None:
+            logits = tuple(map(full_row, logits)) if isinstance(logits, (tuple, list)) else full_row(logits)
+        if labels is not None:
+            labels = full_row(labels)
+        return loss, logits, labels
+
+    @property
+    def gather_function(self):
+        """Eval outputs are equal on the CP ranks of a group (see `prediction_step`), so they are gathered over the
+        dp ranks only, as `accelerator.gather_for_metrics` gathers them over all processes in the stock run."""
+        if self.cp_mesh is None:
+            return self._gather_function
+        return self._gather_over_dp_for_metrics
+
+    @gather_function.setter
+    def gather_function(self, function) -> None:
+        self._gather_function = function
+
+    def _gather_over_dp_for_metrics(self, data, use_gather_object: bool = False):
+        from accelerate.utils import recursively_apply
+
+        mesh = self.cp_mesh
+        try:
+            recursively_apply(lambda x: x, data, error_on_other_type=True)
+        except TypeError:
+            use_gather_object = True
+        if use_gather_object or self.args.eval_use_gather_object:
+            parts = [None] * mesh.dp_size
+            if mesh.dp_group is not None:
+                dist.all_gather_object(parts, data, group=mesh.dp_group)
+            else:
+                parts = [data]
+            data = [item for part in parts for item in part]
+        elif mesh.dp_group is not None:
+
+            def gather(tensor: torch.Tensor) -> torch.Tensor:
+                parts = [torch.empty_like(tensor) for _ in range(mesh.dp_size)]
+                dist.all_gather(parts, tensor.contiguous(), group=mesh.dp_group)
+                return torch.cat(parts, dim=0)
+
+            data = recursively_apply(gather, data)
+        # As accelerate's gather_for_metrics: drop what `even_batches` repeated to fill the last batch.
+        state = self.accelerator.gradient_state
+        if state.end_of_dataloader and state.remainder > 0:
+            if isinstance(data, list):
+                return data[: state.remainder]
+            return recursively_apply(lambda tensor: tensor[: state.remainder], data)
+        return data
+
+
+class Trainer(ContextParallelTrainerMixin, transformers.Trainer):
+    """transformers' `Trainer` with context parallelism from `transformers_cp.TrainingArguments`."""

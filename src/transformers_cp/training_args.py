@@ -1,0 +1,73 @@
+"""`TrainingArguments`: transformers' arguments plus the `context_parallel_*` fields that build a
+`ContextParallelConfig`.
+
+Everything is validated at construction, on every rank and before any process group exists, so a bad setting fails
+with the same clear message everywhere instead of hanging in a collective.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import transformers
+
+from .config import BACKENDS, DEFAULT_MODE, MODES, ContextParallelConfig, ContextParallelConfigError
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    """transformers' `TrainingArguments` with context parallelism (off while `context_parallel_size` is 1)."""
+
+    context_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "Ranks that share one packed sequence (1 = off). Must divide the number of processes; the rest "
+            "is data parallelism."
+        },
+    )
+    context_parallel_mode: str = field(
+        default=DEFAULT_MODE,
+        metadata={
+            "help": "ring (contiguous shards), zigzag (load-balanced ring), llama3 (all-gathered KV), ulysses "
+            "(all-to-all over heads) or hybrid (Ulysses inside, zigzag ring across).",
+            "choices": list(MODES),
+        },
+    )
+    context_parallel_ulysses_size: int | None = field(
+        default=None,
+        metadata={"help": "For context_parallel_mode=hybrid: the Ulysses degree (the rest is the ring degree)."},
+    )
+    context_parallel_heads_k_stride: int = field(
+        default=1,
+        metadata={"help": "For context_parallel_mode=llama3: key/value heads all-gathered at a time."},
+    )
+    context_parallel_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "Local attention kernel: torch, flash_attn, or auto (flash_attn when installed on CUDA).",
+            "choices": list(BACKENDS),
+        },
+    )
+
+    def __post_init__(self) -> None:
+        config = self.context_parallel_config  # raises ContextParallelConfigError on a bad field
+        world_size = os.environ.get("WORLD_SIZE")
+        if config.enabled:
+            try:
+                config.resolved(int(world_size) if world_size else 1)
+            except ContextParallelConfigError as error:
+                hint = "" if world_size else " (WORLD_SIZE is not set: launch with torchrun or accelerate launch)"
+                raise ContextParallelConfigError(f"{error}{hint}") from None
+        super().__post_init__()
+
+    @property
+    def context_parallel_config(self) -> ContextParallelConfig:
+        """The `ContextParallelConfig` these arguments describe (validated on construction)."""
+        return ContextParallelConfig(
+            size=self.context_parallel_size,
+            mode=self.context_parallel_mode,
+            ulysses_size=self.context_parallel_ulysses_size,
+            heads_k_stride=self.context_parallel_heads_k_stride,
+            backend=self.context_parallel_backend,
+        )
