@@ -1,0 +1,246 @@
+"""Context-parallel attention: agreement with single-GPU attention and efficiency E = T_single / (N · T_cp).
+
+Causal forward+backward, head dim 128, one sequence or packed documents, every mode, and PyTorch's native
+`context_parallel` (what the upstream Trainer uses) in the same run. bf16 on CUDA; on CPU (gloo, float32) the
+script runs small shapes as a smoke test.
+
+    torchrun --nproc_per_node 2 benchmarks/attention.py --seqs 8192,32768,131072 --check \
+        --out benchmarks/results/attention_2xH200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import random
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from transformers_cp.attention import context_parallel_attention
+from transformers_cp.config import ContextParallelConfig
+from transformers_cp.kernels import Segments, select_kernel
+from transformers_cp.kernels.math import MathKernel
+from transformers_cp.mesh import build_mesh, init_distributed
+from transformers_cp.plan import Documents, local_segments
+
+CUDA = torch.cuda.is_available()
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+HEAD_DIM = 128
+
+
+def timed(fn, iters: int, warmup: int = 2, lockstep: bool = True) -> float:
+    """Median milliseconds of `fn`; with `lockstep` every rank runs it and they start each iteration together."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if CUDA:
+            torch.cuda.synchronize()
+        if lockstep:
+            dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        if CUDA:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def doc_lengths(kind: str, seq: int, seed: int = 0) -> list[int]:
+    """One sequence, or documents with lengths drawn from 1k–32k (scaled down for short rows)."""
+    if kind == "single":
+        return [seq]
+    rng = random.Random(seed)
+    lo, hi = min(1024, seq // 8), min(32768, seq // 2)
+    out = []
+    while sum(out) < seq:
+        out.append(min(rng.randint(lo, hi), seq - sum(out)))
+    return out
+
+
+def causal_flops(lengths: list[int], heads: int) -> float:
+    return sum(4 * n * n * heads * HEAD_DIM / 2 * 3.5 for n in lengths)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def fwd_bwd(attn, q, k, v, dout):
+    """Run attention forward and backward on leaf copies; returns (out, dq, dk, dv)."""
+    qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+    out = attn(qq, kk, vv)
+    out.backward(dout)
+    return out.detach(), qq.grad, kk.grad, vv.grad
+
+
+def single_attention(docs: Documents, scale: float, dense: bool):
+    """Single-GPU attention on the whole row: SDPA's own choice for one sequence, the varlen kernel for documents."""
+    if dense:
+
+        def attn(q, k, v):
+            o = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None],
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                is_causal=True,
+                scale=scale,
+                enable_gqa=q.shape[1] != k.shape[1],
+            )
+            return o[0].transpose(0, 1)
+
+        return attn
+    from transformers_cp.algorithms.local import LocalAttention
+
+    seg = local_segments(docs, None)
+    return lambda q, k, v: LocalAttention.apply(q, k, v, seg, select_kernel("torch", q), scale)
+
+
+def fp32_truth(q, k, v, dout, docs: Documents, scale: float):
+    seg = Segments(tuple(docs.bounds), tuple(docs.bounds), causal=True)
+    kern = MathKernel()
+    out, lse = kern.forward(q, k, v, seg, scale)
+    return (out, *kern.backward(dout, q, k, v, out, lse, seg, scale))
+
+
+def native_cp(q, k, v, dout, scale, mesh, method: str, iters: int) -> float:
+    """PyTorch's experimental context_parallel over SDPA (one sequence, heads-first buffers)."""
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.distributed.tensor.experimental._attention import set_rotate_method
+
+    set_rotate_method(method)
+    bufs = [t.transpose(0, 1)[None].contiguous() for t in (q, k, v, dout)]
+
+    def step():
+        qq, kk, vv = (t.detach().requires_grad_() for t in bufs[:3])
+        F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale).backward(bufs[3])
+
+    with context_parallel(mesh, buffers=bufs, buffer_seq_dims=[2, 2, 2, 2]):
+        return timed(step, iters)
+
+
+def print_table(results: list[dict], modes: list[str]) -> None:
+    """One line per shape: single-GPU time, then per mode its time, efficiency and worst relative error."""
+    for r in results:
+        cells = [f"S={r['seq']} {r['hq']}/{r['hk']} {r['docs']:6s} single {r['single_ms']:8.2f}ms"]
+        for m in [*modes, "torch_native_allgather", "torch_native_alltoall"]:
+            e = r.get(m)
+            if isinstance(e, dict):
+                err = max(e.get("err_vs_single", {"-": 0.0}).values())
+                cells.append(f"{m} {e['ms']:.2f}ms E={e.get('efficiency')} err={err:.1e}")
+            elif e is not None:
+                cells.append(f"{m} failed")
+        print(" | ".join(cells), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seqs", default="8192,32768,131072")
+    p.add_argument("--heads", default="16:16,32:8", help="query:kv head pairs")
+    p.add_argument("--docs", default="single,packed")
+    p.add_argument("--modes", default="ring,zigzag,llama3,ulysses,hybrid")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--check", action="store_true", help="compare outputs and gradients with single-GPU attention")
+    p.add_argument("--no-native", action="store_true", help="skip PyTorch's native context_parallel")
+    p.add_argument("--out", default=None, help="JSON file for the results (rank 0)")
+    a = p.parse_args()
+
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if CUDA else torch.device("cpu")
+    modes = a.modes.split(",")
+    meshes = {}
+    for m in modes:
+        cfg = ContextParallelConfig(size=world, mode=m, ulysses_size=world if m == "hybrid" else None)
+        meshes[m] = build_mesh(cfg)
+    native_mesh = None
+    if CUDA and not a.no_native:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        native_mesh = init_device_mesh("cuda", (world,), mesh_dim_names=("cp",))
+    results = []
+    for seq, heads, doc_kind in itertools.product(map(int, a.seqs.split(",")), a.heads.split(","), a.docs.split(",")):
+        hq, hk = map(int, heads.split(":"))
+        lengths = doc_lengths(doc_kind, seq)
+        docs = Documents(list(itertools.accumulate(lengths, initial=0)), seq)
+        g = torch.Generator(device=device).manual_seed(seq + hq)
+        q = torch.randn(seq, hq, HEAD_DIM, device=device, dtype=DTYPE, generator=g)
+        k = torch.randn(seq, hk, HEAD_DIM, device=device, dtype=DTYPE, generator=g)
+        v = torch.randn(seq, hk, HEAD_DIM, device=device, dtype=DTYPE, generator=g)
+        dout = torch.randn(seq, hq, HEAD_DIM, device=device, dtype=DTYPE, generator=g)
+        scale = HEAD_DIM**-0.5
+        row = dict(seq=seq, hq=hq, hk=hk, docs=doc_kind, n_docs=len(lengths), world=world)
+        single = single_attention(docs, scale, dense=doc_kind == "single")
+        row["single_ms"] = (
+            timed(lambda: fwd_bwd(single, q, k, v, dout), a.iters, lockstep=False) if rank == 0 else None
+        )
+        dist.barrier()
+        ref = fwd_bwd(single, q, k, v, dout) if a.check and rank == 0 else None
+        if a.check and rank == 0 and seq <= 32768:
+            truth = fp32_truth(q, k, v, dout, docs, scale)
+            row["single_err_vs_fp32"] = {n: rel(x, t) for n, x, t in zip(("out", "dq", "dk", "dv"), ref, truth)}
+        for m in modes:
+            mesh = meshes[m]
+            shard = lambda t: mesh.layout.shard(t, mesh.cp_rank, dim=0)  # noqa: E731
+            local = [shard(t) for t in (q, k, v, dout)]
+            attn = lambda qq, kk, vv: context_parallel_attention(qq, kk, vv, mesh, docs, scale)  # noqa: E731
+            entry = {"ms": timed(lambda: fwd_bwd(attn, *local), a.iters)}
+            if a.check:
+                res = fwd_bwd(attn, *local)
+                gathered = []
+                for t in res:
+                    parts = [torch.empty_like(t) for _ in range(world)]
+                    dist.all_gather(parts, t.contiguous())
+                    gathered.append(mesh.layout.unshard(parts, dim=0))
+                if rank == 0:
+                    entry["err_vs_single"] = {
+                        n: rel(x, r) for n, x, r in zip(("out", "dq", "dk", "dv"), gathered, ref)
+                    }
+                    if seq <= 32768:
+                        entry["err_vs_fp32"] = {
+                            n: rel(x, t) for n, x, t in zip(("out", "dq", "dk", "dv"), gathered, truth)
+                        }
+            if rank == 0:
+                entry["efficiency"] = round(row["single_ms"] / (world * entry["ms"]), 3)
+            row[m] = entry
+        if native_mesh is not None and doc_kind == "single" and hq == hk:
+            for method in ("allgather", "alltoall"):
+                try:
+                    ms = native_cp(q, k, v, dout, scale, native_mesh, method, a.iters)
+                    row[f"torch_native_{method}"] = {"ms": ms}
+                    if rank == 0:
+                        row[f"torch_native_{method}"]["efficiency"] = round(row["single_ms"] / (world * ms), 3)
+                except Exception as e:  # noqa: BLE001 - report the peer's failure, keep measuring ours
+                    row[f"torch_native_{method}"] = repr(e)[:200]
+        if rank == 0:
+            row["single_tflops"] = round(causal_flops(lengths, hq) / row["single_ms"] / 1e9, 1)
+            results.append(row)
+        del q, k, v, dout, ref
+        if CUDA:
+            torch.cuda.empty_cache()
+    if rank == 0:
+        print_table(results, modes)
+    if rank == 0 and a.out:
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        meta = dict(
+            command="torchrun --nproc_per_node %d %s" % (world, " ".join(sys.argv)),
+            machine=f"{world}x {torch.cuda.get_device_name() if CUDA else platform.processor() or 'cpu'}",
+            torch=torch.__version__,
+            dtype=str(DTYPE),
+            head_dim=HEAD_DIM,
+            date=time.strftime("%Y-%m-%d"),
+        )
+        with open(a.out, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

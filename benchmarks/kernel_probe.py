@@ -1,0 +1,203 @@
+"""Which of PyTorch's fused attention ops this machine has, whether they agree with exact attention, and how fast
+they are: the facts the `torch` kernel backend is built on. One GPU; prints JSON.
+
+    python benchmarks/kernel_probe.py --seq 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from transformers_cp.kernels import Segments
+from transformers_cp.kernels.math import MathKernel
+
+
+def _time(fn, iters: int = 5) -> float:
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def probe_correctness(hq: int, hk: int, seq: int = 1024, d: int = 128) -> dict:
+    """Each candidate op on one causal sequence and on a non-causal q/k length mismatch, against the math kernel."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(seq, hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(seq, hk, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(seq, hk, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    dout = torch.randn_like(q)
+    scale = d**-0.5
+    res = {}
+    for causal, lq in ((True, seq), (False, seq // 2), (True, seq // 2)):
+        qq = q[-lq:]
+        seg = Segments((0, lq), (0, seq), causal=causal)
+        ref_out, ref_lse = MathKernel().forward(qq, k, v, seg, scale)
+        ref_dq, ref_dk, ref_dv = MathKernel().backward(dout[-lq:], qq, k, v, ref_out, ref_lse, seg, scale)
+        key = f"hq{hq}_hk{hk}_causal{causal}_lq{lq}"
+        cu_q = torch.tensor([0, lq], dtype=torch.int32, device="cuda")
+        cu_k = torch.tensor([0, seq], dtype=torch.int32, device="cuda")
+        try:
+            out, lse = torch.ops.aten._flash_attention_forward(
+                qq,
+                k,
+                v,
+                cu_q,
+                cu_k,
+                lq,
+                seq,
+                0.0,
+                causal,
+                False,
+                scale=scale,
+                window_size_left=-1,
+                window_size_right=0 if causal else -1,
+            )[:2]
+            grads = torch.ops.aten._flash_attention_backward(
+                dout[-lq:].contiguous(),
+                qq,
+                k,
+                v,
+                out,
+                lse,
+                cu_q,
+                cu_k,
+                lq,
+                seq,
+                0.0,
+                causal,
+                torch.zeros(2, dtype=torch.uint64, device="cuda"),
+                torch.empty(0, device="cuda"),
+                scale=scale,
+                window_size_left=-1,
+                window_size_right=0 if causal else -1,
+            )
+            res[f"flash_varlen {key}"] = dict(
+                out=_rel(out, ref_out),
+                lse=_rel(lse, ref_lse),
+                lse_shape=list(lse.shape),
+                dq=_rel(grads[0], ref_dq),
+                dk=_rel(grads[1], ref_dk),
+                dv=_rel(grads[2], ref_dv),
+            )
+        except Exception as e:  # noqa: BLE001 - a probe reports what fails
+            res[f"flash_varlen {key}"] = repr(e)[:300]
+        try:
+            qb, kb, vb = (t.transpose(0, 1)[None] for t in (qq, k, v))
+            r = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                qb, kb, vb, None, True, 0.0, causal, False, scale=scale
+            )
+            out, lse = r[0], r[1]
+            grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                dout[-lq:].transpose(0, 1)[None],
+                qb,
+                kb,
+                vb,
+                out,
+                lse,
+                r[6],
+                r[7],
+                None,
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                0.0,
+                causal,
+                scale=scale,
+            )
+            res[f"cudnn {key}"] = dict(
+                out=_rel(out[0].transpose(0, 1), ref_out),
+                lse=_rel(lse.reshape(hq, lq), ref_lse),
+                lse_shape=list(lse.shape),
+                out_strides=list(out.stride()),
+                dq=_rel(grads[0][0].transpose(0, 1), ref_dq),
+                dk=_rel(grads[1][0].transpose(0, 1), ref_dk),
+                dv=_rel(grads[2][0].transpose(0, 1), ref_dv),
+            )
+        except Exception as e:  # noqa: BLE001
+            res[f"cudnn {key}"] = repr(e)[:300]
+    return res
+
+
+def probe_speed(seq: int, hq: int, hk: int, d: int = 128) -> dict:
+    """Causal fwd+bwd of one sequence: SDPA's own choice, each SDPA backend, and the varlen flash op."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    flops = 4 * seq * seq * hq * d / 2 * 3.5
+    q = torch.randn(1, hq, seq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, hk, seq, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, hk, seq, d, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn_like(q)
+    res = {}
+
+    def sdpa():
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=hq != hk).backward(dout)
+
+    for name, backends in (
+        ("sdpa_default", None),
+        ("sdpa_cudnn", [SDPBackend.CUDNN_ATTENTION]),
+        ("sdpa_flash", [SDPBackend.FLASH_ATTENTION]),
+        ("sdpa_efficient", [SDPBackend.EFFICIENT_ATTENTION]),
+    ):
+        try:
+            if backends is None:
+                ms = _time(sdpa)
+            else:
+                with sdpa_kernel(backends):
+                    ms = _time(sdpa)
+            res[name] = dict(ms=round(ms, 2), tflops=round(flops / ms / 1e9, 1))
+        except Exception as e:  # noqa: BLE001
+            res[name] = repr(e)[:200]
+    from transformers_cp.kernels.torch_fused import TorchFlashKernel
+
+    kern = TorchFlashKernel()
+    ql, kl, vl, dl = (t[0].transpose(0, 1).contiguous() for t in (q, k, v, dout))
+    seg = Segments((0, seq), (0, seq), causal=True)
+
+    def varlen():
+        out, lse = kern.forward(ql, kl, vl, seg, d**-0.5)
+        kern.backward(dl, ql, kl, vl, out, lse, seg, d**-0.5)
+
+    try:
+        ms = _time(varlen)
+        res["flash_varlen_op"] = dict(ms=round(ms, 2), tflops=round(flops / ms / 1e9, 1))
+    except Exception as e:  # noqa: BLE001
+        res["flash_varlen_op"] = repr(e)[:200]
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seq", type=int, default=32768)
+    a = p.parse_args()
+    out = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(),
+        "cudnn": torch.backends.cudnn.version(),
+        "has_cudnn_varlen": hasattr(torch.ops.aten, "_cudnn_attention_forward"),
+    }
+    for hq, hk in ((16, 16), (32, 8)):
+        out[f"correct_{hq}_{hk}"] = probe_correctness(hq, hk)
+        out[f"speed_{hq}_{hk}_S{a.seq}"] = probe_speed(a.seq, hq, hk)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
