@@ -33,6 +33,7 @@ from transformers_cp.plan import Documents, local_segments
 CUDA = torch.cuda.is_available()
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 HEAD_DIM = 128
+GRADS = ("out", "dq", "dk", "dv")
 
 
 def timed(fn, iters: int, warmup: int = 2, lockstep: bool = True) -> float:
@@ -140,6 +141,61 @@ def print_table(results: list[dict], modes: list[str]) -> None:
         print(" | ".join(cells), flush=True)
 
 
+def bench_shape(a, device, meshes: dict, native_mesh, seq: int, hq: int, hk: int, doc_kind: str) -> dict:
+    """Time (and with --check, compare) single-GPU attention, every mode and the native peer on one shape."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    lengths = doc_lengths(doc_kind, seq)
+    docs = Documents(list(itertools.accumulate(lengths, initial=0)), seq)
+    g = torch.Generator(device=device).manual_seed(seq + hq)
+    q = torch.randn(seq, hq, HEAD_DIM, device=device, dtype=DTYPE, generator=g)
+    k = torch.randn(seq, hk, HEAD_DIM, device=device, dtype=DTYPE, generator=g)
+    v = torch.randn(seq, hk, HEAD_DIM, device=device, dtype=DTYPE, generator=g)
+    dout = torch.randn(seq, hq, HEAD_DIM, device=device, dtype=DTYPE, generator=g)
+    scale = HEAD_DIM**-0.5
+    row = dict(seq=seq, hq=hq, hk=hk, docs=doc_kind, n_docs=len(lengths), world=world)
+    single = single_attention(docs, scale, dense=doc_kind == "single")
+    if rank == 0:
+        row["single_ms"] = timed(lambda: fwd_bwd(single, q, k, v, dout), a.iters, lockstep=False)
+        row["single_tflops"] = round(causal_flops(lengths, hq) / row["single_ms"] / 1e9, 1)
+    dist.barrier()
+    ref = truth = None
+    if a.check and rank == 0:
+        ref = fwd_bwd(single, q, k, v, dout)
+        if seq <= 32768:
+            truth = fp32_truth(q, k, v, dout, docs, scale)
+            row["single_err_vs_fp32"] = {n: rel(x, t) for n, x, t in zip(GRADS, ref, truth)}
+    for m, mesh in meshes.items():
+        local = [mesh.layout.shard(t, mesh.cp_rank, dim=0) for t in (q, k, v, dout)]
+
+        def attn(qq, kk, vv, mesh=mesh):
+            return context_parallel_attention(qq, kk, vv, mesh, docs, scale)
+
+        entry = {"ms": timed(lambda attn=attn, local=local: fwd_bwd(attn, *local), a.iters)}
+        if a.check:
+            gathered = []
+            for t in fwd_bwd(attn, *local):
+                parts = [torch.empty_like(t) for _ in range(world)]
+                dist.all_gather(parts, t.contiguous())
+                gathered.append(mesh.layout.unshard(parts, dim=0))
+            if rank == 0:
+                entry["err_vs_single"] = {n: rel(x, r) for n, x, r in zip(GRADS, gathered, ref)}
+                if truth is not None:
+                    entry["err_vs_fp32"] = {n: rel(x, t) for n, x, t in zip(GRADS, gathered, truth)}
+        if rank == 0:
+            entry["efficiency"] = round(row["single_ms"] / (world * entry["ms"]), 3)
+        row[m] = entry
+    if native_mesh is not None and doc_kind == "single" and hq == hk:
+        for method in ("allgather", "alltoall"):
+            try:
+                ms = native_cp(q, k, v, dout, scale, native_mesh, method, a.iters)
+                row[f"torch_native_{method}"] = {"ms": ms}
+                if rank == 0:
+                    row[f"torch_native_{method}"]["efficiency"] = round(row["single_ms"] / (world * ms), 3)
+            except Exception as e:  # noqa: BLE001 - report the peer's failure, keep measuring ours
+                row[f"torch_native_{method}"] = repr(e)[:200]
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seqs", default="8192,32768,131072")
@@ -158,7 +214,9 @@ def main() -> None:
     modes = a.modes.split(",")
     meshes = {}
     for m in modes:
-        cfg = ContextParallelConfig(size=world, mode=m, ulysses_size=world if m == "hybrid" else None)
+        cfg = ContextParallelConfig(
+            size=world, mode=m, ulysses_size=(2 if world % 2 == 0 else 1) if m == "hybrid" else None
+        )
         meshes[m] = build_mesh(cfg)
     native_mesh = None
     if CUDA and not a.no_native:
@@ -168,61 +226,9 @@ def main() -> None:
     results = []
     for seq, heads, doc_kind in itertools.product(map(int, a.seqs.split(",")), a.heads.split(","), a.docs.split(",")):
         hq, hk = map(int, heads.split(":"))
-        lengths = doc_lengths(doc_kind, seq)
-        docs = Documents(list(itertools.accumulate(lengths, initial=0)), seq)
-        g = torch.Generator(device=device).manual_seed(seq + hq)
-        q = torch.randn(seq, hq, HEAD_DIM, device=device, dtype=DTYPE, generator=g)
-        k = torch.randn(seq, hk, HEAD_DIM, device=device, dtype=DTYPE, generator=g)
-        v = torch.randn(seq, hk, HEAD_DIM, device=device, dtype=DTYPE, generator=g)
-        dout = torch.randn(seq, hq, HEAD_DIM, device=device, dtype=DTYPE, generator=g)
-        scale = HEAD_DIM**-0.5
-        row = dict(seq=seq, hq=hq, hk=hk, docs=doc_kind, n_docs=len(lengths), world=world)
-        single = single_attention(docs, scale, dense=doc_kind == "single")
-        row["single_ms"] = (
-            timed(lambda: fwd_bwd(single, q, k, v, dout), a.iters, lockstep=False) if rank == 0 else None
-        )
-        dist.barrier()
-        ref = fwd_bwd(single, q, k, v, dout) if a.check and rank == 0 else None
-        if a.check and rank == 0 and seq <= 32768:
-            truth = fp32_truth(q, k, v, dout, docs, scale)
-            row["single_err_vs_fp32"] = {n: rel(x, t) for n, x, t in zip(("out", "dq", "dk", "dv"), ref, truth)}
-        for m in modes:
-            mesh = meshes[m]
-            shard = lambda t: mesh.layout.shard(t, mesh.cp_rank, dim=0)  # noqa: E731
-            local = [shard(t) for t in (q, k, v, dout)]
-            attn = lambda qq, kk, vv: context_parallel_attention(qq, kk, vv, mesh, docs, scale)  # noqa: E731
-            entry = {"ms": timed(lambda: fwd_bwd(attn, *local), a.iters)}
-            if a.check:
-                res = fwd_bwd(attn, *local)
-                gathered = []
-                for t in res:
-                    parts = [torch.empty_like(t) for _ in range(world)]
-                    dist.all_gather(parts, t.contiguous())
-                    gathered.append(mesh.layout.unshard(parts, dim=0))
-                if rank == 0:
-                    entry["err_vs_single"] = {
-                        n: rel(x, r) for n, x, r in zip(("out", "dq", "dk", "dv"), gathered, ref)
-                    }
-                    if seq <= 32768:
-                        entry["err_vs_fp32"] = {
-                            n: rel(x, t) for n, x, t in zip(("out", "dq", "dk", "dv"), gathered, truth)
-                        }
-            if rank == 0:
-                entry["efficiency"] = round(row["single_ms"] / (world * entry["ms"]), 3)
-            row[m] = entry
-        if native_mesh is not None and doc_kind == "single" and hq == hk:
-            for method in ("allgather", "alltoall"):
-                try:
-                    ms = native_cp(q, k, v, dout, scale, native_mesh, method, a.iters)
-                    row[f"torch_native_{method}"] = {"ms": ms}
-                    if rank == 0:
-                        row[f"torch_native_{method}"]["efficiency"] = round(row["single_ms"] / (world * ms), 3)
-                except Exception as e:  # noqa: BLE001 - report the peer's failure, keep measuring ours
-                    row[f"torch_native_{method}"] = repr(e)[:200]
+        row = bench_shape(a, device, meshes, native_mesh, seq, hq, hk, doc_kind)
         if rank == 0:
-            row["single_tflops"] = round(causal_flops(lengths, hq) / row["single_ms"] / 1e9, 1)
             results.append(row)
-        del q, k, v, dout, ref
         if CUDA:
             torch.cuda.empty_cache()
     if rank == 0:
@@ -230,7 +236,7 @@ def main() -> None:
     if rank == 0 and a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         meta = dict(
-            command="torchrun --nproc_per_node %d %s" % (world, " ".join(sys.argv)),
+            command=f"torchrun --nproc_per_node {world} {' '.join(sys.argv)}",
             machine=f"{world}x {torch.cuda.get_device_name() if CUDA else platform.processor() or 'cpu'}",
             torch=torch.__version__,
             dtype=str(DTYPE),
