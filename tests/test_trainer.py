@@ -1,0 +1,185 @@
+"""transformers_cp.Trainer on c·d processes equals stock transformers.Trainer with DataCollatorWithFlattening on d
+processes: per-step losses, gradient norms, every rank's step loss, eval loss, predictions and final weights (fp32,
+relative 1e-5), with gradient accumulation 2, two examples per micro-batch and prompt tokens masked with -100.
+
+The stock references are computed once: d = 1 in this process, d = 2 in one 2-process job. Each CP job loops over
+several (family, mode) cases so that processes start once. Combinations (family, mode[, ulysses size]):
+  c=2 d=1: llama × every mode, qwen2 zigzag/ulysses, qwen3 llama3/ring, mistral zigzag/ulysses
+  c=4 d=1: llama hybrid(2×2), qwen2 ulysses, qwen3 zigzag, mistral ring
+  c=2 d=2: llama llama3, qwen2 hybrid, mistral ring
+  c=4 d=2: qwen3 zigzag
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import transformers
+from distributed import run_distributed
+from reference import assert_close
+from trainer_cases import (
+    CPTrainer,
+    arguments,
+    assert_same_run,
+    build_model,
+    run_cp,
+    run_stock,
+    sft_dataset,
+)
+
+import transformers_cp
+from transformers_cp import ContextParallelConfig, apply_context_parallel, build_mesh, gather_sequence, shard_batch
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+DP2_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+PREDICT_FAMILY = "llama"  # predictions are compared for this family's runs
+
+CP2_DP1 = [
+    (2, "llama", "ring", None),
+    (2, "llama", "zigzag", None),
+    (2, "llama", "llama3", None),
+    (2, "llama", "ulysses", None),
+    (2, "llama", "hybrid", 2),
+    (2, "qwen2", "zigzag", None),
+    (2, "qwen2", "ulysses", None),
+    (2, "qwen3", "llama3", None),
+    (2, "qwen3", "ring", None),
+    (2, "mistral", "zigzag", None),
+    (2, "mistral", "ulysses", None),
+]
+CP4_DP1 = [
+    (4, "llama", "hybrid", 2),
+    (4, "qwen2", "ulysses", None),
+    (4, "qwen3", "zigzag", None),
+    (4, "mistral", "ring", None),
+]
+CP2_DP2 = [(2, "llama", "llama3", None), (2, "qwen2", "hybrid", 2), (2, "mistral", "ring", None)]
+CP4_DP2 = [(4, "qwen3", "zigzag", None)]
+
+
+def _stock_dp_worker(rank, world, out_dir, families):
+    for family in families:
+        result = run_stock(family, predict=family == PREDICT_FAMILY)
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, result["step_losses"])
+        result["step_losses"] = per_rank
+        if rank == 0:
+            torch.save(result, os.path.join(out_dir, f"dp{world}_{family}.pt"))
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> str:
+    out_dir = str(tmp_path_factory.mktemp("stock"))
+    for family in FAMILIES:
+        torch.save(run_stock(family, predict=family == PREDICT_FAMILY), os.path.join(out_dir, f"dp1_{family}.pt"))
+    run_distributed(_stock_dp_worker, 2, out_dir, DP2_FAMILIES)
+    return out_dir
+
+
+def _cp_worker(rank, world, ref_dir, cases):
+    for size, family, mode, ulysses_size in cases:
+        dp = world // size
+        name = f"{family} {mode} c={size} d={dp} rank {rank}"
+        result = run_cp(family, size, mode, ulysses_size, predict=family == PREDICT_FAMILY)
+        expected = torch.load(os.path.join(ref_dir, f"dp{dp}_{family}.pt"))
+        assert_same_run(result, expected, name, dp_rank=rank // size if dp > 1 else None)
+
+
+def test_cp2_dp1_every_family_and_mode(references):
+    run_distributed(_cp_worker, 2, references, CP2_DP1)
+
+
+def test_cp4_dp1_and_cp2_dp2(references):
+    run_distributed(_cp_worker, 4, references, CP4_DP1 + CP2_DP2)
+
+
+def test_cp4_dp2(references):
+    run_distributed(_cp_worker, 8, references, CP4_DP2)
+
+
+# ---- checkpoints, resume, two models -----------------------------------------------------------------------------
+
+
+def _checkpoint_worker(rank, world, out_dir):
+    kwargs = dict(context_parallel_size=2, save_strategy="steps", save_steps=2)
+
+    def trainer(output_dir):
+        args = transformers_cp.TrainingArguments(**arguments(output_dir, **kwargs))
+        return CPTrainer(model=build_model("qwen2", reference=False), args=args, train_dataset=sft_dataset(12, 0))
+
+    full = trainer(os.path.join(out_dir, "full"))
+    full.step_losses = []
+    full.train()
+    checkpoint = os.path.join(out_dir, "full", "checkpoint-2")
+    dist.barrier()
+    if rank == 0:
+        files = sorted(os.listdir(checkpoint))
+        assert files.count("model.safetensors") == 1 and "optimizer.pt" in files, files
+        assert {f"rng_state_{r}.pth" for r in range(world)} <= set(files), files
+        with open(os.path.join(checkpoint, "config.json")) as f:
+            saved = json.load(f)
+        # The checkpoint loads without transformers_cp: the CP attention is not saved as the model's attention.
+        assert saved.get("_attn_implementation", saved.get("attn_implementation")) != "context_parallel", saved
+        model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+        assert model.config._attn_implementation != "context_parallel"
+
+    resumed = trainer(os.path.join(out_dir, "resumed"))
+    resumed.step_losses = []
+    resumed.train(resume_from_checkpoint=checkpoint)
+    losses = {h["step"]: h["loss"] for h in full.state.log_history if "loss" in h}
+    resumed_losses = {h["step"]: h["loss"] for h in resumed.state.log_history if "loss" in h}
+    assert len(resumed.step_losses) == 2 and sorted(resumed_losses) == sorted(losses) == [1, 2, 3]  # 2 micro-batches
+    assert_close(torch.tensor(resumed_losses[3]), torch.tensor(losses[3]), 1e-5, "loss after resume")
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert_close(b, a, 1e-5, f"weight {name} after resume")
+
+
+def test_checkpoint_written_once_and_resumable(tmp_path):
+    run_distributed(_checkpoint_worker, 2, str(tmp_path))
+
+
+def _two_models_worker(rank, world):
+    flatten = transformers.DataCollatorWithFlattening(return_tensors="pt")
+    batch = flatten(sft_dataset(3, 5))
+    models, meshes, expected = {}, {}, {}
+    for family, mode in (("llama", "zigzag"), ("qwen2", "ulysses")):
+        models[family] = build_model(family, reference=True)
+        with torch.no_grad():
+            expected[family] = models[family](input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        meshes[family] = build_mesh(ContextParallelConfig(size=world, mode=mode), "cpu")
+        apply_context_parallel(models[family], meshes[family].config, mesh=meshes[family])
+    num_tokens = batch["input_ids"].shape[1]
+    for family in ("llama", "qwen2", "llama"):  # interleaved: each model keeps its own CP settings
+        shard = shard_batch(batch, meshes[family])
+        inputs = {k: shard[k] for k in ("input_ids", "position_ids", "cu_seq_lens_q")}
+        with torch.no_grad():
+            logits = models[family](**inputs).logits
+        full = gather_sequence(logits, meshes[family])[:, :num_tokens]
+        assert_close(full, expected[family], 1e-5, f"{family} logits")
+
+
+def test_two_models_in_one_process():
+    run_distributed(_two_models_worker, 2)
+
+
+# ---- context_parallel_size == 1 ------------------------------------------------------------------------------------
+
+
+def test_size_one_is_the_stock_trainer():
+    """transformers_cp.Trainer with context_parallel_size=1 and the user's collator is the stock Trainer."""
+    args = transformers_cp.TrainingArguments(**arguments())
+    trainer = CPTrainer(
+        model=build_model("llama", reference=True),
+        args=args,
+        data_collator=transformers.DataCollatorWithFlattening(),
+        train_dataset=sft_dataset(12, 0),
+        eval_dataset=sft_dataset(6, 1),
+    )
+    assert trainer.cp_mesh is None and isinstance(trainer.data_collator, transformers.DataCollatorWithFlattening)
+    from trainer_cases import train_and_record
+
+    assert_same_run(train_and_record(trainer), run_stock("llama"), "size 1")
