@@ -29,24 +29,6 @@ from .sampler import shard_dataloader_over_dp
 from .sharding import gather_sequence
 
 
-def _check_arguments(args: transformers.TrainingArguments) -> None:
-    """Reject settings CP cannot honour exactly, on every rank, before any collective."""
-    if args.label_smoothing_factor:
-        raise ValueError(
-            f"label_smoothing_factor={args.label_smoothing_factor} is not supported with context_parallel_size > 1 "
-            "(the label smoother shifts labels itself, which a sequence shard cannot); set it to 0."
-        )
-    if args.train_sampling_strategy == "batch_rebalance":
-        raise ValueError(
-            "train_sampling_strategy='batch_rebalance' is not supported with context_parallel_size > 1 (it splits "
-            "batches over all processes); use 'random', 'sequential' or 'group_by_length'."
-        )
-    if args.accelerator_config.dispatch_batches:
-        raise ValueError(
-            "accelerator_config.dispatch_batches=True is not supported with context_parallel_size > 1; set it to False."
-        )
-
-
 class ContextParallelTrainerMixin:
     """Context parallelism for a `transformers.Trainer` subclass: `class T(ContextParallelTrainerMixin, SFTTrainer)`.
 
@@ -56,13 +38,9 @@ class ContextParallelTrainerMixin:
     cp_mesh: ContextParallelMesh | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        config = getattr(training_args, "context_parallel_config", None)
-        enabled = config is not None and config.enabled
-        if enabled:
-            _check_arguments(training_args)
         super().__init__(*args, **kwargs)
-        if not enabled:
+        config = getattr(self.args, "context_parallel_config", None)
+        if config is None or not config.enabled:
             return
         if self.compute_loss_func is not None:
             raise ValueError(

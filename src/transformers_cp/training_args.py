@@ -59,7 +59,21 @@ class TrainingArguments(transformers.TrainingArguments):
             except ContextParallelConfigError as error:
                 hint = "" if world_size else " (WORLD_SIZE is not set: launch with torchrun or accelerate launch)"
                 raise ContextParallelConfigError(f"{error}{hint}") from None
-        super().__post_init__()
+            self._check_context_parallel_support()
+        super().__post_init__()  # this starts the process group: every check above comes first
+
+    def _check_context_parallel_support(self) -> None:
+        """Reject the settings that context parallelism cannot honour exactly."""
+        if self.label_smoothing_factor:
+            raise ContextParallelConfigError(
+                f"label_smoothing_factor={self.label_smoothing_factor} is not supported with context_parallel_size > 1 "
+                "(the label smoother shifts labels itself, which a sequence shard cannot); set it to 0."
+            )
+        if self.train_sampling_strategy == "batch_rebalance":
+            raise ContextParallelConfigError(
+                "train_sampling_strategy='batch_rebalance' is not supported with context_parallel_size > 1 (it splits "
+                "batches over all processes itself); use 'random', 'sequential' or 'group_by_length'."
+            )
 
     @property
     def context_parallel_config(self) -> ContextParallelConfig:
