@@ -7,6 +7,7 @@ they are: the facts the `torch` kernel backend is built on. One GPU; prints JSON
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import torch
@@ -135,6 +136,54 @@ def probe_correctness(hq: int, hk: int, seq: int = 1024, d: int = 128) -> dict:
     return res
 
 
+def probe_cudnn_varlen(hq: int, hk: int, lengths=(3000, 7000, 1, 6000), d: int = 128) -> dict:
+    """cuDNN's varlen attention (documents through cu_seqlens) against the math kernel, and its speed."""
+    total = sum(lengths)
+    cu = tuple(itertools.accumulate(lengths, initial=0))
+    seg = Segments(cu, cu, causal=True)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(total, hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(total, hk, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(total, hk, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    dout = torch.randn_like(q)
+    cu_t = torch.tensor(cu, dtype=torch.int32, device="cuda")
+    scale = d**-0.5
+    try:
+
+        def fwd():
+            r = torch.ops.aten._cudnn_attention_forward(
+                q, k, v, None, cu_t, cu_t, max(lengths), max(lengths), True, 0.0, True, False, scale=scale
+            )
+            return r[0], r[1]
+
+        out, lse = fwd()
+        seed, off = torch.zeros(2, dtype=torch.uint64, device="cuda"), torch.empty(0, device="cuda")
+
+        def bwd():
+            return torch.ops.aten._cudnn_attention_backward(
+                dout, q, k, v, out, lse, cu_t, cu_t, max(lengths), max(lengths), 0.0, True, seed, off, scale=scale
+            )
+
+        grads = bwd()
+        ref_out, ref_lse = MathKernel().forward(q, k, v, seg, scale)
+        ref = MathKernel().backward(dout, q, k, v, ref_out, ref_lse, seg, scale)
+        res = dict(
+            out=_rel(out, ref_out),
+            lse_shape=list(lse.shape),
+            out_shape=list(out.shape),
+            **{n: _rel(a, b) for n, a, b in zip(("dq", "dk", "dv"), grads, ref)},
+        )
+        res["lse"] = _rel(lse.reshape(ref_lse.shape), ref_lse) if lse.numel() == ref_lse.numel() else "shape"
+        res["cudnn_ms"] = _time(lambda: (fwd(), bwd()))
+        from transformers_cp.kernels.torch_fused import TorchKernel
+
+        kern = TorchKernel()
+        res["flash_ms"] = _time(lambda: kern.backward(dout, q, k, v, *kern.forward(q, k, v, seg, scale), seg, scale))
+        return res
+    except Exception as e:  # noqa: BLE001
+        return {"error": repr(e)[:300]}
+
+
 def probe_speed(seq: int, hq: int, hk: int, d: int = 128) -> dict:
     """Causal fwd+bwd of one sequence: SDPA's own choice, each SDPA backend, and the varlen flash op."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -165,9 +214,9 @@ def probe_speed(seq: int, hq: int, hk: int, d: int = 128) -> dict:
             res[name] = dict(ms=round(ms, 2), tflops=round(flops / ms / 1e9, 1))
         except Exception as e:  # noqa: BLE001
             res[name] = repr(e)[:200]
-    from transformers_cp.kernels.torch_fused import TorchFlashKernel
+    from transformers_cp.kernels.torch_fused import TorchKernel
 
-    kern = TorchFlashKernel()
+    kern = TorchKernel()
     ql, kl, vl, dl = (t[0].transpose(0, 1).contiguous() for t in (q, k, v, dout))
     seg = Segments((0, seq), (0, seq), causal=True)
 
@@ -196,6 +245,7 @@ def main() -> None:
     for hq, hk in ((16, 16), (32, 8)):
         out[f"correct_{hq}_{hk}"] = probe_correctness(hq, hk)
         out[f"speed_{hq}_{hk}_S{a.seq}"] = probe_speed(a.seq, hq, hk)
+        out[f"cudnn_varlen_{hq}_{hk}"] = probe_cudnn_varlen(hq, hk)
     print(json.dumps(out, indent=1))
 
 

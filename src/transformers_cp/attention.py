@@ -51,14 +51,15 @@ def context_parallel_attention(
     if layout.ring == 1:
         out = LocalAttention.apply(q, k, v, local_segments(docs, left), kernel, scale)
     elif config.mode == "llama3":
-        if k.shape[1] % config.heads_k_stride:
+        stride = config.kv_stride(k.shape[1])
+        if k.shape[1] % stride:
             raise ValueError(
-                f"context_parallel_heads_k_stride={config.heads_k_stride} must divide the {k.shape[1]} key/value "
+                f"context_parallel_heads_k_stride={stride} must divide the {k.shape[1]} key/value "
                 "heads of the model; pick a divisor of the KV head count."
             )
         order = docs.cached(("order", layout), lambda: _gather_order(mesh, docs.seq_len, q.device))
         prefix = prefix_plan(docs, layout, mesh.ring_rank, left)
-        out = Llama3Attention.apply(q, k, v, prefix, order, mesh.ring_group, kernel, scale, config.heads_k_stride)
+        out = Llama3Attention.apply(q, k, v, prefix, order, mesh.ring_group, kernel, scale, stride)
     else:
         steps = ring_plan(docs, layout, mesh.ring_rank, left)
         out = RingAttention.apply(q, k, v, steps, mesh.ring_group, kernel, scale)

@@ -23,7 +23,8 @@ class ContextParallelConfig:
             `llama3` (KV all-gathered `heads_k_stride` heads at a time, on the zigzag layout), `ulysses` (all-to-all
             between sequence and head shards) or `hybrid` (Ulysses inside groups of `ulysses_size`, zigzag ring across).
         ulysses_size: for `hybrid`, the Ulysses degree; `size // ulysses_size` is the ring degree.
-        heads_k_stride: for `llama3`, how many KV heads are all-gathered at a time (must divide the KV heads).
+        heads_k_stride: for `llama3`, how many KV heads are all-gathered at a time (must divide the KV heads);
+            `None` gathers half of them at a time, so that the second gather overlaps the first half's attention.
         backend: local attention kernel: `torch` (PyTorch's fused ops, exact math on CPU), `flash_attn`
             (flash-attn, when installed) or `auto` (flash_attn when installed and on CUDA, else torch).
     """
@@ -31,7 +32,7 @@ class ContextParallelConfig:
     size: int | None = None
     mode: str = DEFAULT_MODE
     ulysses_size: int | None = None
-    heads_k_stride: int = 1
+    heads_k_stride: int | None = None
     backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -48,7 +49,7 @@ class ContextParallelConfig:
             raise ContextParallelConfigError(
                 f"context_parallel_backend={self.backend!r} is unknown; choose one of {', '.join(BACKENDS)}."
             )
-        if not isinstance(self.heads_k_stride, int) or self.heads_k_stride < 1:
+        if self.heads_k_stride is not None and (not isinstance(self.heads_k_stride, int) or self.heads_k_stride < 1):
             raise ContextParallelConfigError(
                 f"context_parallel_heads_k_stride must be an integer >= 1 (got {self.heads_k_stride!r})."
             )
@@ -84,6 +85,12 @@ class ContextParallelConfig:
         fields = asdict(self)
         fields["size"] = size
         return ContextParallelConfig(**fields)
+
+    def kv_stride(self, kv_heads: int) -> int:
+        """KV heads per llama3 all-gather for a model with `kv_heads` KV heads."""
+        if self.heads_k_stride is not None:
+            return self.heads_k_stride
+        return kv_heads // 2 if kv_heads % 2 == 0 else 1
 
     @property
     def ring_size(self) -> int:

@@ -227,7 +227,7 @@ def _check_model(model: torch.nn.Module, mesh: ContextParallelMesh) -> None:
         from .algorithms.ulysses import check_heads
 
         check_heads(heads, mesh.layout.ulysses)
-    if cp.mode == "llama3" and kv_heads is not None and kv_heads % cp.heads_k_stride:
+    if cp.mode == "llama3" and kv_heads is not None and kv_heads % cp.kv_stride(kv_heads):
         raise ValueError(
             f"context_parallel_heads_k_stride={cp.heads_k_stride} must divide the model's {kv_heads} key/value heads; "
             f"pick one of {[d for d in range(1, kv_heads + 1) if kv_heads % d == 0]}."

@@ -102,6 +102,31 @@ def _offsets(ranges: Sequence[Range]) -> list[int]:
     return out
 
 
+def _full(b: Block) -> bool:
+    return not b.seg.causal and b.seg.window_left is None
+
+
+def _coalesce(blocks: list[Block]) -> list[Block]:
+    """Merge consecutive dense full-visibility blocks that share their keys (queries adjacent) or their queries (keys
+    adjacent) into one kernel call. Both blocks then see the same document (their shared rows lie in it) with nothing
+    masked, so the merged rectangle is exact."""
+    out: list[Block] = []
+    for b in blocks:
+        prev = out[-1] if out else None
+        if prev is not None and _full(prev) and _full(b):
+            if prev.k == b.k and prev.q[1] == b.q[0]:
+                q, k = (prev.q[0], b.q[1]), b.k
+            elif prev.q == b.q and prev.k[1] == b.k[0]:
+                q, k = b.q, (prev.k[0], b.k[1])
+            else:
+                q = None
+            if q is not None:
+                out[-1] = Block(q, k, Segments((0, q[1] - q[0]), (0, k[1] - k[0]), causal=False))
+                continue
+        out.append(b)
+    return out
+
+
 def pair_blocks(
     docs: Documents, q_ranges: Sequence[Range], k_ranges: Sequence[Range], window_left: int | None
 ) -> list[Block]:
@@ -116,7 +141,7 @@ def pair_blocks(
                 block = earlier_block(docs, q, q_off, k, k_off, window_left)
                 if block is not None:
                     blocks.append(block)
-    return blocks
+    return _coalesce(blocks)
 
 
 def ring_plan(docs: Documents, layout: Layout, ring_rank: int, window_left: int | None) -> list[list[Block]]:

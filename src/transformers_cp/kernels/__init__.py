@@ -7,7 +7,7 @@ import torch
 from .base import AttentionKernel, Segments
 from .flash_attn import FlashAttnKernel, is_flash_attn_available
 from .math import MathKernel
-from .torch_fused import TorchFlashKernel
+from .torch_fused import TorchKernel
 
 __all__ = ["AttentionKernel", "Segments", "select_kernel", "is_flash_attn_available"]
 
@@ -32,4 +32,4 @@ def select_kernel(backend: str, q: torch.Tensor) -> AttentionKernel:
         return FlashAttnKernel() if _fused_ok(q) else MathKernel()
     if backend == "auto" and is_flash_attn_available() and _fused_ok(q):
         return FlashAttnKernel()
-    return TorchFlashKernel() if _fused_ok(q) else MathKernel()
+    return TorchKernel() if _fused_ok(q) else MathKernel()

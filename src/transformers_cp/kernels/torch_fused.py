@@ -1,7 +1,10 @@
-"""PyTorch's fused flash-attention op (the varlen kernel behind `torch.nn.attention.varlen`) on CUDA.
+"""PyTorch's fused attention ops on CUDA: cuDNN attention where the call is dense, the varlen flash op otherwise.
 
-It takes packed documents through cumulative lengths, GQA without repeating KV, sliding windows and bottom-right
-causal alignment, and returns the log-sum-exp the blockwise algorithms merge with.
+cuDNN (about 1.7x faster than the flash op on H100/H200) takes batches of equal-length sequences, GQA, and causal
+masks aligned top-left, which equals bottom-right alignment when q and k lengths match; so it serves every call
+whose segments all have one shape with no sliding window: a diagonal block of one document or of equal chunks, and
+the dense non-causal blocks of a ring. Everything else (documents of different lengths, sliding windows) goes to the
+varlen flash op (the kernel behind `torch.nn.attention.varlen`), which aligns bottom-right and takes cu_seqlens.
 """
 
 from __future__ import annotations
@@ -10,19 +13,49 @@ import torch
 
 from .base import Segments
 
-
-def _windows(seg: Segments) -> tuple[int, int]:
-    left = -1 if seg.window_left is None else seg.window_left
-    right = 0 if seg.causal else -1
-    return left, right
+CUDNN_MAX_HEAD_DIM = 128
 
 
-class TorchFlashKernel:
+def _dense_shape(seg: Segments, q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int] | None:
+    """(batch, lq, lk) if the segments are a batch of equal dense sequences cuDNN can take, else None."""
+    n = len(seg.cu_q) - 1
+    lq, lk = seg.cu_q[1], seg.cu_k[1]
+    if seg.window_left is not None or (seg.causal and lq != lk) or q.shape[-1] > CUDNN_MAX_HEAD_DIM:
+        return None
+    if q.shape[0] != n * lq or k.shape[0] != n * lk:
+        return None
+    if seg.cu_q != tuple(range(0, n * lq + 1, lq)) or seg.cu_k != tuple(range(0, n * lk + 1, lk)):
+        return None
+    return n, lq, lk
+
+
+def _batched(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(n·L, H, D) -> (n, H, L, D) view."""
+    return x.unflatten(0, (n, -1)).transpose(1, 2)
+
+
+def _packed(x: torch.Tensor) -> torch.Tensor:
+    """(n, H, L, D) -> (n·L, H, D)."""
+    return x.transpose(1, 2).flatten(0, 1)
+
+
+def _no_dropout_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(2, dtype=torch.uint64, device=device), torch.empty(0, device=device)
+
+
+class TorchKernel:
     name = "torch"
 
     def forward(self, q, k, v, seg: Segments, scale: float):
+        dense = _dense_shape(seg, q, k)
+        if dense is not None:
+            n, lq, _ = dense
+            r = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                _batched(q, n), _batched(k, n), _batched(v, n), None, True, 0.0, seg.causal, False, scale=scale
+            )
+            lse = r[1].reshape(n, q.shape[1], lq).transpose(0, 1).reshape(q.shape[1], n * lq)
+            return _packed(r[0]), lse
         cu_q, cu_k = seg.tensors(q.device)
-        left, right = _windows(seg)
         out, lse = torch.ops.aten._flash_attention_forward(
             q,
             k,
@@ -35,16 +68,36 @@ class TorchFlashKernel:
             seg.causal,
             False,
             scale=scale,
-            window_size_left=left,
-            window_size_right=right,
+            **_flash_windows(seg),
         )[:2]
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, seg: Segments, scale: float):
+        seed, offset = _no_dropout_state(q.device)
+        dense = _dense_shape(seg, q, k)
+        if dense is not None:
+            n, lq, lk = dense
+            lse_b = lse.reshape(q.shape[1], n, lq).transpose(0, 1).unsqueeze(-1).contiguous()
+            grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                _batched(dout.contiguous(), n),
+                _batched(q, n),
+                _batched(k, n),
+                _batched(v, n),
+                _batched(out.contiguous(), n),
+                lse_b,
+                seed,
+                offset,
+                None,
+                None,
+                None,
+                lq,
+                lk,
+                0.0,
+                seg.causal,
+                scale=scale,
+            )
+            return tuple(_packed(g) for g in grads)
         cu_q, cu_k = seg.tensors(q.device)
-        left, right = _windows(seg)
-        rng = torch.zeros(2, dtype=torch.uint64, device=q.device)
-        unused = torch.empty(0, device=q.device)
         return torch.ops.aten._flash_attention_backward(
             dout.contiguous(),
             q,
@@ -58,9 +111,13 @@ class TorchFlashKernel:
             seg.max_k,
             0.0,
             seg.causal,
-            rng,
-            unused,
+            seed,
+            offset,
             scale=scale,
-            window_size_left=left,
-            window_size_right=right,
+            **_flash_windows(seg),
         )
+
+
+def _flash_windows(seg: Segments) -> dict:
+    left = -1 if seg.window_left is None else seg.window_left
+    return {"window_size_left": left, "window_size_right": 0 if seg.causal else -1}
