@@ -126,10 +126,10 @@ def train_and_record(trainer: transformers.Trainer, predict: bool = False) -> di
     return result
 
 
-def run_stock(family: str, predict: bool = False) -> dict:
+def run_stock(family: str, predict: bool = False, **kwargs) -> dict:
     trainer = StockTrainer(
         model=build_model(family, reference=True),
-        args=transformers.TrainingArguments(**arguments()),
+        args=transformers.TrainingArguments(**arguments(**kwargs)),
         data_collator=transformers.DataCollatorWithFlattening(),
         train_dataset=sft_dataset(12, 0),
         eval_dataset=sft_dataset(6, 1),

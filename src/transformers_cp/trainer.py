@@ -42,6 +42,12 @@ class ContextParallelTrainerMixin:
         config = getattr(self.args, "context_parallel_config", None)
         if config is None or not config.enabled:
             return
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if self.accelerator.num_processes != world:
+            raise ValueError(
+                f"accelerate runs {self.accelerator.num_processes} process(es) but the job has {world}, so gradients "
+                "would not be reduced across ranks; on CPU pass use_cpu=True (--use_cpu) to TrainingArguments."
+            )
         if self.compute_loss_func is not None:
             raise ValueError(
                 "compute_loss_func is not supported with context_parallel_size > 1: the loss of a sequence shard is "
