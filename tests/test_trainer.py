@@ -6,7 +6,7 @@ The stock references are computed once: d = 1 in this process, d = 2 in one 2-pr
 several (family, mode) cases so that processes start once. Combinations (family, mode[, ulysses size]):
   c=2 d=1: llama × every mode, qwen2 zigzag/ulysses, qwen3 llama3/ring, mistral zigzag/ulysses
   c=4 d=1: llama hybrid(2×2), qwen2 ulysses, qwen3 zigzag, mistral ring
-  c=2 d=2: llama llama3, qwen2 hybrid, mistral ring
+  c=2 d=2: llama llama3, qwen2 hybrid, mistral ring (with average_tokens_across_devices=False)
   c=4 d=2: qwen3 zigzag
 """
 
@@ -35,8 +35,9 @@ import transformers_cp
 from transformers_cp import ContextParallelConfig, apply_context_parallel, build_mesh, gather_sequence, shard_batch
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
-DP2_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 PREDICT_FAMILY = "llama"  # predictions are compared for this family's runs
+# Stock d=2 references: (family, average_tokens_across_devices).
+DP2_REFERENCES = [("llama", True), ("qwen2", True), ("qwen3", True), ("mistral", False)]
 
 CP2_DP1 = [
     (2, "llama", "ring", None),
@@ -57,13 +58,18 @@ CP4_DP1 = [
     (4, "qwen3", "zigzag", None),
     (4, "mistral", "ring", None),
 ]
+# mistral: with average_tokens_across_devices=False (token counts per dp rank, no world-size factor)
 CP2_DP2 = [(2, "llama", "llama3", None), (2, "qwen2", "hybrid", 2), (2, "mistral", "ring", None)]
 CP4_DP2 = [(4, "qwen3", "zigzag", None)]
 
 
-def _stock_dp_worker(rank, world, out_dir, families):
-    for family in families:
-        result = run_stock(family, predict=family == PREDICT_FAMILY)
+def _average_tokens(family: str, dp: int) -> bool:
+    return dict(DP2_REFERENCES)[family] if dp == 2 else True
+
+
+def _stock_dp_worker(rank, world, out_dir, references):
+    for family, average_tokens in references:
+        result = run_stock(family, predict=family == PREDICT_FAMILY, average_tokens_across_devices=average_tokens)
         per_rank = [None] * world
         dist.all_gather_object(per_rank, result["step_losses"])
         result["step_losses"] = per_rank
@@ -76,15 +82,17 @@ def references(tmp_path_factory) -> str:
     out_dir = str(tmp_path_factory.mktemp("stock"))
     for family in FAMILIES:
         torch.save(run_stock(family, predict=family == PREDICT_FAMILY), os.path.join(out_dir, f"dp1_{family}.pt"))
-    run_distributed(_stock_dp_worker, 2, out_dir, DP2_FAMILIES)
+    run_distributed(_stock_dp_worker, 2, out_dir, DP2_REFERENCES)
     return out_dir
 
 
 def _cp_worker(rank, world, ref_dir, cases):
     for size, family, mode, ulysses_size in cases:
         dp = world // size
-        name = f"{family} {mode} c={size} d={dp} rank {rank}"
-        result = run_cp(family, size, mode, ulysses_size, predict=family == PREDICT_FAMILY)
+        average_tokens = _average_tokens(family, dp)
+        name = f"{family} {mode} c={size} d={dp} average_tokens={average_tokens} rank {rank}"
+        predict = family == PREDICT_FAMILY
+        result = run_cp(family, size, mode, ulysses_size, predict, average_tokens_across_devices=average_tokens)
         expected = torch.load(os.path.join(ref_dir, f"dp{dp}_{family}.pt"))
         assert_same_run(result, expected, name, dp_rank=rank // size if dp > 1 else None)
 
