@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 import traceback
 
@@ -16,15 +17,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn, args, errors) -> None:
+def _entry(rank: int, world: int, port: int, store: str, fn, args, errors) -> None:
     import torch
     import torch.distributed as dist
 
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
     )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous cannot collide with another test's port; the env vars serve libraries that read them.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
     except BaseException:
@@ -38,9 +45,18 @@ def run_distributed(fn, world: int, *args, timeout: float = 300.0) -> None:
     """Spawn `world` processes running fn(rank, world, *args); re-raise the first failure with its traceback."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
+    store = tempfile.mktemp(prefix="cp_test_store_")
     procs = mp.start_processes(
-        _entry, args=(world, _free_port(), fn, args, errors), nprocs=world, join=False, start_method="spawn"
+        _entry, args=(world, _free_port(), store, fn, args, errors), nprocs=world, join=False, start_method="spawn"
     )
+    try:
+        _wait(procs, errors, timeout)
+    finally:
+        if os.path.exists(store):
+            os.remove(store)
+
+
+def _wait(procs, errors, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while not procs.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
         if time.monotonic() > deadline:

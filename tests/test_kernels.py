@@ -20,6 +20,7 @@ CASES = {
     "dense rectangle": ((0, 256), (0, 128), False, None),
     "dense window": ((0, 40), (0, 128), False, 100),
     "prefix causal": ((0, 64, 192), (0, 128, 256), True, None),
+    "long and short documents": ((0, 5, 2105, 2106, 4300), (0, 5, 2105, 2106, 4300), True, None),
 }
 
 

@@ -10,7 +10,7 @@ from .algorithms.ring import RingAttention
 from .algorithms.ulysses import gather_heads, scatter_heads
 from .kernels import select_kernel
 from .mesh import ContextParallelMesh
-from .plan import Documents, local_segments, prefix_plan, ring_plan
+from .plan import Documents, gathered_plan, local_segments, ring_plan
 
 
 def window_left(sliding_window: int | None, seq_len: int) -> int | None:
@@ -58,8 +58,8 @@ def context_parallel_attention(
                 "heads of the model; pick a divisor of the KV head count."
             )
         order = docs.cached(("order", layout), lambda: _gather_order(mesh, docs.seq_len, q.device))
-        prefix = prefix_plan(docs, layout, mesh.ring_rank, left)
-        out = Llama3Attention.apply(q, k, v, prefix, order, mesh.ring_group, kernel, scale, stride)
+        blocks = gathered_plan(docs, layout, mesh.ring_rank, left)
+        out = Llama3Attention.apply(q, k, v, blocks, order, mesh.ring_group, kernel, scale, stride)
     else:
         steps = ring_plan(docs, layout, mesh.ring_rank, left)
         out = RingAttention.apply(q, k, v, steps, mesh.ring_group, kernel, scale)

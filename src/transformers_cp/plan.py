@@ -158,28 +158,25 @@ def ring_plan(docs: Documents, layout: Layout, ring_rank: int, window_left: int 
     return docs.cached(("ring", layout, ring_rank, window_left), build)
 
 
-def prefix_plan(
-    docs: Documents, layout: Layout, ring_rank: int, window_left: int | None
-) -> list[tuple[int, int, Segments]]:
-    """For llama3: per local chunk, (k start, k end, segments) over the gathered KV in global order.
+def gathered_plan(docs: Documents, layout: Layout, ring_rank: int, window_left: int | None) -> list[Block]:
+    """For llama3: blocks of the local chunks against the all-gathered KV, whose rows are global positions.
 
-    Each q chunk [a, b) attends the keys [k start, b): every document piece in the chunk pairs with the part of its
-    document up to b, so the pieces' ends align and bottom-right causal alignment is exact.
+    Each chunk [a, b) sees itself causally and, through the document spanning a, the keys before it: the same two
+    block kinds as a ring step, so the same dense kernels serve both.
     """
 
     def build():
-        out = []
-        for a, b in layout.ring_ranges(docs.seq_len, ring_rank):
-            ds = docs.span(a)[0]
-            k0 = ds if window_left is None else max(ds, a - window_left)
-            q_lens = docs.pieces(a, b)
-            k_lens = [q_lens[0] + (a - k0), *q_lens[1:]]
-            out.append(
-                (k0, b, Segments(_cumulative(q_lens), _cumulative(k_lens), causal=True, window_left=window_left))
-            )
-        return out
+        mine = layout.ring_ranges(docs.seq_len, ring_rank)
+        blocks = []
+        for (a, b), off in zip(mine, _offsets(mine)):
+            blocks.append(Block((off, off + b - a), (a, b), diagonal_segments(docs, [(a, b)], window_left)))
+            if a > 0:
+                block = earlier_block(docs, (a, b), off, (0, a), 0, window_left)
+                if block is not None:
+                    blocks.append(block)
+        return blocks
 
-    return docs.cached(("prefix", layout, ring_rank, window_left), build)
+    return docs.cached(("gathered", layout, ring_rank, window_left), build)
 
 
 def local_segments(docs: Documents, window_left: int | None) -> Segments:

@@ -1,5 +1,5 @@
 """llama3-style CP: all-gather KV `heads_k_stride` heads at a time (the next stride in flight while the current
-one is computed), attend each local chunk to the gathered prefix it may see, and reduce-scatter dK/dV in backward.
+one is computed), attend the local chunks to the gathered KV, and reduce-scatter dK/dV in backward.
 
 On the zigzag layout each rank holds one early and one late chunk, so the causal work is balanced.
 """
@@ -10,15 +10,19 @@ import torch
 import torch.distributed as dist
 
 from ..comm import all_gather, reduce_scatter
-from ..kernels import AttentionKernel, Segments
-
-Prefix = list[tuple[int, int, Segments]]
+from ..kernels import AttentionKernel
+from ..plan import Block
+from .merge import Accumulator
 
 
 def _heads(stride_index: int, kv_stride: int, group_size: int) -> tuple[slice, slice]:
     """(q heads, kv heads) of one stride."""
     k0 = stride_index * kv_stride
     return slice(k0 * group_size, (k0 + kv_stride) * group_size), slice(k0, k0 + kv_stride)
+
+
+def _sl(rows: tuple[int, int]) -> slice:
+    return slice(rows[0], rows[1])
 
 
 def _gather(kv: torch.Tensor, group, order: torch.Tensor | None):
@@ -35,12 +39,11 @@ def _gather(kv: torch.Tensor, group, order: torch.Tensor | None):
 
 class Llama3Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, prefix: Prefix, order, group, kernel: AttentionKernel, scale, kv_stride: int):
-        hq, hk = q.shape[1], k.shape[1]
-        g = hq // hk
-        n_strides = hk // kv_stride
+    def forward(ctx, q, k, v, blocks: list[Block], order, group, kernel: AttentionKernel, scale, kv_stride: int):
+        g = q.shape[1] // k.shape[1]
+        n_strides = k.shape[1] // kv_stride
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty((hq, q.shape[0]), dtype=torch.float32, device=q.device)
+        lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])
         pending = _gather(kv[:, :, _heads(0, kv_stride, g)[1]], group, order)
         for i in range(n_strides):
@@ -48,23 +51,22 @@ class Llama3Attention(torch.autograd.Function):
             if i + 1 < n_strides:
                 pending = _gather(kv[:, :, _heads(i + 1, kv_stride, g)[1]], group, order)
             qh, _ = _heads(i, kv_stride, g)
-            offset = 0
-            for k0, k1, seg in prefix:
-                rows = slice(offset, offset + seg.cu_q[-1])
-                o, block_lse = kernel.forward(q[rows, qh], full[0, k0:k1], full[1, k0:k1], seg, scale)
-                out[rows, qh] = o.to(q.dtype)
-                lse[qh, rows] = block_lse
-                offset += seg.cu_q[-1]
+            qs = q[:, qh]
+            acc = Accumulator(qs)
+            for b in blocks:
+                o, block_lse = kernel.forward(qs[_sl(b.q)], full[0, _sl(b.k)], full[1, _sl(b.k)], b.seg, scale)
+                acc.add(b.q, o, block_lse)
+            out[:, qh] = acc.out.to(q.dtype)
+            lse[qh] = acc.lse
         ctx.save_for_backward(q, k, v, out, lse, order)
-        ctx.prefix, ctx.group, ctx.kernel, ctx.scale, ctx.kv_stride = prefix, group, kernel, scale, kv_stride
+        ctx.blocks, ctx.group, ctx.kernel, ctx.scale, ctx.kv_stride = blocks, group, kernel, scale, kv_stride
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, order = ctx.saved_tensors
-        hq, hk = q.shape[1], k.shape[1]
-        g, stride = hq // hk, ctx.kv_stride
-        n_strides = hk // stride
+        g, stride = q.shape[1] // k.shape[1], ctx.kv_stride
+        n_strides = k.shape[1] // stride
         world = dist.get_world_size(ctx.group)
         dq = torch.empty_like(q)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -76,24 +78,24 @@ class Llama3Attention(torch.autograd.Function):
             if i + 1 < n_strides:
                 pending = _gather(kv[:, :, _heads(i + 1, stride, g)[1]], ctx.group, order)
             qh, kh = _heads(i, stride, g)
+            dq_acc = torch.zeros(q[:, qh].shape, dtype=torch.float32, device=q.device)
             dfull = torch.zeros(full.shape, dtype=torch.float32, device=q.device)
-            offset = 0
-            for k0, k1, seg in ctx.prefix:
-                rows = slice(offset, offset + seg.cu_q[-1])
+            for b in ctx.blocks:
+                rows, keys = _sl(b.q), _sl(b.k)
                 dq_b, dk_b, dv_b = ctx.kernel.backward(
                     dout[rows, qh],
                     q[rows, qh],
-                    full[0, k0:k1],
-                    full[1, k0:k1],
+                    full[0, keys],
+                    full[1, keys],
                     out[rows, qh],
                     lse[qh, rows],
-                    seg,
+                    b.seg,
                     ctx.scale,
                 )
-                dq[rows, qh] = dq_b.to(q.dtype)
-                dfull[0, k0:k1] += dk_b
-                dfull[1, k0:k1] += dv_b
-                offset += seg.cu_q[-1]
+                dq_acc[rows] += dq_b
+                dfull[0, keys] += dk_b
+                dfull[1, keys] += dv_b
+            dq[:, qh] = dq_acc.to(q.dtype)
             if order is not None:  # back to rank-major order
                 dfull = torch.empty_like(dfull).index_copy_(1, order, dfull)
             per_rank = dfull.unflatten(1, (world, -1)).transpose(0, 1)  # (R, 2, L, h, D)

@@ -14,19 +14,55 @@ import torch
 from .base import Segments
 
 CUDNN_MAX_HEAD_DIM = 128
+CUDNN_MIN_DOCUMENT = 2048  # documents at least this long get a cuDNN call of their own; shorter runs share one
 
 
 def _dense_shape(seg: Segments, q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int] | None:
     """(batch, lq, lk) if the segments are a batch of equal dense sequences cuDNN can take, else None."""
     n = len(seg.cu_q) - 1
     lq, lk = seg.cu_q[1], seg.cu_k[1]
-    if seg.window_left is not None or (seg.causal and lq != lk) or q.shape[-1] > CUDNN_MAX_HEAD_DIM:
+    if not _dense_ok(seg, q.shape[-1]):
         return None
     if q.shape[0] != n * lq or k.shape[0] != n * lk:
         return None
     if seg.cu_q != tuple(range(0, n * lq + 1, lq)) or seg.cu_k != tuple(range(0, n * lk + 1, lk)):
         return None
     return n, lq, lk
+
+
+def _pieces(seg: Segments, head_dim: int) -> list[tuple[Segments, int, int]]:
+    """Split mixed segments into kernel calls: (segments, q offset, k offset) per call, each either a lone long
+    document cuDNN takes densely or a run of the others for the varlen op. Cached on the segments object."""
+    cache = seg.__dict__.setdefault("_pieces", {})
+    if head_dim in cache:
+        return cache[head_dim]
+    pieces, run = [], []
+
+    def close_run() -> None:
+        if run:
+            q0, k0 = seg.cu_q[run[0]], seg.cu_k[run[0]]
+            cu_q = tuple(seg.cu_q[i] - q0 for i in [*run, run[-1] + 1])
+            cu_k = tuple(seg.cu_k[i] - k0 for i in [*run, run[-1] + 1])
+            pieces.append((Segments(cu_q, cu_k, seg.causal, seg.window_left), q0, k0))
+            run.clear()
+
+    for i in range(len(seg.cu_q) - 1):
+        lq, lk = seg.cu_q[i + 1] - seg.cu_q[i], seg.cu_k[i + 1] - seg.cu_k[i]
+        lone = Segments((0, lq), (0, lk), seg.causal, seg.window_left)
+        if min(lq, lk) >= CUDNN_MIN_DOCUMENT and _dense_ok(lone, head_dim):
+            close_run()
+            pieces.append((lone, seg.cu_q[i], seg.cu_k[i]))
+        else:
+            run.append(i)
+    close_run()
+    cache[head_dim] = pieces
+    return pieces
+
+
+def _dense_ok(seg: Segments, head_dim: int) -> bool:
+    return (
+        seg.window_left is None and not (seg.causal and seg.cu_q[1] != seg.cu_k[1]) and head_dim <= CUDNN_MAX_HEAD_DIM
+    )
 
 
 def _batched(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -47,6 +83,29 @@ class TorchKernel:
     name = "torch"
 
     def forward(self, q, k, v, seg: Segments, scale: float):
+        pieces = _pieces(seg, q.shape[-1])
+        if len(pieces) == 1:
+            return self._forward(q, k, v, seg, scale)
+        out = torch.empty_like(q)
+        lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+        for sub, q0, k0 in pieces:
+            rows, keys = slice(q0, q0 + sub.cu_q[-1]), slice(k0, k0 + sub.cu_k[-1])
+            out[rows], lse[:, rows] = self._forward(q[rows], k[keys], v[keys], sub, scale)
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, seg: Segments, scale: float):
+        pieces = _pieces(seg, q.shape[-1])
+        if len(pieces) == 1:
+            return self._backward(dout, q, k, v, out, lse, seg, scale)
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for sub, q0, k0 in pieces:
+            rows, keys = slice(q0, q0 + sub.cu_q[-1]), slice(k0, k0 + sub.cu_k[-1])
+            dq[rows], dk[keys], dv[keys] = self._backward(
+                dout[rows], q[rows], k[keys], v[keys], out[rows], lse[:, rows], sub, scale
+            )
+        return dq, dk, dv
+
+    def _forward(self, q, k, v, seg: Segments, scale: float):
         dense = _dense_shape(seg, q, k)
         if dense is not None:
             n, lq, _ = dense
@@ -72,7 +131,7 @@ class TorchKernel:
         )[:2]
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, seg: Segments, scale: float):
+    def _backward(self, dout, q, k, v, out, lse, seg: Segments, scale: float):
         seed, offset = _no_dropout_state(q.device)
         dense = _dense_shape(seg, q, k)
         if dense is not None:
