@@ -127,6 +127,21 @@ def native_cp(q, k, v, dout, scale, mesh, method: str, iters: int) -> float:
         return timed(step, iters)
 
 
+def profile(fn, path: str) -> None:
+    """Where the time of one fwd+bwd goes: top kernels and host-side totals (rank 0 writes the table)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    if dist.get_rank() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".txt", "w") as f:
+            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+
+
 def print_table(results: list[dict], modes: list[str]) -> None:
     """One line per shape: single-GPU time, then per mode its time, efficiency and worst relative error."""
     for r in results:
@@ -171,6 +186,10 @@ def bench_shape(a, device, meshes: dict, native_mesh, seq: int, hq: int, hk: int
             return context_parallel_attention(qq, kk, vv, mesh, docs, scale)
 
         entry = {"ms": timed(lambda attn=attn, local=local: fwd_bwd(attn, *local), a.iters)}
+        if a.profile:
+            profile(
+                lambda attn=attn, local=local: fwd_bwd(attn, *local), f"{a.profile}/{m}_S{seq}_{hq}_{hk}_{doc_kind}"
+            )
         if a.check:
             gathered = []
             for t in fwd_bwd(attn, *local):
@@ -206,6 +225,7 @@ def main() -> None:
     p.add_argument("--check", action="store_true", help="compare outputs and gradients with single-GPU attention")
     p.add_argument("--no-native", action="store_true", help="skip PyTorch's native context_parallel")
     p.add_argument("--out", default=None, help="JSON file for the results (rank 0)")
+    p.add_argument("--profile", default=None, help="write a torch-profiler summary per mode to this folder")
     a = p.parse_args()
 
     init_distributed()
