@@ -22,7 +22,7 @@ def _worker(rank, world, expected):
     custom_loop = importlib.import_module("custom_loop")
     model = build_model("qwen2", reference=False)
     config = ContextParallelConfig(size=world, mode="zigzag")
-    losses = custom_loop.train(model, sft_dataset(12, 0), config, learning_rate=0.5, shuffle=False)
+    losses = custom_loop.train(model, sft_dataset(13, 0), config, learning_rate=0.5, shuffle=False)
     assert_close(torch.tensor(losses), torch.tensor(expected["losses"]), RTOL, "custom loop losses")
     for name, value in model.state_dict().items():
         assert_close(value, expected["weights"][name], RTOL, f"custom loop weight {name}")

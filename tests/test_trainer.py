@@ -184,8 +184,8 @@ def test_size_one_is_the_stock_trainer():
         model=build_model("llama", reference=True),
         args=args,
         data_collator=transformers.DataCollatorWithFlattening(),
-        train_dataset=sft_dataset(12, 0),
-        eval_dataset=sft_dataset(6, 1),
+        train_dataset=sft_dataset(13, 0),
+        eval_dataset=sft_dataset(7, 1),
     )
     assert trainer.cp_mesh is None and isinstance(trainer.data_collator, transformers.DataCollatorWithFlattening)
     from trainer_cases import train_and_record

@@ -131,8 +131,8 @@ def run_stock(family: str, predict: bool = False, **kwargs) -> dict:
         model=build_model(family, reference=True),
         args=transformers.TrainingArguments(**arguments(**kwargs)),
         data_collator=transformers.DataCollatorWithFlattening(),
-        train_dataset=sft_dataset(12, 0),
-        eval_dataset=sft_dataset(6, 1),
+        train_dataset=sft_dataset(13, 0),
+        eval_dataset=sft_dataset(7, 1),
     )
     return train_and_record(trainer, predict)
 
@@ -146,8 +146,8 @@ def run_cp(family: str, size: int, mode: str, ulysses_size: int | None = None, p
     trainer = CPTrainer(
         model=build_model(family, reference=False),
         args=args,
-        train_dataset=sft_dataset(12, 0),
-        eval_dataset=sft_dataset(6, 1),
+        train_dataset=sft_dataset(13, 0),
+        eval_dataset=sft_dataset(7, 1),
     )
     return train_and_record(trainer, predict)
 

@@ -56,4 +56,11 @@ def shard_dataloader_over_dp(dataloader, mesh: ContextParallelMesh):
     for shard in shards:
         shard.num_processes = mesh.dp_size
         shard.process_index = mesh.dp_rank
+        if mesh.dp_size == 1:
+            # On one process accelerate uses no shard wrapper, so the last batch keeps its size: make the wrapper a
+            # passthrough instead of letting it fill that batch with examples from the start.
+            if isinstance(shard, BatchSamplerShard):
+                shard.even_batches = False
+            else:
+                shard.batch_size = 1
     return dataloader
