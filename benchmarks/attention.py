@@ -37,21 +37,20 @@ GRADS = ("out", "dq", "dk", "dv")
 
 
 def timed(fn, iters: int, warmup: int = 2, lockstep: bool = True) -> float:
-    """Median milliseconds of `fn`; with `lockstep` every rank runs it and they start each iteration together."""
+    """Mean milliseconds of `fn` over `iters` back-to-back runs after a warm-up, one synchronisation at the end (the
+    protocol of the peers' anchor script); with `lockstep` every rank runs it and they start together."""
     for _ in range(warmup):
         fn()
-    times = []
+    if CUDA:
+        torch.cuda.synchronize()
+    if lockstep:
+        dist.barrier()
+    t0 = time.perf_counter()
     for _ in range(iters):
-        if CUDA:
-            torch.cuda.synchronize()
-        if lockstep:
-            dist.barrier()
-        t0 = time.perf_counter()
         fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+    if CUDA:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / iters
 
 
 def doc_lengths(kind: str, seq: int, seed: int = 0) -> list[int]:

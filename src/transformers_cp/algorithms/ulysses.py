@@ -35,31 +35,18 @@ def kv_heads_for_rank(num_q: int, num_kv: int, degree: int, rank: int) -> list[i
     return needed if aligned else [h // (num_q // num_kv) for h in q_heads]
 
 
-def _to_heads(x: torch.Tensor, group: dist.ProcessGroup, chunks: int) -> torch.Tensor:
-    """(L, U·h, D) sequence shard -> (U·L, h, D) whole sequence for this rank's h heads.
-
-    Each rank's shard is `chunks` sub-chunks; the result is chunk-major so that whole chunks come out contiguous.
-    """
-    degree = dist.get_world_size(group)
-    length, heads, d = x.shape
-    send = x.unflatten(1, (degree, heads // degree)).transpose(0, 1)  # (U, L, h, D)
-    recv = AllToAll.apply(send, group)  # recv[i] = rank i's shard of my heads
-    recv = recv.unflatten(1, (chunks, length // chunks)).transpose(0, 1)  # (chunks, U, L/chunks, h, D)
-    return recv.flatten(0, 2)
-
-
-def _to_sequence(x: torch.Tensor, group: dist.ProcessGroup, chunks: int) -> torch.Tensor:
-    """Inverse of `_to_heads`: (U·L, h, D) -> (L, U·h, D)."""
-    degree = dist.get_world_size(group)
-    total, h, d = x.shape
-    length = total // degree
-    send = x.unflatten(0, (chunks, degree, length // chunks)).transpose(0, 1).flatten(1, 2)  # (U, L, h, D)
-    recv = AllToAll.apply(send, group)  # recv[i] = my rows of rank i's heads
-    return recv.transpose(0, 1).flatten(1, 2)
+def _reorder(recv: torch.Tensor, chunks: int) -> torch.Tensor:
+    """(U, L, h, D) rank-major rows -> (U·L, h, D) chunk-major, so that whole chunks come out contiguous."""
+    degree, length = recv.shape[:2]
+    return recv.unflatten(1, (chunks, length // chunks)).transpose(0, 1).flatten(0, 2)
 
 
 def scatter_heads(q, k, v, group: dist.ProcessGroup, chunks: int):
-    """Sequence shards -> head shards for q, k, v (autograd-aware)."""
+    """Sequence shards (L, H, D) -> this rank's heads of the whole sequence (U·L, h, D), for q, k and v at once.
+
+    One all-to-all carries all three: each rank's send buffer holds, per destination, its query heads followed by
+    the KV heads they use. Autograd runs the reverse all-to-all in backward and sums replicated KV heads.
+    """
     degree = dist.get_world_size(group)
     hq, hk = q.shape[1], k.shape[1]
     check_heads(hq, degree)
@@ -70,8 +57,18 @@ def scatter_heads(q, k, v, group: dist.ProcessGroup, chunks: int):
     if flat != list(range(hk)):
         index = torch.tensor(flat, device=k.device)
         k, v = k.index_select(1, index), v.index_select(1, index)
-    return _to_heads(q, group, chunks), _to_heads(k, group, chunks), _to_heads(v, group, chunks)
+    per_rank = [t.unflatten(1, (degree, -1)).transpose(0, 1) for t in (q, k, v)]  # (U, L, h, D) each
+    send = torch.cat(per_rank, dim=2)
+    recv = _reorder(AllToAll.apply(send, group), chunks)
+    h_q, h_kv = hq // degree, len(plan[0])
+    return recv[:, :h_q], recv[:, h_q : h_q + h_kv], recv[:, h_q + h_kv :]
 
 
 def gather_heads(out: torch.Tensor, group: dist.ProcessGroup, chunks: int) -> torch.Tensor:
-    return _to_sequence(out, group, chunks)
+    """Inverse of the query part of `scatter_heads`: (U·L, h, D) -> (L, U·h, D)."""
+    degree = dist.get_world_size(group)
+    total, h, d = out.shape
+    length = total // degree
+    send = out.unflatten(0, (chunks, degree, length // chunks)).transpose(0, 1).flatten(1, 2)  # (U, L, h, D)
+    recv = AllToAll.apply(send, group)  # recv[i] = my rows of rank i's heads
+    return recv.transpose(0, 1).flatten(1, 2)
