@@ -60,8 +60,14 @@ def _pieces(seg: Segments, head_dim: int) -> list[tuple[Segments, int, int]]:
 
 
 def _dense_ok(seg: Segments, head_dim: int) -> bool:
+    """cuDNN takes it: no window, causal only on squares, head dim <= 128, and not a lone token (cuDNN refuses
+    q and k lengths of 1)."""
+    lq, lk = seg.cu_q[1], seg.cu_k[1]
     return (
-        seg.window_left is None and not (seg.causal and seg.cu_q[1] != seg.cu_k[1]) and head_dim <= CUDNN_MAX_HEAD_DIM
+        seg.window_left is None
+        and not (seg.causal and lq != lk)
+        and head_dim <= CUDNN_MAX_HEAD_DIM
+        and max(lq, lk) > 1
     )
 
 
