@@ -1,0 +1,182 @@
+"""End-to-end SFT throughput with transformers_cp's Trainer: tokens/s per GPU, MFU, peak memory, and (with
+--search) the longest sequence that trains one full optimizer step.
+
+Random-init Qwen2.5 shapes, full-parameter training in bf16 with gradient checkpointing, one sequence per step,
+the same settings as the peers' anchor script (../shared/anchors/anchor_e2e.py) so that the numbers compare.
+
+    torchrun --nproc_per_node 2 benchmarks/train.py --shape 1.5b --seqs 65536 --modes zigzag,ulysses \
+        --out benchmarks/results/train_1.5b_2xH200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import transformers
+
+from transformers_cp import Trainer, TrainingArguments
+
+SHAPES = {
+    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=1 << 21,
+                 rope_theta=1e6, tie_word_embeddings=True),
+    "7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+               num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=1 << 21,
+               rope_theta=1e6, tie_word_embeddings=False),
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1 << 16),
+}  # fmt: skip
+CUDA = torch.cuda.is_available()
+
+
+class StepTimer(transformers.TrainerCallback):
+    """Wall time of each optimizer step, synchronised with the device."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, *args, **kwargs):
+        if CUDA:
+            torch.cuda.synchronize()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, *args, **kwargs):
+        if CUDA:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._start)
+
+
+def matmul_peak_tflops() -> float | None:
+    """bf16 matrix-product rate of this GPU, measured now (the MFU denominator)."""
+    if not CUDA:
+        return None
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * 8192**3 * 10 / (time.perf_counter() - t0) / 1e12
+
+
+def model_flops(config: transformers.PretrainedConfig, n_params: int, seq: int) -> float:
+    """Training FLOPs of one step without recomputation: 6·P per token for the matrix products of the weights, and
+    6·layers·hidden·S per token for causal attention (QK^T and PV, forward and backward, half the square)."""
+    return seq * (6 * n_params + 6 * config.num_hidden_layers * config.hidden_size * seq)
+
+
+def run_one(shape: str, seq: int, mode: str, steps: int, world: int) -> dict:
+    """Train `steps` steps on sequences of `seq` tokens; returns timings or the failure."""
+    config = transformers.Qwen2Config(**SHAPES[shape], use_cache=False)
+    torch.manual_seed(0)
+    with torch.device("cuda" if CUDA else "cpu"):  # random init on the GPU: seconds instead of a minute
+        model = transformers.Qwen2ForCausalLM(config)
+    if CUDA:
+        model = model.to(torch.bfloat16)
+    n_params = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": (ids := torch.randint(0, config.vocab_size, (seq,), generator=g).tolist()), "labels": ids}
+            for _ in range(steps)]  # fmt: skip
+    cp = dict(context_parallel_size=world, context_parallel_mode=mode) if world > 1 else {}
+    args = TrainingArguments(
+        output_dir="/tmp/transformers_cp_bench", per_device_train_batch_size=1, max_steps=steps, learning_rate=1e-5,
+        bf16=CUDA, use_cpu=not CUDA, gradient_checkpointing=True, logging_steps=1, save_strategy="no", report_to=[],
+        disable_tqdm=True, optim="adamw_torch_fused" if CUDA else "adamw_torch", dataloader_num_workers=0, **cp,
+    )  # fmt: skip
+    timer = StepTimer()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    row: dict = dict(shape=shape, seq=seq, mode=mode if world > 1 else "single", world=world, params=n_params)
+    try:
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[timer])
+        trainer.train()
+        steady = sorted(timer.times[1:] or timer.times)[len(timer.times[1:] or timer.times) // 2]
+        row.update(step_s=round(steady, 3), tokens_per_s_per_gpu=round(seq / steady / world, 1),
+                   model_tflops_per_gpu=round(model_flops(config, n_params, seq) / steady / world / 1e12, 1),
+                   losses=[round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h])  # fmt: skip
+        del trainer
+    except torch.OutOfMemoryError:
+        row["error"] = "OOM"
+    except RuntimeError as e:  # NCCL or allocator failures at the edge of memory count as not training
+        row["error"] = repr(e)[:300]
+    if CUDA:
+        peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device="cuda")
+        if dist.is_initialized():
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        row["peak_gib"] = round(peak.item(), 1)
+    del model
+    if CUDA:
+        torch.cuda.empty_cache()
+    return row
+
+
+def longest(shape: str, mode: str, start: int, world: int, limit: int) -> dict:
+    """Double the length until a step fails, then bisect to a multiple of 8k: the longest that trains."""
+    ok, bad, tried = 0, None, []
+    seq = start
+    while bad is None and seq <= limit:
+        r = run_one(shape, seq, mode, 1, world)
+        tried.append(r)
+        if "error" in r:
+            bad = seq
+        else:
+            ok, seq = seq, seq * 2
+    while bad is not None and bad - ok > 8192:
+        mid = (ok + bad) // 2 // 8192 * 8192
+        r = run_one(shape, mid, mode, 1, world)
+        tried.append(r)
+        ok, bad = (mid, bad) if "error" not in r else (ok, mid)
+    return dict(shape=shape, mode=mode, world=world, longest_ok=ok, first_failing=bad, tried=tried)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="1.5b", choices=list(SHAPES))
+    p.add_argument("--seqs", default="65536")
+    p.add_argument("--modes", default="zigzag,ulysses")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--search", action="store_true", help="also search the longest trainable sequence per mode")
+    p.add_argument("--search-start", type=int, default=65536)
+    p.add_argument("--search-limit", type=int, default=1 << 21)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    from transformers_cp.mesh import init_distributed
+
+    init_distributed()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    peak = matmul_peak_tflops()
+    rows = []
+    for mode in a.modes.split(","):
+        for seq in map(int, a.seqs.split(",")):
+            row = run_one(a.shape, seq, mode, a.steps, world)
+            if peak and "model_tflops_per_gpu" in row:
+                row["mfu"] = round(row["model_tflops_per_gpu"] / peak, 3)
+            rows.append(row)
+            if rank == 0:
+                print(json.dumps(row), flush=True)
+        if a.search:
+            found = longest(a.shape, mode, a.search_start, world, a.search_limit)
+            rows.append(found)
+            if rank == 0:
+                print(json.dumps({k: v for k, v in found.items() if k != "tried"}), flush=True)
+    if rank == 0 and a.out:
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        meta = dict(command=f"torchrun --nproc_per_node {world} {' '.join(sys.argv)}",
+                    machine=f"{world}x {torch.cuda.get_device_name() if CUDA else 'cpu'}", torch=torch.__version__,
+                    transformers=transformers.__version__, matmul_peak_tflops=peak, date=time.strftime("%Y-%m-%d"))  # fmt: skip
+        with open(a.out, "w") as f:
+            json.dump({"meta": meta, "results": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
