@@ -1,0 +1,83 @@
+"""Layouts (shard ∘ unshard = identity, every token held exactly once) and config validation messages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transformers_cp.config import ContextParallelConfig, ContextParallelConfigError
+from transformers_cp.layout import Layout, padded_length
+
+LAYOUTS = [
+    Layout("contiguous", 4, 1),
+    Layout("zigzag", 4, 1),
+    Layout("zigzag", 2, 2),
+    Layout("zigzag", 1, 4),
+    Layout("contiguous", 1, 4),
+    Layout("zigzag", 3, 2),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_shard_unshard_round_trip(layout):
+    seq = layout.multiple * 5
+    full = torch.arange(seq * 3).reshape(1, seq, 3)
+    shards = [layout.shard(full, r, dim=1) for r in range(layout.size)]
+    assert all(s.shape[1] == seq // layout.size for s in shards)
+    assert torch.equal(layout.unshard(shards, dim=1), full)
+    held = torch.cat([layout.index(seq, r) for r in range(layout.size)])
+    assert torch.equal(held.sort().values, torch.arange(seq))
+
+
+def test_zigzag_pairs_early_and_late_chunks():
+    layout = Layout("zigzag", 4, 1)
+    assert layout.ranges(16, 0) == [(0, 2), (14, 16)]
+    assert layout.ranges(16, 3) == [(6, 8), (8, 10)]
+
+
+def test_hybrid_ranks_gather_whole_ring_chunks():
+    """Ulysses peers of one ring rank hold sub-chunks that together make that ring rank's zigzag chunks."""
+    layout = Layout("zigzag", 2, 2)
+    for ring_rank in range(2):
+        peers = [layout.index(32, ring_rank * 2 + u) for u in range(2)]
+        expect = torch.cat([torch.arange(s, e) for s, e in layout.ring_ranges(32, ring_rank)])
+        assert torch.equal(torch.cat(peers).sort().values, expect.sort().values)
+
+
+def test_length_must_be_a_multiple():
+    layout = Layout("zigzag", 2, 1)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        layout.ranges(10, 0)
+    assert padded_length(10, layout) == 12
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(size=0), "context_parallel_size"),
+        (dict(mode="ringo"), "context_parallel_mode"),
+        (dict(backend="cuda"), "context_parallel_backend"),
+        (dict(heads_k_stride=0), "context_parallel_heads_k_stride"),
+        (dict(mode="hybrid"), "context_parallel_ulysses_size"),
+        (dict(mode="hybrid", size=4, ulysses_size=3), "context_parallel_ulysses_size"),
+        (dict(mode="zigzag", ulysses_size=2), "context_parallel_ulysses_size"),
+    ],
+)
+def test_config_errors_name_the_setting(kwargs, field):
+    with pytest.raises(ContextParallelConfigError, match=field):
+        ContextParallelConfig(**kwargs)
+
+
+def test_size_must_divide_world():
+    with pytest.raises(ContextParallelConfigError, match="must divide the number of processes"):
+        ContextParallelConfig(size=4).resolved(6)
+    assert ContextParallelConfig().resolved(8).size == 8
+
+
+def test_degrees():
+    cfg = ContextParallelConfig(size=8, mode="hybrid", ulysses_size=2).resolved(8)
+    assert (cfg.ring_size, cfg.ulysses_degree, cfg.layout) == (4, 2, "zigzag")
+    cfg = ContextParallelConfig(size=4, mode="ulysses").resolved(4)
+    assert (cfg.ring_size, cfg.ulysses_degree, cfg.layout) == (1, 4, "contiguous")
+    assert ContextParallelConfig(mode="llama3").kv_stride(8) == 4
+    assert ContextParallelConfig(mode="llama3", heads_k_stride=2).kv_stride(8) == 2
