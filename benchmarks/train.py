@@ -53,6 +53,29 @@ class StepTimer(transformers.TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
+class StepProfiler(transformers.TrainerCallback):
+    """torch.profiler over one steady step (the third); rank 0 writes the kernel table to `path`."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.prof = path, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == 2:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.prof is not None:
+            torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                with open(self.path, "w") as f:
+                    f.write(self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+            self.prof = None
+
+
 def matmul_peak_tflops() -> float | None:
     """bf16 matrix-product rate of this GPU, measured now (the MFU denominator)."""
     if not CUDA:
@@ -74,7 +97,7 @@ def model_flops(config: transformers.PretrainedConfig, n_params: int, seq: int) 
     return seq * (6 * n_params + 6 * config.num_hidden_layers * config.hidden_size * seq)
 
 
-def run_one(shape: str, seq: int, mode: str, steps: int, world: int) -> dict:
+def run_one(shape: str, seq: int, mode: str, steps: int, world: int, profile_dir: str | None = None) -> dict:
     """Train `steps` steps on sequences of `seq` tokens; returns timings or the failure."""
     config = transformers.Qwen2Config(**SHAPES[shape], use_cache=False)
     torch.manual_seed(0)
@@ -97,7 +120,11 @@ def run_one(shape: str, seq: int, mode: str, steps: int, world: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     row: dict = dict(shape=shape, seq=seq, mode=mode if world > 1 else "single", world=world, params=n_params)
     try:
-        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[timer])
+        callbacks = [timer]
+        if profile_dir and CUDA:
+            os.makedirs(profile_dir, exist_ok=True)
+            callbacks.append(StepProfiler(f"{profile_dir}/{shape}_{mode}_S{seq}.txt"))
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
         trainer.train()
         steady = sorted(timer.times[1:] or timer.times)[len(timer.times[1:] or timer.times) // 2]
         row.update(step_s=round(steady, 3), tokens_per_s_per_gpu=round(seq / steady / world, 1),
@@ -148,6 +175,7 @@ def main() -> None:
     p.add_argument("--search-start", type=int, default=65536)
     p.add_argument("--search-limit", type=int, default=1 << 21)
     p.add_argument("--out", default=None)
+    p.add_argument("--profile", default=None, help="folder for a profiler table of one steady step per run")
     a = p.parse_args()
     from transformers_cp.mesh import init_distributed
 
@@ -158,7 +186,7 @@ def main() -> None:
     rows = []
     for mode in a.modes.split(","):
         for seq in map(int, a.seqs.split(",")):
-            row = run_one(a.shape, seq, mode, a.steps, world)
+            row = run_one(a.shape, seq, mode, a.steps, world, a.profile)
             if peak and "model_tflops_per_gpu" in row:
                 row["mfu"] = round(row["model_tflops_per_gpu"] / peak, 3)
             rows.append(row)
