@@ -131,7 +131,12 @@ def main() -> None:
     n_eval = max(1, int(len(docs) * script.eval_fraction))
     train, held_out = docs[n_eval:], docs[:n_eval]
 
-    trainer = transformers_cp.Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out)
+    # Packs each micro-batch into one row; under CP the Trainer shards that row (with --context_parallel_size 1 this
+    # is plain padding-free training).
+    collator = transformers.DataCollatorWithFlattening()
+    trainer = transformers_cp.Trainer(
+        model=model, args=args, data_collator=collator, train_dataset=train, eval_dataset=held_out
+    )
     if trainer.is_world_process_zero():
         mesh = trainer.cp_mesh
         layout = "off" if mesh is None else f"{mesh.config.mode}, {mesh.cp_size} CP x {mesh.dp_size} DP ranks"
