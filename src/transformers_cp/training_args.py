@@ -38,9 +38,12 @@ class TrainingArguments(transformers.TrainingArguments):
         default=None,
         metadata={"help": "For context_parallel_mode=hybrid: the Ulysses degree (the rest is the ring degree)."},
     )
-    context_parallel_heads_k_stride: int = field(
-        default=1,
-        metadata={"help": "For context_parallel_mode=llama3: key/value heads all-gathered at a time."},
+    context_parallel_heads_k_stride: int | None = field(
+        default=None,
+        metadata={
+            "help": "For context_parallel_mode=llama3: key/value heads all-gathered at a time (default: half of them, "
+            "so the second gather overlaps the first half's attention)."
+        },
     )
     context_parallel_backend: str = field(
         default="auto",
