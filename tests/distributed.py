@@ -57,12 +57,19 @@ def run_distributed(fn, world: int, *args, timeout: float = 300.0) -> None:
 
 
 def _wait(procs, errors, timeout: float) -> None:
+    """Join the processes; a failing rank's own traceback wins over the aborts it causes in its peers."""
     deadline = time.monotonic() + timeout
-    while not procs.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
-        if time.monotonic() > deadline:
-            for p in procs.processes:
-                p.kill()
-            raise TimeoutError(f"distributed test did not finish within {timeout:.0f}s (hang)")
+    try:
+        while not procs.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+            if time.monotonic() > deadline:
+                for p in procs.processes:
+                    p.kill()
+                raise TimeoutError(f"distributed test did not finish within {timeout:.0f}s (hang)")
+    except Exception as exc:
+        if not errors.empty():
+            rank, tb = errors.get()
+            raise AssertionError(f"rank {rank} failed:\n{tb}") from exc
+        raise
     if not errors.empty():
         rank, tb = errors.get()
         raise AssertionError(f"rank {rank} failed:\n{tb}")

@@ -88,3 +88,55 @@ def test_model_logits_and_grads_match(family, mode, ulysses_size):
 
 def test_model_hybrid_four_ranks():
     run_distributed(_worker, 4, "qwen2", "hybrid", 2)
+
+
+def _count_kernel_calls(monkeypatch_target):
+    """Wrap MathKernel.forward to count calls; returns (counter list, restore function)."""
+    from transformers_cp.kernels.math import MathKernel
+
+    calls = []
+    original = MathKernel.forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    MathKernel.forward = counting
+    return calls, lambda: setattr(MathKernel, "forward", original)
+
+
+def _checkpoint_worker(rank, world, family, mode, ulysses_size):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="sdpa")
+    model.config.use_cache = False
+    input_ids = torch.randint(0, 97, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    targets, position_ids = _targets(input_ids), _position_ids()
+    _loss(model(input_ids=input_ids, position_ids=position_ids).logits, targets).backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    mesh = build_mesh(ContextParallelConfig(size=world, mode=mode, ulysses_size=ulysses_size), "cpu")
+    apply_context_parallel(model, mesh.config, mesh=mesh)
+    shard = lambda t: mesh.layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
+    calls, restore = _count_kernel_calls(None)
+    try:
+        model.train()
+        _loss(model(input_ids=shard(input_ids), position_ids=shard(position_ids)).logits, shard(targets)).backward()
+        plain_calls = len(calls)
+        model.zero_grad()
+        calls.clear()
+        model.gradient_checkpointing_enable()
+        _loss(model(input_ids=shard(input_ids), position_ids=shard(position_ids)).logits, shard(targets)).backward()
+    finally:
+        restore()
+    # the recomputation under checkpointing reused the first forward's attention: no extra kernel calls
+    assert len(calls) == plain_calls, (len(calls), plain_calls)
+    assert not model._context_parallel_state.kept, "every kept attention result was taken by its recomputation"
+    for name, p in model.named_parameters():
+        dist.all_reduce(p.grad, group=mesh.cp_group)
+        assert_close(p.grad, ref_grads[name], 1e-5, f"{family} {mode} checkpointed grad {name}")
+
+
+@pytest.mark.parametrize("mode", ["zigzag", "llama3", "ulysses"])
+def test_gradient_checkpointing_reuses_attention(mode):
+    run_distributed(_checkpoint_worker, 2, "mistral", mode, None)

@@ -6,6 +6,7 @@ import torch
 
 from .algorithms.llama3 import Llama3Attention
 from .algorithms.local import LocalAttention
+from .algorithms.reuse import ForwardReuse
 from .algorithms.ring import RingAttention
 from .algorithms.ulysses import gather_heads, scatter_heads
 from .kernels import select_kernel
@@ -37,11 +38,13 @@ def context_parallel_attention(
     docs: Documents,
     scale: float,
     sliding_window: int | None = None,
+    reuse: ForwardReuse | None = None,
 ) -> torch.Tensor:
     """Causal attention of this rank's shard of a packed row against the whole row.
 
     q: (L, Hq, D), k and v: (L, Hk, D), L = row length / CP size, in the layout of `mesh`; `docs` holds the row's
-    global document boundaries. Returns (L, Hq, D).
+    global document boundaries. Returns (L, Hq, D). With `reuse`, a recomputation under activation checkpointing
+    takes the first forward's result instead of computing it again (see `algorithms.reuse`).
     """
     config, layout = mesh.config, mesh.layout
     kernel = select_kernel(config.backend, q)
@@ -49,7 +52,7 @@ def context_parallel_attention(
     if layout.ulysses > 1:
         q, k, v = scatter_heads(q, k, v, mesh.ulysses_group, layout.chunks_per_rank)
     if layout.ring == 1:
-        out = LocalAttention.apply(q, k, v, local_segments(docs, left), kernel, scale)
+        out = LocalAttention.apply(q, k, v, local_segments(docs, left), kernel, scale, reuse)
     elif config.mode == "llama3":
         stride = config.kv_stride(k.shape[1])
         if k.shape[1] % stride:
@@ -59,10 +62,10 @@ def context_parallel_attention(
             )
         order = docs.cached(("order", layout), lambda: _gather_order(mesh, docs.seq_len, q.device))
         blocks = gathered_plan(docs, layout, mesh.ring_rank, left)
-        out = Llama3Attention.apply(q, k, v, blocks, order, mesh.ring_group, kernel, scale, stride)
+        out = Llama3Attention.apply(q, k, v, blocks, order, mesh.ring_group, kernel, scale, stride, reuse)
     else:
         steps = ring_plan(docs, layout, mesh.ring_rank, left)
-        out = RingAttention.apply(q, k, v, steps, mesh.ring_group, kernel, scale)
+        out = RingAttention.apply(q, k, v, steps, mesh.ring_group, kernel, scale, reuse)
     if layout.ulysses > 1:
         out = gather_heads(out, mesh.ulysses_group, layout.chunks_per_rank)
     return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from .algorithms.reuse import ForwardReuse
 from .attention import context_parallel_attention
 from .config import ContextParallelConfig
 from .mesh import ContextParallelMesh, build_mesh, init_distributed
@@ -28,6 +29,8 @@ class ContextParallelState:
     requested: ContextParallelConfig
     original_attention: str
     hooks: list = field(default_factory=list)
+    checkpointing: bool = False  # set per forward: training with activation checkpointing
+    kept: dict = field(default_factory=dict)  # attention results kept for the recomputation, per attention module
 
 
 def _state(module: torch.nn.Module) -> ContextParallelState:
@@ -67,6 +70,7 @@ def context_parallel_flash_attention_forward(
     *,
     cp_mesh: ContextParallelMesh,
     cp_documents: Documents | None = None,
+    cp_reuse: ForwardReuse | None = None,
     s_aux: torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor:
@@ -109,7 +113,7 @@ def context_parallel_flash_attention_forward(
         )
     scale = softmax_scale if softmax_scale is not None else query_states.shape[-1] ** -0.5
     out = context_parallel_attention(
-        query_states[0], key_states[0], value_states[0], cp_mesh, cp_documents, scale, sliding_window
+        query_states[0], key_states[0], value_states[0], cp_mesh, cp_documents, scale, sliding_window, cp_reuse
     )
     return out.unsqueeze(0)
 
@@ -129,6 +133,7 @@ def context_parallel_attention_forward(
     """transformers `AttentionInterface` adapter: (B, H, L, D) in, (B, L, H, D) out, as the other backends."""
     if kwargs.get("output_attentions"):
         raise _unsupported("output_attentions=True", "attention weights are never materialised under CP.")
+    state = _state(module)
     out = context_parallel_flash_attention_forward(
         query.transpose(1, 2),
         key.transpose(1, 2),
@@ -139,7 +144,8 @@ def context_parallel_attention_forward(
         dropout=dropout,
         softmax_scale=scaling,
         sliding_window=sliding_window,
-        cp_mesh=_state(module).mesh,
+        cp_mesh=state.mesh,
+        cp_reuse=ForwardReuse(state.kept, module) if state.checkpointing else None,
         **kwargs,
     )
     return out, None
@@ -175,8 +181,14 @@ def documents_from_position_ids(position_ids: torch.Tensor, mesh: ContextParalle
     return Documents(bounds, full.numel())
 
 
-def _pre_forward_hook(mesh: ContextParallelMesh):
+def _pre_forward_hook(state: ContextParallelState):
+    mesh = state.mesh
+
     def hook(module, args, kwargs):
+        state.checkpointing = module.training and any(
+            getattr(m, "gradient_checkpointing", False) for m in module.modules()
+        )
+        state.kept.clear()  # a new forward: whatever the last one kept is stale
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         inputs = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if inputs is None:
@@ -259,7 +271,7 @@ def apply_context_parallel(
     for module in model.modules():
         setattr(module, _STATE_ATTR, state)
     model.set_attn_implementation(ATTENTION_NAME)
-    state.hooks.append(model.register_forward_pre_hook(_pre_forward_hook(mesh), with_kwargs=True))
+    state.hooks.append(model.register_forward_pre_hook(_pre_forward_hook(state), with_kwargs=True))
     return model
 
 

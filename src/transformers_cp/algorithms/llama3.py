@@ -13,6 +13,7 @@ from ..comm import all_gather, reduce_scatter
 from ..kernels import AttentionKernel
 from ..plan import Block
 from .merge import Accumulator
+from .reuse import ForwardReuse, forward_once
 
 
 def _heads(stride_index: int, kv_stride: int, group_size: int) -> tuple[slice, slice]:
@@ -37,27 +38,47 @@ def _gather(kv: torch.Tensor, group, order: torch.Tensor | None):
     return finish
 
 
+def _llama3_forward(q, k, v, blocks: list[Block], order, group, kernel: AttentionKernel, scale, kv_stride: int):
+    """(out, lse) of the local queries against the all-gathered KV, one stride of KV heads at a time."""
+    g = q.shape[1] // k.shape[1]
+    n_strides = k.shape[1] // kv_stride
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    kv = torch.stack([k, v])
+    pending = _gather(kv[:, :, _heads(0, kv_stride, g)[1]], group, order)
+    for i in range(n_strides):
+        full = pending()
+        if i + 1 < n_strides:
+            pending = _gather(kv[:, :, _heads(i + 1, kv_stride, g)[1]], group, order)
+        qh, _ = _heads(i, kv_stride, g)
+        qs = q[:, qh]
+        acc = Accumulator(qs)
+        for b in blocks:
+            o, block_lse = kernel.forward(qs[_sl(b.q)], full[0, _sl(b.k)], full[1, _sl(b.k)], b.seg, scale)
+            acc.add(b.q, o, block_lse)
+        out[:, qh] = acc.out.to(q.dtype)
+        lse[qh] = acc.lse
+    return out, lse
+
+
 class Llama3Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, blocks: list[Block], order, group, kernel: AttentionKernel, scale, kv_stride: int):
-        g = q.shape[1] // k.shape[1]
-        n_strides = k.shape[1] // kv_stride
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
-        kv = torch.stack([k, v])
-        pending = _gather(kv[:, :, _heads(0, kv_stride, g)[1]], group, order)
-        for i in range(n_strides):
-            full = pending()
-            if i + 1 < n_strides:
-                pending = _gather(kv[:, :, _heads(i + 1, kv_stride, g)[1]], group, order)
-            qh, _ = _heads(i, kv_stride, g)
-            qs = q[:, qh]
-            acc = Accumulator(qs)
-            for b in blocks:
-                o, block_lse = kernel.forward(qs[_sl(b.q)], full[0, _sl(b.k)], full[1, _sl(b.k)], b.seg, scale)
-                acc.add(b.q, o, block_lse)
-            out[:, qh] = acc.out.to(q.dtype)
-            lse[qh] = acc.lse
+    def forward(
+        ctx,
+        q,
+        k,
+        v,
+        blocks: list[Block],
+        order,
+        group,
+        kernel: AttentionKernel,
+        scale,
+        kv_stride: int,
+        reuse: ForwardReuse | None = None,
+    ):
+        out, lse = forward_once(
+            reuse, lambda: _llama3_forward(q, k, v, blocks, order, group, kernel, scale, kv_stride)
+        )
         ctx.save_for_backward(q, k, v, out, lse, order)
         ctx.blocks, ctx.group, ctx.kernel, ctx.scale, ctx.kv_stride = blocks, group, kernel, scale, kv_stride
         return out
@@ -104,4 +125,4 @@ class Llama3Attention(torch.autograd.Function):
             work.wait()
             dk[:, kh] = mine[0].to(dk.dtype)
             dv[:, kh] = mine[1].to(dv.dtype)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None

@@ -5,13 +5,17 @@ from __future__ import annotations
 import torch
 
 from ..kernels import AttentionKernel, Segments
+from .reuse import ForwardReuse, forward_once
 
 
 class LocalAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, seg: Segments, kernel: AttentionKernel, scale: float):
-        out, lse = kernel.forward(q, k, v, seg, scale)
-        out = out.to(q.dtype)
+    def forward(ctx, q, k, v, seg: Segments, kernel: AttentionKernel, scale: float, reuse: ForwardReuse | None = None):
+        def compute():
+            out, lse = kernel.forward(q, k, v, seg, scale)
+            return out.to(q.dtype), lse
+
+        out, lse = forward_once(reuse, compute)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.seg, ctx.kernel, ctx.scale = seg, kernel, scale
         return out
@@ -20,4 +24,4 @@ class LocalAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ctx.kernel.backward(dout, q, k, v, out, lse, ctx.seg, ctx.scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None

@@ -13,28 +13,44 @@ from ..comm import RingComm
 from ..kernels import AttentionKernel
 from ..plan import Block
 from .merge import Accumulator
+from .reuse import ForwardReuse, forward_once
 
 
 def _sl(rows: tuple[int, int]) -> slice:
     return slice(rows[0], rows[1])
 
 
+def _ring_forward(q, k, v, steps: list[list[Block]], group: dist.ProcessGroup, kernel: AttentionKernel, scale):
+    """(out, lse) of the local queries over every KV block of the ring."""
+    comm = RingComm(group)
+    kv = torch.stack([k, v])
+    acc = Accumulator(q)
+    for s, blocks in enumerate(steps):
+        nxt = comm.start(kv) if s + 1 < len(steps) else None
+        for b in blocks:
+            out, lse = kernel.forward(q[_sl(b.q)], kv[0, _sl(b.k)], kv[1, _sl(b.k)], b.seg, scale)
+            acc.add(b.q, out, lse)
+        if nxt is not None:
+            comm.wait()
+            kv = nxt
+    return acc.out.to(q.dtype), acc.lse
+
+
 class RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, steps: list[list[Block]], group: dist.ProcessGroup, kernel: AttentionKernel, scale):
-        comm = RingComm(group)
-        kv = torch.stack([k, v])
-        acc = Accumulator(q)
-        for s, blocks in enumerate(steps):
-            nxt = comm.start(kv) if s + 1 < len(steps) else None
-            for b in blocks:
-                out, lse = kernel.forward(q[_sl(b.q)], kv[0, _sl(b.k)], kv[1, _sl(b.k)], b.seg, scale)
-                acc.add(b.q, out, lse)
-            if nxt is not None:
-                comm.wait()
-                kv = nxt
-        out = acc.out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, acc.lse)
+    def forward(
+        ctx,
+        q,
+        k,
+        v,
+        steps: list[list[Block]],
+        group,
+        kernel: AttentionKernel,
+        scale,
+        reuse: ForwardReuse | None = None,
+    ):
+        out, lse = forward_once(reuse, lambda: _ring_forward(q, k, v, steps, group, kernel, scale))
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.steps, ctx.group, ctx.kernel, ctx.scale = steps, group, kernel, scale
         return out
 
@@ -67,4 +83,4 @@ class RingAttention(torch.autograd.Function):
                 kv_comm.wait()
                 kv = nxt
         grad_comm.wait()
-        return dq.to(q.dtype), incoming[0].to(k.dtype), incoming[1].to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), incoming[0].to(k.dtype), incoming[1].to(v.dtype), None, None, None, None, None
