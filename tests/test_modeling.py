@@ -8,6 +8,7 @@ import torch.distributed as dist
 import transformers
 from distributed import run_distributed
 from reference import assert_close
+from trainer_cases import VOCAB, tiny_config
 
 from transformers_cp import ContextParallelConfig
 from transformers_cp.mesh import build_mesh
@@ -15,25 +16,6 @@ from transformers_cp.modeling import ATTENTION_NAME, apply_context_parallel, rem
 
 SEQ = 48
 DOC_LENGTHS = [5, 1, 22, 11, 9]
-
-
-def tiny_config(family: str) -> transformers.PretrainedConfig:
-    common = dict(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        attention_dropout=0.0,
-    )
-    if family == "llama":
-        return transformers.LlamaConfig(num_key_value_heads=4, **common)
-    if family == "qwen2":
-        return transformers.Qwen2Config(num_key_value_heads=1, **common)
-    if family == "mistral":
-        return transformers.MistralConfig(num_key_value_heads=2, sliding_window=6, **common)
-    raise ValueError(family)
 
 
 def _position_ids() -> torch.Tensor:
@@ -53,29 +35,40 @@ def _targets(input_ids: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _worker(rank, world, family, mode, ulysses_size):
+def _reference_and_cp_model(world, family, mode, ulysses_size):
+    """A tiny model, its logits and parameter gradients on the full packed row without CP, and the same model with
+    CP applied (gradients zeroed), plus the inputs and this rank's sharding function."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="sdpa")
     model.config.use_cache = False
-    input_ids = torch.randint(0, 97, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    input_ids = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(1))
     targets, position_ids = _targets(input_ids), _position_ids()
-
     ref_logits = model(input_ids=input_ids, position_ids=position_ids).logits
     _loss(ref_logits, targets).backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-
     mesh = build_mesh(ContextParallelConfig(size=world, mode=mode, ulysses_size=ulysses_size), "cpu")
     apply_context_parallel(model, mesh.config, mesh=mesh)
-    assert model.config._attn_implementation == ATTENTION_NAME
     shard = lambda t: mesh.layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
-    logits = model(input_ids=shard(input_ids), position_ids=shard(position_ids)).logits
-    assert_close(logits, shard(ref_logits.detach()), 1e-5, f"{family} {mode} logits")
-    _loss(logits, shard(targets)).backward()
+    inputs = dict(input_ids=shard(input_ids), position_ids=shard(position_ids))
+    return model, mesh, shard, inputs, shard(targets), ref_logits.detach(), ref_grads
+
+
+def _assert_grads(model, mesh, ref_grads, what: str) -> None:
     for name, p in model.named_parameters():
         dist.all_reduce(p.grad, group=mesh.cp_group)
-        assert_close(p.grad, ref_grads[name], 1e-5, f"{family} {mode} grad {name}")
+        assert_close(p.grad, ref_grads[name], 1e-5, f"{what} grad {name}")
 
+
+def _worker(rank, world, family, mode, ulysses_size):
+    model, mesh, shard, inputs, targets, ref_logits, ref_grads = _reference_and_cp_model(
+        world, family, mode, ulysses_size
+    )
+    assert model.config._attn_implementation == ATTENTION_NAME
+    logits = model(**inputs).logits
+    assert_close(logits, shard(ref_logits), 1e-5, f"{family} {mode} logits")
+    _loss(logits, targets).backward()
+    _assert_grads(model, mesh, ref_grads, f"{family} {mode}")
     remove_context_parallel(model)
     assert model.config._attn_implementation == "sdpa"
 
@@ -90,7 +83,7 @@ def test_model_hybrid_four_ranks():
     run_distributed(_worker, 4, "qwen2", "hybrid", 2)
 
 
-def _count_kernel_calls(monkeypatch_target):
+def _count_kernel_calls():
     """Wrap MathKernel.forward to count calls; returns (counter list, restore function)."""
     from transformers_cp.kernels.math import MathKernel
 
@@ -106,35 +99,22 @@ def _count_kernel_calls(monkeypatch_target):
 
 
 def _checkpoint_worker(rank, world, family, mode, ulysses_size):
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="sdpa")
-    model.config.use_cache = False
-    input_ids = torch.randint(0, 97, (1, SEQ), generator=torch.Generator().manual_seed(1))
-    targets, position_ids = _targets(input_ids), _position_ids()
-    _loss(model(input_ids=input_ids, position_ids=position_ids).logits, targets).backward()
-    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-
-    mesh = build_mesh(ContextParallelConfig(size=world, mode=mode, ulysses_size=ulysses_size), "cpu")
-    apply_context_parallel(model, mesh.config, mesh=mesh)
-    shard = lambda t: mesh.layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
-    calls, restore = _count_kernel_calls(None)
+    model, mesh, _, inputs, targets, _, ref_grads = _reference_and_cp_model(world, family, mode, ulysses_size)
+    calls, restore = _count_kernel_calls()
     try:
         model.train()
-        _loss(model(input_ids=shard(input_ids), position_ids=shard(position_ids)).logits, shard(targets)).backward()
+        _loss(model(**inputs).logits, targets).backward()
         plain_calls = len(calls)
         model.zero_grad()
         calls.clear()
         model.gradient_checkpointing_enable()
-        _loss(model(input_ids=shard(input_ids), position_ids=shard(position_ids)).logits, shard(targets)).backward()
+        _loss(model(**inputs).logits, targets).backward()
     finally:
         restore()
     # the recomputation under checkpointing reused the first forward's attention: no extra kernel calls
     assert len(calls) == plain_calls, (len(calls), plain_calls)
     assert not model._context_parallel_state.kept, "every kept attention result was taken by its recomputation"
-    for name, p in model.named_parameters():
-        dist.all_reduce(p.grad, group=mesh.cp_group)
-        assert_close(p.grad, ref_grads[name], 1e-5, f"{family} {mode} checkpointed grad {name}")
+    _assert_grads(model, mesh, ref_grads, f"{family} {mode} checkpointed")
 
 
 @pytest.mark.parametrize("mode", ["zigzag", "llama3", "ulysses"])
