@@ -146,8 +146,8 @@ def run_one(shape: str, seq: int, mode: str, steps: int, world: int, profile_dir
     return row
 
 
-def longest(shape: str, mode: str, start: int, world: int, limit: int) -> dict:
-    """Double the length until a step fails, then bisect to a multiple of 8k: the longest that trains."""
+def longest(shape: str, mode: str, start: int, world: int, limit: int, step: int = 8192) -> dict:
+    """Double the length until a step fails, then bisect to a multiple of `step`: the longest that trains."""
     ok, bad, tried = 0, None, []
     seq = start
     while bad is None and seq <= limit:
@@ -157,8 +157,8 @@ def longest(shape: str, mode: str, start: int, world: int, limit: int) -> dict:
             bad = seq
         else:
             ok, seq = seq, seq * 2
-    while bad is not None and bad - ok > 8192:
-        mid = (ok + bad) // 2 // 8192 * 8192
+    while bad is not None and bad - ok > step:
+        mid = (ok + bad) // 2 // step * step
         r = run_one(shape, mid, mode, 1, world)
         tried.append(r)
         ok, bad = (mid, bad) if "error" not in r else (ok, mid)
@@ -174,6 +174,7 @@ def main() -> None:
     p.add_argument("--search", action="store_true", help="also search the longest trainable sequence per mode")
     p.add_argument("--search-start", type=int, default=65536)
     p.add_argument("--search-limit", type=int, default=1 << 21)
+    p.add_argument("--search-step", type=int, default=8192, help="resolution of the bisection")
     p.add_argument("--out", default=None)
     p.add_argument("--profile", default=None, help="folder for a profiler table of one steady step per run")
     a = p.parse_args()
@@ -185,7 +186,7 @@ def main() -> None:
     peak = matmul_peak_tflops()
     rows = []
     for mode in a.modes.split(","):
-        for seq in map(int, a.seqs.split(",")):
+        for seq in map(int, a.seqs.split(",")) if a.seqs else []:
             row = run_one(a.shape, seq, mode, a.steps, world, a.profile)
             if peak and "model_tflops_per_gpu" in row:
                 row["mfu"] = round(row["model_tflops_per_gpu"] / peak, 3)
@@ -193,7 +194,7 @@ def main() -> None:
             if rank == 0:
                 print(json.dumps(row), flush=True)
         if a.search:
-            found = longest(a.shape, mode, a.search_start, world, a.search_limit)
+            found = longest(a.shape, mode, a.search_start, world, a.search_limit, a.search_step)
             rows.append(found)
             if rank == 0:
                 print(json.dumps({k: v for k, v in found.items() if k != "tried"}), flush=True)
