@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from .algorithms.reuse import ForwardReuse
 from .attention import context_parallel_attention
 from .config import ContextParallelConfig
 from .mesh import ContextParallelMesh, build_mesh, init_distributed
 from .plan import Documents
+from .sharding import document_bounds, gather_sequence
 
 ATTENTION_NAME = "context_parallel"
 _STATE_ATTR = "_context_parallel_state"
@@ -169,16 +169,8 @@ def _register() -> None:
 
 def documents_from_position_ids(position_ids: torch.Tensor, mesh: ContextParallelMesh) -> Documents:
     """Global document boundaries from this rank's shard of global position_ids (one all-gather per forward)."""
-    local = position_ids.reshape(-1)
-    if mesh.cp_group is not None:
-        shards = [torch.empty_like(local) for _ in range(mesh.cp_size)]
-        dist.all_gather(shards, local.contiguous(), group=mesh.cp_group)
-        full = mesh.layout.unshard(shards, dim=0)
-    else:
-        full = local
-    starts = (full[1:] != full[:-1] + 1).nonzero().flatten() + 1
-    bounds = [0, *starts.tolist(), full.numel()]
-    return Documents(bounds, full.numel())
+    full = gather_sequence(position_ids.reshape(1, -1), mesh, dim=1)
+    return Documents(document_bounds(full), full.shape[1])
 
 
 def _pre_forward_hook(state: ContextParallelState):

@@ -20,6 +20,8 @@ from .mesh import ContextParallelMesh
 
 _DROPPED_KEYS = ("cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx", "attention_mask")
 """Keys of flattening collators that `cu_seq_lens_q` replaces (an all-ones mask says nothing for a packed row)."""
+_SEQUENCE_KEYS = ("input_ids", "position_ids", "labels", "shift_labels")
+"""Per-token inputs that are sharded along the row."""
 
 
 def document_bounds(position_ids: torch.Tensor) -> list[int]:
@@ -77,13 +79,7 @@ def pack_row(batch: Mapping[str, torch.Tensor], multiple: int, pad_token_id: int
             isinstance(value, torch.Tensor)
             and value.dim() >= 2
             and value.shape[1] == length
-            and key
-            not in (
-                "input_ids",
-                "position_ids",
-                "labels",
-                "shift_labels",
-            )
+            and key not in _SEQUENCE_KEYS
         ):
             raise ValueError(
                 f"cannot shard the per-token input {key!r}; pass only input_ids, position_ids and labels."
@@ -96,9 +92,6 @@ def pack_row(batch: Mapping[str, torch.Tensor], multiple: int, pad_token_id: int
         cu_seq_lens_q=torch.tensor(bounds, dtype=torch.int32),
     )
     return out
-
-
-_SEQUENCE_KEYS = ("input_ids", "position_ids", "labels", "shift_labels")
 
 
 def shard_row(row: Mapping[str, torch.Tensor], layout: Layout, cp_rank: int) -> dict[str, torch.Tensor]:
