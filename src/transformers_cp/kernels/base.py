@@ -25,7 +25,6 @@ class Segments:
     cu_k: tuple[int, ...]
     causal: bool
     window_left: int | None = None
-    device: torch.device | None = None
 
     @property
     def max_q(self) -> int:
