@@ -23,6 +23,14 @@ class Block:
     k: tuple[int, int]  # rows of the KV buffer [a, b)
     seg: Segments
 
+    @property
+    def rows(self) -> slice:
+        return slice(*self.q)
+
+    @property
+    def keys(self) -> slice:
+        return slice(*self.k)
+
 
 class Documents:
     """Document boundaries of one packed row (global positions), with the plans derived from them."""

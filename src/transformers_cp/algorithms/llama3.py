@@ -22,10 +22,6 @@ def _heads(stride_index: int, kv_stride: int, group_size: int) -> tuple[slice, s
     return slice(k0 * group_size, (k0 + kv_stride) * group_size), slice(k0, k0 + kv_stride)
 
 
-def _sl(rows: tuple[int, int]) -> slice:
-    return slice(rows[0], rows[1])
-
-
 def _gather(kv: torch.Tensor, group, order: torch.Tensor | None):
     """Start gathering this rank's (2, L, h, D) KV stride; returns a function giving (2, S, h, D) in global order."""
     gathered, work = all_gather(kv, group, async_op=True)
@@ -53,9 +49,7 @@ def _llama3_forward(q, k, v, blocks: list[Block], order, group, kernel: Attentio
         qh, _ = _heads(i, kv_stride, g)
         qs = q[:, qh]
         acc = Accumulator(qs)
-        for b in blocks:
-            o, block_lse = kernel.forward(qs[_sl(b.q)], full[0, _sl(b.k)], full[1, _sl(b.k)], b.seg, scale)
-            acc.add(b.q, o, block_lse)
+        acc.attend(qs, full[0], full[1], blocks, kernel, scale)
         out[:, qh] = acc.out.to(q.dtype)
         lse[qh] = acc.lse
     return out, lse
@@ -102,7 +96,7 @@ class Llama3Attention(torch.autograd.Function):
             dq_acc = torch.zeros(q[:, qh].shape, dtype=torch.float32, device=q.device)
             dfull = torch.zeros(full.shape, dtype=torch.float32, device=q.device)
             for b in ctx.blocks:
-                rows, keys = _sl(b.q), _sl(b.k)
+                rows, keys = b.rows, b.keys
                 dq_b, dk_b, dv_b = ctx.kernel.backward(
                     dout[rows, qh],
                     q[rows, qh],

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels import AttentionKernel
+from ..plan import Block
+
 
 class Accumulator:
     """Running (out, lse) of local queries over the KV blocks seen so far."""
@@ -21,3 +24,9 @@ class Accumulator:
         w_new = torch.exp(lse - new_lse).T.unsqueeze(-1)
         acc_out.mul_(w_acc).add_(out.float() * w_new)
         acc_lse.copy_(new_lse)
+
+    def attend(self, q, k, v, blocks: list[Block], kernel: AttentionKernel, scale: float) -> None:
+        """Fold in every block of the local queries `q` against the KV buffers `k`, `v`."""
+        for b in blocks:
+            out, lse = kernel.forward(q[b.rows], k[b.keys], v[b.keys], b.seg, scale)
+            self.add(b.q, out, lse)

@@ -16,10 +16,6 @@ from .merge import Accumulator
 from .reuse import ForwardReuse, forward_once
 
 
-def _sl(rows: tuple[int, int]) -> slice:
-    return slice(rows[0], rows[1])
-
-
 def _ring_forward(q, k, v, steps: list[list[Block]], group: dist.ProcessGroup, kernel: AttentionKernel, scale):
     """(out, lse) of the local queries over every KV block of the ring."""
     comm = RingComm(group)
@@ -27,9 +23,7 @@ def _ring_forward(q, k, v, steps: list[list[Block]], group: dist.ProcessGroup, k
     acc = Accumulator(q)
     for s, blocks in enumerate(steps):
         nxt = comm.start(kv) if s + 1 < len(steps) else None
-        for b in blocks:
-            out, lse = kernel.forward(q[_sl(b.q)], kv[0, _sl(b.k)], kv[1, _sl(b.k)], b.seg, scale)
-            acc.add(b.q, out, lse)
+        acc.attend(q, kv[0], kv[1], blocks, kernel, scale)
         if nxt is not None:
             comm.wait()
             kv = nxt
@@ -66,18 +60,18 @@ class RingAttention(torch.autograd.Function):
             nxt = kv_comm.start(kv) if s + 1 < len(ctx.steps) else None
             grads = []
             for b in blocks:
-                qs = _sl(b.q)
+                qs = b.rows
                 dq_b, dk_b, dv_b = ctx.kernel.backward(
-                    dout[qs], q[qs], kv[0, _sl(b.k)], kv[1, _sl(b.k)], out[qs], lse[:, qs], b.seg, ctx.scale
+                    dout[qs], q[qs], kv[0, b.keys], kv[1, b.keys], out[qs], lse[:, qs], b.seg, ctx.scale
                 )
                 dq[qs] += dq_b
-                grads.append((b.k, dk_b, dv_b))
+                grads.append((b.keys, dk_b, dv_b))
             if incoming is not None:  # the dK/dV of the block we hold, accumulated by the ranks before us
                 grad_comm.wait()
                 dkv = incoming
-            for rows, dk_b, dv_b in grads:
-                dkv[0, _sl(rows)] += dk_b
-                dkv[1, _sl(rows)] += dv_b
+            for keys, dk_b, dv_b in grads:
+                dkv[0, keys] += dk_b
+                dkv[1, keys] += dv_b
             incoming = grad_comm.start(dkv)
             if nxt is not None:
                 kv_comm.wait()
