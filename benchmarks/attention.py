@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from transformers_cp.algorithms import ulysses
 from transformers_cp.attention import context_parallel_attention
 from transformers_cp.config import ContextParallelConfig
 from transformers_cp.kernels import Segments, select_kernel
@@ -139,6 +140,8 @@ def profile(fn, path: str) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".txt", "w") as f:
             f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+            f.write("\n\nHost side (3 runs):\n")
+            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
 def print_table(results: list[dict], modes: list[str]) -> None:
@@ -178,10 +181,13 @@ def bench_shape(a, device, meshes: dict, native_mesh, seq: int, hq: int, hk: int
         if seq <= 32768:
             truth = fp32_truth(q, k, v, dout, docs, scale)
             row["single_err_vs_fp32"] = {n: rel(x, t) for n, x, t in zip(GRADS, ref, truth)}
+    default_stages = ulysses.MAX_STAGES
     for m, mesh in meshes.items():
         local = [mesh.layout.shard(t, mesh.cp_rank, dim=0) for t in (q, k, v, dout)]
+        stages = int(m.split("/s")[1]) if "/s" in m else default_stages
 
-        def attn(qq, kk, vv, mesh=mesh):
+        def attn(qq, kk, vv, mesh=mesh, stages=stages):
+            ulysses.MAX_STAGES = stages
             return context_parallel_attention(qq, kk, vv, mesh, docs, scale)
 
         entry = {"ms": timed(lambda attn=attn, local=local: fwd_bwd(attn, *local), a.iters)}
@@ -233,8 +239,9 @@ def main() -> None:
     modes = a.modes.split(",")
     meshes = {}
     for m in modes:
+        mode = m.split("/")[0]  # "ulysses/s4": Ulysses with at most 4 pipeline stages (A/B runs)
         cfg = ContextParallelConfig(
-            size=world, mode=m, ulysses_size=(2 if world % 2 == 0 else 1) if m == "hybrid" else None
+            size=world, mode=mode, ulysses_size=(2 if world % 2 == 0 else 1) if mode == "hybrid" else None
         )
         meshes[m] = build_mesh(cfg)
     native_mesh = None

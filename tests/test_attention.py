@@ -22,9 +22,8 @@ RTOL = 1e-5
 
 
 def _heads(kind: str, world: int) -> tuple[int, int]:
-    return (
-        (2 * world, 2 * world) if kind == "mha" else (2 * world, max(1, world // 2))
-    )  # GQA: fewer KV heads than ranks
+    """MHA; GQA with fewer KV heads than ranks; and an odd number of query heads per rank (one Ulysses stage)."""
+    return {"mha": (2 * world, 2 * world), "gqa": (2 * world, max(1, world // 2)), "odd": (3 * world, world)}[kind]
 
 
 def _inputs(seed: int, hq: int, hk: int, dtype=torch.float32):
@@ -63,7 +62,8 @@ def _check_case(mesh, hq, hk, lengths, window, seed, dtype, rtol):
 def _worker(rank, world, mode, ulysses_size, cp_size, dtype, rtol):
     config = ContextParallelConfig(size=cp_size, mode=mode, ulysses_size=ulysses_size)
     mesh = build_mesh(config, "cpu")
-    for heads, (_doc_name, lengths), window in itertools.product(("mha", "gqa"), DOCS.items(), WINDOWS):
+    kinds = ("mha", "gqa", "odd") if mode in ("ulysses", "hybrid") else ("mha", "gqa")
+    for heads, (_doc_name, lengths), window in itertools.product(kinds, DOCS.items(), WINDOWS):
         hq, hk = _heads(heads, cp_size)
         _check_case(mesh, hq, hk, lengths, window, seed=17 + mesh.dp_rank, dtype=dtype, rtol=rtol)
 

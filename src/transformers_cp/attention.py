@@ -8,7 +8,7 @@ from .algorithms.llama3 import Llama3Attention
 from .algorithms.local import LocalAttention
 from .algorithms.reuse import ForwardReuse
 from .algorithms.ring import RingAttention
-from .algorithms.ulysses import gather_heads, scatter_heads
+from .algorithms.ulysses import UlyssesAttention, gather_heads, scatter_heads
 from .kernels import select_kernel
 from .mesh import ContextParallelMesh
 from .plan import Documents, gathered_plan, local_segments, ring_plan
@@ -49,6 +49,8 @@ def context_parallel_attention(
     config, layout = mesh.config, mesh.layout
     kernel = select_kernel(config.backend, q)
     left = window_left(sliding_window, docs.seq_len)
+    if layout.ring == 1 and layout.ulysses > 1 and layout.chunks_per_rank == 1:
+        return UlyssesAttention.apply(q, k, v, local_segments(docs, left), mesh.ulysses_group, kernel, scale, reuse)
     if layout.ulysses > 1:
         q, k, v = scatter_heads(q, k, v, mesh.ulysses_group, layout.chunks_per_rank)
     if layout.ring == 1:

@@ -55,11 +55,22 @@ def reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = F
     return (out, work) if async_op else out
 
 
+class Exchange:
+    """An all-to-all over the leading (one slice per rank) dimension, in flight until `wait`: on NCCL it runs on the
+    communication stream, so the caller can launch compute meanwhile."""
+
+    def __init__(self, send: torch.Tensor, group: dist.ProcessGroup) -> None:
+        send = send.contiguous()
+        self.recv = torch.empty_like(send)
+        self.work = dist.all_to_all_single(self.recv, send, group=group, async_op=True)
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        return self.recv
+
+
 def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    dist.all_to_all_single(out, x, group=group)
-    return out
+    return Exchange(x, group).wait()
 
 
 class AllToAll(torch.autograd.Function):

@@ -17,17 +17,18 @@ def in_backward() -> bool:
 
 
 class ForwardReuse:
-    """The (out, lse) of one attention call site, kept by the first forward and taken by its recomputation."""
+    """What one attention call site's first forward computed (its (out, lse), or per-part pairs), taken by its
+    recomputation. Values come from inside `autograd.Function.forward`, so they carry no graph."""
 
     def __init__(self, store: dict, key: object) -> None:
         self.store, self.key = store, key
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def take(self):
         return self.store.pop(self.key, None) if in_backward() else None
 
-    def keep(self, out: torch.Tensor, lse: torch.Tensor) -> None:
+    def keep(self, value) -> None:
         if not in_backward():
-            self.store[self.key] = (out.detach(), lse)
+            self.store[self.key] = value
 
 
 def forward_once(reuse: ForwardReuse | None, compute) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,5 +38,5 @@ def forward_once(reuse: ForwardReuse | None, compute) -> tuple[torch.Tensor, tor
         return kept
     out, lse = compute()
     if reuse is not None:
-        reuse.keep(out, lse)
+        reuse.keep((out, lse))
     return out, lse

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..comm import AllToAll
+from ..comm import AllToAll, Exchange
+from .reuse import ForwardReuse
 
 
 def check_heads(num_heads: int, degree: int) -> None:
@@ -35,6 +36,16 @@ def kv_heads_for_rank(num_q: int, num_kv: int, degree: int, rank: int) -> list[i
     return needed if aligned else [h // (num_q // num_kv) for h in q_heads]
 
 
+def head_plan(num_q: int, num_kv: int, parts: int) -> list[list[int]]:
+    """KV heads that each of `parts` equal blocks of query heads uses (the same count for every block)."""
+    plan = [kv_heads_for_rank(num_q, num_kv, parts, r) for r in range(parts)]
+    if any(len(p) != len(plan[0]) for p in plan):
+        plan = [
+            [h // (num_q // num_kv) for h in range(r * num_q // parts, (r + 1) * num_q // parts)] for r in range(parts)
+        ]
+    return plan
+
+
 def _reorder(recv: torch.Tensor, chunks: int) -> torch.Tensor:
     """(U, L, h, D) rank-major rows -> (U·L, h, D) chunk-major, so that whole chunks come out contiguous."""
     degree, length = recv.shape[:2]
@@ -45,14 +56,13 @@ def scatter_heads(q, k, v, group: dist.ProcessGroup, chunks: int):
     """Sequence shards (L, H, D) -> this rank's heads of the whole sequence (U·L, h, D), for q, k and v at once.
 
     One all-to-all carries all three: each rank's send buffer holds, per destination, its query heads followed by
-    the KV heads they use. Autograd runs the reverse all-to-all in backward and sums replicated KV heads.
+    the KV heads they use. Autograd runs the reverse all-to-all in backward and sums replicated KV heads. The hybrid
+    mode's path; plain Ulysses runs `UlyssesAttention`.
     """
     degree = dist.get_world_size(group)
     hq, hk = q.shape[1], k.shape[1]
     check_heads(hq, degree)
-    plan = [kv_heads_for_rank(hq, hk, degree, r) for r in range(degree)]
-    if any(len(p) != len(plan[0]) for p in plan):
-        plan = [[h // (hq // hk) for h in range(r * hq // degree, (r + 1) * hq // degree)] for r in range(degree)]
+    plan = head_plan(hq, hk, degree)
     flat = [h for p in plan for h in p]
     if flat != list(range(hk)):
         index = torch.tensor(flat, device=k.device)
@@ -72,3 +82,127 @@ def gather_heads(out: torch.Tensor, group: dist.ProcessGroup, chunks: int) -> to
     send = out.unflatten(0, (chunks, degree, length // chunks)).transpose(0, 1).flatten(1, 2)  # (U, L, h, D)
     recv = AllToAll.apply(send, group)  # recv[i] = my rows of rank i's heads
     return recv.transpose(0, 1).flatten(1, 2)
+
+
+MAX_STAGES = 2  # pipeline depth of UlyssesAttention (the largest divisor of the heads per rank up to this)
+
+
+class HeadGroups:
+    """The pipeline stages of `UlyssesAttention`: stage g sends rank r the query heads of block r·G + g (of U·G equal
+    blocks) and the KV heads they use, so each stage is a Ulysses exchange of its own."""
+
+    def __init__(self, num_q: int, num_kv: int, degree: int, device: torch.device) -> None:
+        check_heads(num_q, degree)
+        self.degree = degree
+        per_rank = num_q // degree
+        self.count = max(s for s in range(1, MAX_STAGES + 1) if per_rank % s == 0)
+        plan = head_plan(num_q, num_kv, degree * self.count)
+        self.hq, self.hk = num_q // (degree * self.count), len(plan[0])
+        identity = [h for p in plan for h in p] == list(range(num_kv))
+        self.kv_index = None
+        if not identity:  # KV heads replicated or out of block order: pick them by index per stage
+            self.kv_index = [
+                torch.tensor([h for r in range(degree) for h in plan[r * self.count + g]], device=device)
+                for g in range(self.count)
+            ]
+
+    def _stage(self, x: torch.Tensor, heads: int, g: int) -> torch.Tensor:
+        """(L, U·G·heads, D) -> stage g's (U, L, heads, D) view: destination rank first."""
+        return x.unflatten(1, (self.degree, self.count, heads))[:, :, g].transpose(0, 1)
+
+    def send_inputs(self, q, k, v, g: int, group) -> Exchange:
+        length, _, dim = q.shape
+        send = torch.empty((self.degree, length, self.hq + 2 * self.hk, dim), dtype=q.dtype, device=q.device)
+        send[:, :, : self.hq].copy_(self._stage(q, self.hq, g))
+        for i, t in enumerate((k, v)):
+            cols = slice(self.hq + i * self.hk, self.hq + (i + 1) * self.hk)
+            if self.kv_index is None:
+                send[:, :, cols].copy_(self._stage(t, self.hk, g))
+            else:
+                send[:, :, cols].copy_(
+                    t.index_select(1, self.kv_index[g]).unflatten(1, (self.degree, -1)).transpose(0, 1)
+                )
+        return Exchange(send, group)
+
+    def split(self, recv: torch.Tensor):
+        """A stage's received (U, L, h, D) -> q, k, v of its heads over the whole sequence, (U·L, h, D) views."""
+        flat = recv.flatten(0, 1)
+        return flat[:, : self.hq], flat[:, self.hq : self.hq + self.hk], flat[:, self.hq + self.hk :]
+
+    def send_output(self, out_heads: torch.Tensor, group) -> Exchange:
+        """This stage's (U·L, hq, D) result -> back to the sequence shards (one slice of rows per rank)."""
+        return Exchange(out_heads.unflatten(0, (self.degree, -1)), group)
+
+    def place_output(self, recv: torch.Tensor, g: int, out: torch.Tensor) -> None:
+        self._stage(out, self.hq, g).copy_(recv)
+
+    def send_grad_output(self, dout: torch.Tensor, g: int, group) -> Exchange:
+        return Exchange(self._stage(dout, self.hq, g), group)
+
+    def send_grads(self, dq, dk, dv, group) -> Exchange:
+        parts = [t.unflatten(0, (self.degree, -1)) for t in (dq, dk, dv)]
+        return Exchange(torch.cat(parts, dim=2), group)
+
+    def place_grads(self, recv: torch.Tensor, g: int, dq, dk, dv) -> None:
+        """Write stage g's returned gradients into this rank's (L, H, D) shards; replicated KV heads add up."""
+        self._stage(dq, self.hq, g).copy_(recv[:, :, : self.hq])
+        for i, grad in enumerate((dk, dv)):
+            part = recv[:, :, self.hq + i * self.hk : self.hq + (i + 1) * self.hk]
+            if self.kv_index is None:
+                self._stage(grad, self.hk, g).copy_(part)
+            else:
+                grad.index_add_(1, self.kv_index[g], part.transpose(0, 1).flatten(1, 2).to(grad.dtype))
+
+
+class UlyssesAttention(torch.autograd.Function):
+    """Ulysses on whole local sequences, its heads in pipeline stages (`HeadGroups`): while one stage's attention
+    runs, the next stage's input exchange and the previous stage's output exchange are in flight, in forward and in
+    backward. Each send buffer is packed by one copy and each received one unpacked by one copy."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, seg, group, kernel, scale: float, reuse: ForwardReuse | None = None):
+        stages = HeadGroups(q.shape[1], k.shape[1], dist.get_world_size(group), q.device)
+        kept = reuse.take() if reuse is not None else None
+        recvs, results, outgoing = [], [], []
+        incoming = stages.send_inputs(q, k, v, 0, group)
+        for g in range(stages.count):
+            following = stages.send_inputs(q, k, v, g + 1, group) if g + 1 < stages.count else None
+            recvs.append(incoming.wait())
+            if kept is None:
+                out_h, lse = kernel.forward(*stages.split(recvs[g]), seg, scale)
+                results.append((out_h.to(q.dtype), lse))
+            else:
+                results.append(kept[g])
+            outgoing.append(stages.send_output(results[g][0], group))
+            incoming = following
+        if reuse is not None and kept is None:
+            reuse.keep(results)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        for g, exchange in enumerate(outgoing):
+            stages.place_output(exchange.wait(), g, out)
+        ctx.save_for_backward(*recvs, *(t for pair in results for t in pair))
+        ctx.stages, ctx.seg, ctx.group, ctx.kernel, ctx.scale = stages, seg, group, kernel, scale
+        ctx.kv_shape, ctx.kv_dtype = k.shape, k.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        stages, group = ctx.stages, ctx.group
+        saved = ctx.saved_tensors
+        recvs, results = saved[: stages.count], saved[stages.count :]
+        dq = torch.empty(dout.shape, dtype=dout.dtype, device=dout.device)
+        alloc = torch.empty if stages.kv_index is None else torch.zeros
+        dk, dv = (alloc(ctx.kv_shape, dtype=ctx.kv_dtype, device=dout.device) for _ in range(2))
+        returning = []
+        incoming = stages.send_grad_output(dout, 0, group)
+        for g in range(stages.count):
+            following = stages.send_grad_output(dout, g + 1, group) if g + 1 < stages.count else None
+            dout_h = incoming.wait().flatten(0, 1)
+            q_h, k_h, v_h = stages.split(recvs[g])
+            out_h, lse = results[2 * g], results[2 * g + 1]
+            grads = ctx.kernel.backward(dout_h, q_h, k_h, v_h, out_h, lse, ctx.seg, ctx.scale)
+            returning.append(stages.send_grads(*(t.to(dout.dtype) for t in grads), group))
+            incoming = following
+        for g, exchange in enumerate(returning):
+            stages.place_grads(exchange.wait(), g, dq, dk, dv)
+        return dq, dk, dv, None, None, None, None, None
