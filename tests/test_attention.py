@@ -9,6 +9,7 @@ import torch
 from distributed import run_distributed
 from reference import assert_close, reference_attention
 
+from transformers_cp.algorithms import ulysses
 from transformers_cp.attention import context_parallel_attention
 from transformers_cp.config import ContextParallelConfig
 from transformers_cp.mesh import build_mesh
@@ -59,7 +60,9 @@ def _check_case(mesh, hq, hk, lengths, window, seed, dtype, rtol):
         assert_close(t.grad.float(), shard(r.grad), rtol, f"d{name} [{case}]")
 
 
-def _worker(rank, world, mode, ulysses_size, cp_size, dtype, rtol):
+def _worker(rank, world, mode, ulysses_size, cp_size, dtype, rtol, ulysses_stages=None):
+    if ulysses_stages is not None:
+        ulysses.MAX_STAGES = ulysses_stages
     config = ContextParallelConfig(size=cp_size, mode=mode, ulysses_size=ulysses_size)
     mesh = build_mesh(config, "cpu")
     kinds = ("mha", "gqa", "odd") if mode in ("ulysses", "hybrid") else ("mha", "gqa")
@@ -77,6 +80,12 @@ def test_modes_match_dense_attention_fp32(world, mode, ulysses_size):
     if mode == "hybrid" and ulysses_size == 1 and world == 2:
         ulysses_size = 2  # at N=2 hybrid degenerates: exercise a pure-Ulysses split on the zigzag layout
     run_distributed(_worker, world, mode, ulysses_size, world, torch.float32, RTOL)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ulysses_pipeline_stages(world):
+    """Ulysses with its heads in two pipeline stages (where the heads per rank are even) is exact too."""
+    run_distributed(_worker, world, "ulysses", None, world, torch.float32, RTOL, 2)
 
 
 def test_data_parallel_groups_keep_their_own_data():

@@ -7,6 +7,8 @@ to the ranks that need it, and the GQA mapping stays the model's own (autograd s
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -84,18 +86,27 @@ def gather_heads(out: torch.Tensor, group: dist.ProcessGroup, chunks: int) -> to
     return recv.transpose(0, 1).flatten(1, 2)
 
 
-MAX_STAGES = 2  # pipeline depth of UlyssesAttention (the largest divisor of the heads per rank up to this)
+# Pipeline depth of UlyssesAttention: the largest divisor of the heads per rank up to this. On 2×H200 one stage was
+# fastest at every length (benchmarks/results/ulysses_stages_2xH200.json): the all-to-all is a few percent of the
+# time there, and smaller kernels and more launches cost more than the overlap gains. Deeper pipelines are for links
+# where the exchange takes a larger share.
+MAX_STAGES = 1
 
 
 class HeadGroups:
     """The pipeline stages of `UlyssesAttention`: stage g sends rank r the query heads of block r·G + g (of U·G equal
-    blocks) and the KV heads they use, so each stage is a Ulysses exchange of its own."""
+    blocks) and the KV heads they use, so each stage is a Ulysses exchange of its own. Made once per head shape."""
 
-    def __init__(self, num_q: int, num_kv: int, degree: int, device: torch.device) -> None:
+    @staticmethod
+    @functools.cache
+    def of(num_q: int, num_kv: int, degree: int, device: torch.device, max_stages: int) -> HeadGroups:
+        return HeadGroups(num_q, num_kv, degree, device, max_stages)
+
+    def __init__(self, num_q: int, num_kv: int, degree: int, device: torch.device, max_stages: int) -> None:
         check_heads(num_q, degree)
         self.degree = degree
         per_rank = num_q // degree
-        self.count = max(s for s in range(1, MAX_STAGES + 1) if per_rank % s == 0)
+        self.count = max(s for s in range(1, max_stages + 1) if per_rank % s == 0)
         plan = head_plan(num_q, num_kv, degree * self.count)
         self.hq, self.hk = num_q // (degree * self.count), len(plan[0])
         identity = [h for p in plan for h in p] == list(range(num_kv))
@@ -161,7 +172,7 @@ class UlyssesAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, seg, group, kernel, scale: float, reuse: ForwardReuse | None = None):
-        stages = HeadGroups(q.shape[1], k.shape[1], dist.get_world_size(group), q.device)
+        stages = HeadGroups.of(q.shape[1], k.shape[1], dist.get_world_size(group), q.device, MAX_STAGES)
         kept = reuse.take() if reuse is not None else None
         recvs, results, outgoing = [], [], []
         incoming = stages.send_inputs(q, k, v, 0, group)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -9,7 +10,9 @@ import torch
 from .base import Segments
 
 
+@functools.cache
 def is_flash_attn_available() -> bool:
+    """Looked up once: a module search on every attention call would cost host time per layer."""
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 

@@ -9,6 +9,8 @@ varlen flash op (the kernel behind `torch.nn.attention.varlen`), which aligns bo
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .base import Segments
@@ -81,7 +83,9 @@ def _packed(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(0, 1)
 
 
+@functools.cache
 def _no_dropout_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (seed, offset) the backward ops take; without dropout they are never read, so one pair per device."""
     return torch.zeros(2, dtype=torch.uint64, device=device), torch.empty(0, device=device)
 
 
