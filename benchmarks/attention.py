@@ -6,6 +6,8 @@ script runs small shapes as a smoke test.
 
     torchrun --nproc_per_node 2 benchmarks/attention.py --seqs 8192,32768,131072 --check \
         --out benchmarks/results/attention_2xH200.json
+
+A mode may carry options: `hybrid/u4` (Ulysses degree 4 inside the ring), `ulysses/s2` (two pipeline stages).
 """
 
 from __future__ import annotations
@@ -184,7 +186,7 @@ def bench_shape(a, device, meshes: dict, native_mesh, seq: int, hq: int, hk: int
     default_stages = ulysses.MAX_STAGES
     for m, mesh in meshes.items():
         local = [mesh.layout.shard(t, mesh.cp_rank, dim=0) for t in (q, k, v, dout)]
-        stages = int(m.split("/s")[1]) if "/s" in m else default_stages
+        stages = next((int(o[1:]) for o in m.split("/")[1:] if o.startswith("s")), default_stages)
 
         def attn(qq, kk, vv, mesh=mesh, stages=stages):
             ulysses.MAX_STAGES = stages
@@ -239,10 +241,10 @@ def main() -> None:
     modes = a.modes.split(",")
     meshes = {}
     for m in modes:
-        mode = m.split("/")[0]  # "ulysses/s4": Ulysses with at most 4 pipeline stages (A/B runs)
-        cfg = ContextParallelConfig(
-            size=world, mode=mode, ulysses_size=(2 if world % 2 == 0 else 1) if mode == "hybrid" else None
-        )
+        # "ulysses/s4": Ulysses with at most 4 pipeline stages; "hybrid/u4": Ulysses degree 4 inside the ring.
+        mode, *opts = m.split("/")
+        degree = next((int(o[1:]) for o in opts if o.startswith("u")), 2 if world % 2 == 0 else 1)
+        cfg = ContextParallelConfig(size=world, mode=mode, ulysses_size=degree if mode == "hybrid" else None)
         meshes[m] = build_mesh(cfg)
     native_mesh = None
     if CUDA and not a.no_native:

@@ -60,13 +60,13 @@ def _check_case(mesh, hq, hk, lengths, window, seed, dtype, rtol):
         assert_close(t.grad.float(), shard(r.grad), rtol, f"d{name} [{case}]")
 
 
-def _worker(rank, world, mode, ulysses_size, cp_size, dtype, rtol, ulysses_stages=None):
+def _worker(rank, world, mode, ulysses_size, cp_size, dtype, rtol, ulysses_stages=None, docs=DOCS, windows=WINDOWS):
     if ulysses_stages is not None:
         ulysses.MAX_STAGES = ulysses_stages
     config = ContextParallelConfig(size=cp_size, mode=mode, ulysses_size=ulysses_size)
     mesh = build_mesh(config, "cpu")
     kinds = ("mha", "gqa", "odd") if mode in ("ulysses", "hybrid") else ("mha", "gqa")
-    for heads, (_doc_name, lengths), window in itertools.product(kinds, DOCS.items(), WINDOWS):
+    for heads, (_doc_name, lengths), window in itertools.product(kinds, docs.items(), windows):
         hq, hk = _heads(heads, cp_size)
         _check_case(mesh, hq, hk, lengths, window, seed=17 + mesh.dp_rank, dtype=dtype, rtol=rtol)
 
@@ -86,6 +86,17 @@ def test_modes_match_dense_attention_fp32(world, mode, ulysses_size):
 def test_ulysses_pipeline_stages(world):
     """Ulysses with its heads in two pipeline stages (where the heads per rank are even) is exact too."""
     run_distributed(_worker, world, "ulysses", None, world, torch.float32, RTOL, 2)
+
+
+EIGHT = [("zigzag", None), ("llama3", None), ("ulysses", None), ("hybrid", 2), ("hybrid", 4)]
+
+
+@pytest.mark.parametrize("mode,ulysses_size", EIGHT, ids=[f"{m}{u or ''}" for m, u in EIGHT])
+def test_eight_ranks(mode, ulysses_size):
+    """N = 8 (the largest GPU count the benchmarks target): each Ulysses degree of the hybrid, and GQA with fewer KV
+    heads than ranks, on packed documents with and without a window."""
+    docs = {"packed+pad": DOCS["packed+pad"]}
+    run_distributed(_worker, 8, mode, ulysses_size, 8, torch.float32, RTOL, None, docs, [None, 7], timeout=600)
 
 
 def test_data_parallel_groups_keep_their_own_data():
