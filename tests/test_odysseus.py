@@ -17,6 +17,7 @@ import transformers
 from distributed import run_distributed
 from reference import assert_close
 from test_modeling import _assert_grads, _checkpoint_worker, _loss, _reference_and_cp_model
+from test_trainer import PREDICT_FAMILY, _stock_dp_worker
 from trainer_cases import (
     VOCAB,
     CPTrainer,
@@ -78,30 +79,21 @@ def _job(rank: int, world: int, ref_dir: str, equivalence: list, trainer_cases: 
     for size, family in trainer_cases:
         dp = world // size
         expected = torch.load(os.path.join(ref_dir, f"dp{dp}_{family}.pt"))
-        result = run_cp(family, size, "odysseus", predict=True)
-        assert_same_run(result, expected, f"{family} odysseus c={size} d={dp} rank {rank}", dp_rank=rank // size)
+        result = run_cp(family, size, "odysseus", predict=family == PREDICT_FAMILY)
+        name = f"{family} odysseus c={size} d={dp} rank {rank}"
+        assert_same_run(result, expected, name, dp_rank=rank // size if dp > 1 else None)
     if out_dir is not None:
         _checkpoint_worker(rank, world, "mistral", "odysseus", None)
         _save_load(rank, world, out_dir)
-
-
-def _stock_dp2(rank: int, world: int, out_dir: str, family: str) -> None:
-    result = run_stock(family, predict=True)
-    per_rank = [None] * world
-    dist.all_gather_object(per_rank, result["step_losses"])
-    result["step_losses"] = per_rank
-    if rank == 0:
-        torch.save(result, os.path.join(out_dir, f"dp2_{family}.pt"))
 
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory) -> str:
     out_dir = str(tmp_path_factory.mktemp("stock"))
     for family in ("llama", "qwen2"):
-        result = run_stock(family, predict=True)
-        result["step_losses"] = [result["step_losses"]]
+        result = run_stock(family, predict=family == PREDICT_FAMILY)
         torch.save(result, os.path.join(out_dir, f"dp1_{family}.pt"))
-    run_distributed(_stock_dp2, 2, out_dir, "qwen3")
+    run_distributed(_stock_dp_worker, 2, out_dir, [("qwen3", True)])
     return out_dir
 
 
