@@ -3,6 +3,11 @@ the parameter traffic of the engine (DDP's gradient all-reduce, ZeRO-3's paramet
 reduce-scatter). Collectives are counted as ring algorithms send: (N-1)/N of the gathered or reduced tensor.
 
     python benchmarks/comm_volume.py --shape 1.5b --seqs 32768,131072 --cp 2
+
+`--measure` (under torchrun, on CPU at a small shape) checks the model against the bytes that transformers_cp's
+collectives actually carry in one checkpointed training step of each mode:
+
+    torchrun --nproc_per_node 2 benchmarks/comm_volume.py --measure --shape tiny --seqs 512
 """
 
 from __future__ import annotations
@@ -59,6 +64,88 @@ def step_summary(mode: str, config: dict, n_params: int, seq: int, cp: int, dtyp
     )
 
 
+class CollectiveCounter:
+    """Adds up the bytes this rank sends through transformers_cp's collectives (counted as ring algorithms send them)
+    while active. The per-forward gathers of position ids and position embeddings are not counted (not per layer)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def __enter__(self) -> CollectiveCounter:
+        import torch.distributed as dist
+
+        from transformers_cp import comm
+
+        self._saved = comm.all_gather, comm.reduce_scatter, comm._all_to_all, comm.RingComm.start
+        all_gather, reduce_scatter, all_to_all, ring_start = self._saved
+
+        def size(x, group=None) -> tuple[int, int]:
+            return x.numel() * x.element_size(), dist.get_world_size(group)
+
+        def counted_all_gather(x, group, async_op=False):
+            n, world = size(x, group)
+            self.bytes += (world - 1) * n
+            return all_gather(x, group, async_op)
+
+        def counted_reduce_scatter(x, group, async_op=False):
+            n, world = size(x, group)
+            self.bytes += (world - 1) * n // world
+            return reduce_scatter(x, group, async_op)
+
+        def counted_all_to_all(x, group):
+            n, world = size(x, group)
+            self.bytes += (world - 1) * n // world
+            return all_to_all(x, group)
+
+        def counted_ring_start(ring, send):
+            self.bytes += send.numel() * send.element_size()
+            return ring_start(ring, send)
+
+        comm.all_gather, comm.reduce_scatter, comm._all_to_all = (
+            counted_all_gather,
+            counted_reduce_scatter,
+            counted_all_to_all,
+        )
+        comm.RingComm.start = counted_ring_start
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from transformers_cp import comm
+
+        comm.all_gather, comm.reduce_scatter, comm._all_to_all, comm.RingComm.start = self._saved
+
+
+def measure(config: dict, seq: int) -> None:
+    """One checkpointed fwd+bwd per mode on this job's ranks (float32): counted bytes per layer vs `attention_bytes`."""
+    import torch
+    import torch.distributed as dist
+    import transformers
+
+    from transformers_cp import ContextParallelConfig, apply_context_parallel, build_mesh, shard_batch
+    from transformers_cp.mesh import init_distributed
+
+    init_distributed("cpu")
+    cp = dist.get_world_size()
+    if dist.get_rank() == 0:
+        print(f"{cp} ranks, S={seq}, float32, one checkpointed step: bytes sent per rank and layer")
+        print(f"{'mode':>9} {'computed':>12} {'counted':>12}")
+    for mode in MODES:
+        torch.manual_seed(0)
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config, use_cache=False))
+        model.gradient_checkpointing_enable()
+        model.train()
+        mesh = build_mesh(ContextParallelConfig(size=cp, mode=mode), "cpu")
+        apply_context_parallel(model, mesh.config, mesh=mesh)
+        ids = torch.randint(0, config["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(1))
+        batch = shard_batch({"input_ids": ids}, mesh)
+        with CollectiveCounter() as counter:
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+            logits.float().logsumexp(-1).sum().backward()
+        computed = attention_bytes(mode, config, seq, cp, dtype_bytes=4)["total"]
+        if dist.get_rank() == 0:
+            print(f"{mode:>9} {computed:>12.0f} {counter.bytes / config['num_hidden_layers']:>12.0f}", flush=True)
+
+
 def main() -> None:
     import torch
     import transformers
@@ -68,8 +155,13 @@ def main() -> None:
     p.add_argument("--shape", default="1.5b", choices=list(SHAPES))
     p.add_argument("--seqs", default="32768,131072")
     p.add_argument("--cp", type=int, default=2)
+    p.add_argument("--measure", action="store_true", help="count the bytes of one step per mode (under torchrun)")
     a = p.parse_args()
     config = SHAPES[a.shape]
+    if a.measure:
+        for seq in map(int, a.seqs.split(",")):
+            measure(config, seq)
+        return
     with torch.device("meta"):
         n_params = sum(
             p.numel() for p in transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config)).parameters()
