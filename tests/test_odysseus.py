@@ -117,6 +117,14 @@ def test_heads_not_divisible_is_a_clear_error():
         apply_context_parallel(model, _fake_mesh(3).config, mesh=_fake_mesh(3))
 
 
+def test_norm_across_heads_is_a_clear_error():
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("qwen3"))
+    attention = model.model.layers[0].self_attn
+    attention.q_norm = torch.nn.RMSNorm(attention.q_proj.out_features)  # as models that normalise all of q at once
+    with pytest.raises(ValueError, match="q_norm to normalise each head"):
+        apply_context_parallel(model, _fake_mesh(2).config, mesh=_fake_mesh(2))
+
+
 def test_fused_projections_are_a_clear_error():
     config = transformers.Phi3Config(
         vocab_size=VOCAB,

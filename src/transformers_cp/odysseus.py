@@ -33,7 +33,8 @@ from .comm import GatherSequence, ScatterSequence, all_gather
 from .mesh import ContextParallelMesh
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-_ORIGINAL = "_context_parallel_odysseus_forward"  # marks a module whose forward this mode replaced
+_REPLACED = "_context_parallel_odysseus_replaced"  # on a module whose forward this mode replaced: the instance forward
+# it had before (None when it used its class's)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,14 @@ def check_model(model: torch.nn.Module, size: int) -> None:
     for module in attention_modules(model):
         d = module.head_dim
         check_heads(module.q_proj.out_features // d, module.k_proj.out_features // d, size)
+        for name in ("q_norm", "k_norm"):
+            weight = getattr(getattr(module, name, None), "weight", None)
+            if weight is not None and weight.numel() != d:
+                raise ValueError(
+                    f"context_parallel_mode='odysseus' needs {name} to normalise each head (size {d}), but "
+                    f"{type(module).__name__}.{name} spans {weight.numel()} features across heads; use another "
+                    "context_parallel_mode for this model."
+                )
 
 
 def _take(tensor: torch.Tensor, index: slice | list[int], dim: int) -> torch.Tensor:
@@ -101,7 +110,7 @@ def _take(tensor: torch.Tensor, index: slice | list[int], dim: int) -> torch.Ten
 
 def _replace_forward(module: torch.nn.Module, forward) -> None:
     """Replace the instance's forward (hooks of other engines still run through `__call__`)."""
-    setattr(module, _ORIGINAL, True)
+    setattr(module, _REPLACED, vars(module).get("forward"))
     module.forward = forward
 
 
@@ -144,7 +153,7 @@ class _RotaryCache:
 
 
 def _attention_forward(module: torch.nn.Module, mesh: ContextParallelMesh, rotary: _RotaryCache):
-    original = type(module).forward.__get__(module)
+    original = module.forward
     signature = inspect.signature(original)
     group = mesh.cp_group
 
@@ -190,6 +199,10 @@ def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> _RotaryCache:
 def uninstall(model: torch.nn.Module) -> None:
     """Give every module this mode touched its class's forward back."""
     for module in model.modules():
-        if getattr(module, _ORIGINAL, False):
-            del module.forward
-            delattr(module, _ORIGINAL)
+        if hasattr(module, _REPLACED):
+            previous = getattr(module, _REPLACED)
+            delattr(module, _REPLACED)
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
