@@ -6,6 +6,9 @@ the same settings as the peers' anchor script (../shared/anchors/anchor_e2e.py) 
 
     torchrun --nproc_per_node 2 benchmarks/train.py --shape 1.5b --seqs 65536 --modes zigzag,ulysses \
         --out benchmarks/results/train_1.5b_2xH200.json
+
+Modes are any `context_parallel_mode` (ring, zigzag, llama3, ulysses, hybrid, odysseus); `--comm` adds the bytes
+each rank sends per step for ulysses, zigzag and odysseus (`comm_volume.py`) and the profiled NCCL kernel time.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 import transformers
+from comm_volume import step_summary
 
 from transformers_cp import Trainer, TrainingArguments
 
@@ -54,10 +58,12 @@ class StepTimer(transformers.TrainerCallback):
 
 
 class StepProfiler(transformers.TrainerCallback):
-    """torch.profiler over one steady step (the third); rank 0 writes the kernel table to `path`."""
+    """torch.profiler over one steady step (the third): the device time of its NCCL kernels, and with `path` rank 0
+    writes the kernel table there."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str | None = None) -> None:
         self.path, self.prof = path, None
+        self.nccl: dict | None = None
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == 2:
@@ -70,7 +76,16 @@ class StepProfiler(transformers.TrainerCallback):
         if self.prof is not None:
             torch.cuda.synchronize()
             self.prof.__exit__(None, None, None)
-            if not dist.is_initialized() or dist.get_rank() == 0:
+            from torch.autograd import DeviceType
+
+            events = [  # the kernels themselves: the CPU-side nccl ops would count their kernels again
+                e for e in self.prof.key_averages() if e.device_type == DeviceType.CUDA and "nccl" in e.key.lower()
+            ]
+            self.nccl = dict(
+                nccl_ms=round(sum(e.device_time_total for e in events) / 1e3, 1),
+                nccl_kernels=sum(e.count for e in events),
+            )
+            if self.path and (not dist.is_initialized() or dist.get_rank() == 0):
                 with open(self.path, "w") as f:
                     f.write(self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
             self.prof = None
@@ -97,8 +112,11 @@ def model_flops(config: transformers.PretrainedConfig, n_params: int, seq: int) 
     return seq * (6 * n_params + 6 * config.num_hidden_layers * config.hidden_size * seq)
 
 
-def run_one(shape: str, seq: int, mode: str, steps: int, world: int, profile_dir: str | None = None) -> dict:
-    """Train `steps` steps on sequences of `seq` tokens; returns timings or the failure."""
+def run_one(
+    shape: str, seq: int, mode: str, steps: int, world: int, profile_dir: str | None = None, comm: bool = False
+) -> dict:
+    """Train `steps` steps on sequences of `seq` tokens; returns timings or the failure. With `comm`, also the bytes
+    sent per rank and step from the shapes (`comm_volume`) and the NCCL kernel time of one profiled step."""
     config = transformers.Qwen2Config(**SHAPES[shape], use_cache=False)
     torch.manual_seed(0)
     with torch.device("cuda" if CUDA else "cpu"):  # random init on the GPU: seconds instead of a minute
@@ -119,17 +137,24 @@ def run_one(shape: str, seq: int, mode: str, steps: int, world: int, profile_dir
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     row: dict = dict(shape=shape, seq=seq, mode=mode if world > 1 else "single", world=world, params=n_params)
+    if comm and world > 1:
+        row.update(step_summary(mode, SHAPES[shape], n_params, seq, world))
     try:
         callbacks = [timer]
-        if profile_dir and CUDA:
-            os.makedirs(profile_dir, exist_ok=True)
-            callbacks.append(StepProfiler(f"{profile_dir}/{shape}_{mode}_S{seq}.txt"))
+        profiler = None
+        if (profile_dir or comm) and CUDA:
+            if profile_dir:
+                os.makedirs(profile_dir, exist_ok=True)
+            profiler = StepProfiler(profile_dir and f"{profile_dir}/{shape}_{mode}_S{seq}.txt")
+            callbacks.append(profiler)
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
         trainer.train()
         steady = sorted(timer.times[1:] or timer.times)[len(timer.times[1:] or timer.times) // 2]
         row.update(step_s=round(steady, 3), tokens_per_s_per_gpu=round(seq / steady / world, 1),
                    model_tflops_per_gpu=round(model_flops(config, n_params, seq) / steady / world / 1e12, 1),
                    losses=[round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h])  # fmt: skip
+        if profiler is not None and profiler.nccl is not None:
+            row.update(profiler.nccl)
         del trainer
     except torch.OutOfMemoryError:
         row["error"] = "OOM"
@@ -177,6 +202,7 @@ def main() -> None:
     p.add_argument("--search-step", type=int, default=8192, help="resolution of the bisection")
     p.add_argument("--out", default=None)
     p.add_argument("--profile", default=None, help="folder for a profiler table of one steady step per run")
+    p.add_argument("--comm", action="store_true", help="bytes sent per step (from shapes) and NCCL time (profiled)")
     a = p.parse_args()
     from transformers_cp.mesh import init_distributed
 
@@ -187,7 +213,7 @@ def main() -> None:
     rows = []
     for mode in a.modes.split(","):
         for seq in map(int, a.seqs.split(",")) if a.seqs else []:
-            row = run_one(a.shape, seq, mode, a.steps, world, a.profile)
+            row = run_one(a.shape, seq, mode, a.steps, world, a.profile, a.comm)
             if peak and "model_tflops_per_gpu" in row:
                 row["mfu"] = round(row["model_tflops_per_gpu"] / peak, 3)
             rows.append(row)

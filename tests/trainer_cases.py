@@ -34,6 +34,9 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
         return transformers.Qwen2Config(num_key_value_heads=1, **common)
     if family == "qwen3":  # GQA, q/k norms, explicit head_dim
         return transformers.Qwen3Config(num_key_value_heads=2, head_dim=8, **common)
+    if family == "llama_gqa_bias":  # biases on every projection; 6 query heads over 3 KV heads, groups not aligned
+        common.update(hidden_size=48, num_attention_heads=6)
+        return transformers.LlamaConfig(num_key_value_heads=3, attention_bias=True, **common)
     if family == "mistral":  # sliding window shorter than the documents
         return transformers.MistralConfig(num_key_value_heads=2, sliding_window=6, **common)
     raise ValueError(family)

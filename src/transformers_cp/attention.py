@@ -42,8 +42,8 @@ def context_parallel_attention(
 ) -> torch.Tensor:
     """Causal attention of this rank's shard of a packed row against the whole row.
 
-    q: (L, Hq, D), k and v: (L, Hk, D), L = row length / CP size, in the layout of `mesh`; `docs` holds the row's
-    global document boundaries. Returns (L, Hq, D). With `reuse`, a recomputation under activation checkpointing
+    q: (L, Hq, D), k and v: (L, Hk, D), L = row length / CP size, in the layout of `mesh` (for `odysseus`, the
+    whole row with this rank's heads); `docs` holds the row's global document boundaries. Returns (L, Hq, D). With `reuse`, a recomputation under activation checkpointing
     takes the first forward's result instead of computing it again (see `algorithms.reuse`).
     """
     config, layout = mesh.config, mesh.layout
@@ -53,7 +53,7 @@ def context_parallel_attention(
         return UlyssesAttention.apply(q, k, v, local_segments(docs, left), mesh.ulysses_group, kernel, scale, reuse)
     if layout.ulysses > 1:
         q, k, v = scatter_heads(q, k, v, mesh.ulysses_group, layout.chunks_per_rank)
-    if layout.ring == 1:
+    if layout.ring == 1 or config.mode == "odysseus":  # the whole row is here (Ulysses, odysseus, or one rank)
         out = LocalAttention.apply(q, k, v, local_segments(docs, left), kernel, scale, reuse)
     elif config.mode == "llama3":
         stride = config.kv_stride(k.shape[1])

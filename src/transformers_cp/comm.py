@@ -1,4 +1,4 @@
-"""Communication pieces the algorithms share: ring P2P, all-gather, reduce-scatter and an autograd all-to-all."""
+"""Communication pieces the algorithms share: ring P2P, all-gather, reduce-scatter, and their autograd forms."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ def all_gather(x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False
 def reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
     """Sum `x` (leading dimension = group size) over ranks and keep this rank's slice."""
     rank = dist.get_rank(group)
-    if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter: all-reduce and take the slice
-        x = x.contiguous()
+    if dist.get_backend(group) == "gloo":  # gloo has no reduce-scatter: all-reduce a copy and take the slice
+        x = x.clone(memory_format=torch.contiguous_format)
         work = dist.all_reduce(x, group=group, async_op=async_op)
         out = x[rank]
     else:
@@ -84,3 +84,30 @@ class AllToAll(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return _all_to_all(grad, ctx.group), None
+
+
+class GatherSequence(torch.autograd.Function):
+    """(L, ...) shard -> (N·L, ...) concatenated in rank order; backward sums the gradients and keeps the shard's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return all_gather(x, group).flatten(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        world = dist.get_world_size(ctx.group)
+        return reduce_scatter(grad.unflatten(0, (world, -1)), ctx.group), None
+
+
+class ScatterSequence(torch.autograd.Function):
+    """(N·L, ...) partial sums -> this rank's (L, ...) slice of their sum over ranks; backward all-gathers."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return reduce_scatter(x.unflatten(0, (dist.get_world_size(group), -1)), group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return all_gather(grad, ctx.group).flatten(0, 1), None

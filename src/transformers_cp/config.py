@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-MODES = ("ring", "zigzag", "llama3", "ulysses", "hybrid")
+MODES = ("ring", "zigzag", "llama3", "ulysses", "hybrid", "odysseus")
 BACKENDS = ("auto", "torch", "flash_attn")
 DEFAULT_MODE = "zigzag"
 
@@ -21,7 +21,9 @@ class ContextParallelConfig:
         size: ranks that share one sequence (1 = off). `None` means every rank of the job.
         mode: `ring` (contiguous shards, KV passed around a ring), `zigzag` (ring on the balanced 2N-chunk layout),
             `llama3` (KV all-gathered `heads_k_stride` heads at a time, on the zigzag layout), `ulysses` (all-to-all
-            between sequence and head shards) or `hybrid` (Ulysses inside groups of `ulysses_size`, zigzag ring across).
+            between sequence and head shards), `hybrid` (Ulysses inside groups of `ulysses_size`, zigzag ring across)
+            or `odysseus` (attention projections split by heads over the group around an all-gather / reduce-scatter
+            of the sequence, MLP on the sequence shard; see `odysseus.py`).
         ulysses_size: for `hybrid`, the Ulysses degree; `size // ulysses_size` is the ring degree.
         heads_k_stride: for `llama3`, how many KV heads are all-gathered at a time (must divide the KV heads);
             `None` gathers half of them at a time, so that the second gather overlaps the first half's attention.
@@ -115,4 +117,4 @@ class ContextParallelConfig:
     @property
     def layout(self) -> str:
         """Sequence layout the mode runs on: `contiguous` or `zigzag` (causal work balanced across the ring)."""
-        return "contiguous" if self.mode in ("ring", "ulysses") else "zigzag"
+        return "contiguous" if self.mode in ("ring", "ulysses", "odysseus") else "zigzag"

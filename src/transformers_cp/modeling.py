@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import odysseus
 from .algorithms.reuse import ForwardReuse
 from .attention import context_parallel_attention
 from .config import ContextParallelConfig
@@ -31,6 +32,7 @@ class ContextParallelState:
     hooks: list = field(default_factory=list)
     checkpointing: bool = False  # set per forward: training with activation checkpointing
     kept: dict = field(default_factory=dict)  # attention results kept for the recomputation, per attention module
+    rotary: object | None = None  # odysseus: the whole row's position embeddings, gathered once per forward
 
 
 def _state(module: torch.nn.Module) -> ContextParallelState:
@@ -104,7 +106,8 @@ def context_parallel_flash_attention_forward(
                 "(or call the model after apply_context_parallel, whose hook derives them from position_ids)."
             )
         cp_documents = Documents(cu_seq_lens_q.tolist(), query_states.shape[1] * cp_mesh.cp_size)
-    local = cp_documents.seq_len // cp_mesh.cp_size
+    # odysseus attends whole rows (its heads' share of them); the other modes get this rank's shard
+    local = cp_documents.seq_len // (1 if cp_mesh.config.mode == "odysseus" else cp_mesh.cp_size)
     if query_states.shape[1] != local:
         raise ValueError(
             f"this rank holds {query_states.shape[1]} tokens, but a packed row of {cp_documents.seq_len} tokens over "
@@ -181,6 +184,8 @@ def _pre_forward_hook(state: ContextParallelState):
             getattr(m, "gradient_checkpointing", False) for m in module.modules()
         )
         state.kept.clear()  # a new forward: whatever the last one kept is stale
+        if state.rotary is not None:
+            state.rotary.entries.clear()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         inputs = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if inputs is None:
@@ -231,6 +236,8 @@ def _check_model(model: torch.nn.Module, mesh: ContextParallelMesh) -> None:
         from .algorithms.ulysses import check_heads
 
         check_heads(heads, mesh.layout.ulysses)
+    if cp.mode == "odysseus":
+        odysseus.check_model(model, cp.size)
     if cp.mode == "llama3" and kv_heads is not None and kv_heads % cp.kv_stride(kv_heads):
         raise ValueError(
             f"context_parallel_heads_k_stride={cp.heads_k_stride} must divide the model's {kv_heads} key/value heads; "
@@ -263,6 +270,8 @@ def apply_context_parallel(
     for module in model.modules():
         setattr(module, _STATE_ATTR, state)
     model.set_attn_implementation(ATTENTION_NAME)
+    if mesh.config.mode == "odysseus" and mesh.cp_group is not None:
+        state.rotary = odysseus.install(model, mesh)
     state.hooks.append(model.register_forward_pre_hook(_pre_forward_hook(state), with_kwargs=True))
     return model
 
@@ -274,6 +283,7 @@ def remove_context_parallel(model: torch.nn.Module) -> torch.nn.Module:
         return model
     for hook in state.hooks:
         hook.remove()
+    odysseus.uninstall(model)
     for module in model.modules():
         if getattr(module, _STATE_ATTR, None) is state:
             delattr(module, _STATE_ATTR)

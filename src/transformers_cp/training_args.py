@@ -30,7 +30,8 @@ class TrainingArguments(transformers.TrainingArguments):
         default=DEFAULT_MODE,
         metadata={
             "help": "ring (contiguous shards), zigzag (load-balanced ring), llama3 (all-gathered KV), ulysses "
-            "(all-to-all over heads) or hybrid (Ulysses inside, zigzag ring across).",
+            "(all-to-all over heads), hybrid (Ulysses inside, zigzag ring across) or odysseus (attention heads split "
+            "around an all-gather / reduce-scatter of the sequence).",
             "choices": list(MODES),
         },
     )

@@ -1,0 +1,208 @@
+"""The `odysseus` mode: attention as sequence-sharded tensor parallelism, the rest of the layer on the sequence shard.
+
+Each CP rank holds a contiguous shard (1, S/N, H) of the packed row. Around every attention module:
+
+1. the shard is all-gathered to the whole row (1, S, H) (backward: reduce-scatter of its gradient);
+2. q/k/v are projected for this rank's heads only (query heads split evenly over the group, KV heads following their
+   query heads as Ulysses plans them, replicated where there are fewer KV heads than ranks);
+3. the model's own attention forward runs on the whole row with these heads: RoPE from the gathered position
+   embeddings, Qwen3's q/k norms, and the registered attention function, which runs the local kernel over the row's
+   documents (packed documents and sliding windows are exact, as on one rank);
+4. o_proj of the local heads gives a partial sum (1, S, H), reduce-scattered back to the shard (backward: all-gather).
+
+Norms, MLP, embeddings and the LM head run on the shard with their own weights, as in data parallelism.
+
+Weights stay whole on every rank; only the local heads' rows (q/k/v) and columns (o_proj) are used. A projection
+weight's gradient is then the gradient of the rank's share of the loss through its heads, zero elsewhere, and the
+sum over the CP group is the full gradient: the same algebra as every other parameter under `loss.py`'s convention,
+so DDP, FSDP2 and ZeRO average it unchanged, and checkpoints stay ordinary Hugging Face weights. The price is that
+projection weights (with their gradients and optimizer state) are not divided by the CP size; under FSDP2 / ZeRO-3
+they are divided by all ranks anyway.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .algorithms.ulysses import kv_heads_for_rank
+from .comm import GatherSequence, ScatterSequence, all_gather
+from .mesh import ContextParallelMesh
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_REPLACED = "_context_parallel_odysseus_replaced"  # on a module whose forward this mode replaced: the instance forward
+# it had before (None when it used its class's)
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """Rows of q_proj, k_proj/v_proj and columns of o_proj that one rank uses (slices when contiguous)."""
+
+    q: slice
+    kv: slice | list[int]
+
+
+def _rows(heads: list[int], head_dim: int) -> slice | list[int]:
+    rows = [h * head_dim + i for h in heads for i in range(head_dim)]
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return rows
+
+
+def plan_heads(num_q: int, num_kv: int, head_dim: int, size: int, rank: int) -> HeadPlan:
+    """This rank's share of the heads: query heads [rank·Hq/N, (rank+1)·Hq/N) and the KV heads they use."""
+    check_heads(num_q, num_kv, size)
+    per = num_q // size
+    return HeadPlan(
+        slice(rank * per * head_dim, (rank + 1) * per * head_dim),
+        _rows(kv_heads_for_rank(num_q, num_kv, size, rank), head_dim),
+    )
+
+
+def check_heads(num_q: int, num_kv: int, size: int) -> None:
+    if num_q % size or num_q % num_kv:
+        divisors = [d for d in range(2, num_q + 1) if num_q % d == 0]
+        raise ValueError(
+            f"context_parallel_mode='odysseus' splits the model's {num_q} query heads over the "
+            f"context_parallel_size={size} ranks, which must divide them; pick a size in {divisors or [1]}, or a "
+            "ring mode ('zigzag', 'llama3')."
+        )
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Attention modules with separate q/k/v/o linear projections and a `head_dim` (Llama, Qwen2/3, Mistral, ...)."""
+    found = [
+        m
+        for m in model.modules()
+        if hasattr(m, "head_dim") and all(isinstance(getattr(m, p, None), torch.nn.Linear) for p in _PROJECTIONS)
+    ]
+    if not found:
+        raise ValueError(
+            f"context_parallel_mode='odysseus' needs attention modules with separate q_proj, k_proj, v_proj and "
+            f"o_proj linear layers, which {type(model).__name__} does not have; use another context_parallel_mode."
+        )
+    return found
+
+
+def check_model(model: torch.nn.Module, size: int) -> None:
+    """Raise before any collective if the model's heads cannot be split over `size` ranks."""
+    for module in attention_modules(model):
+        d = module.head_dim
+        check_heads(module.q_proj.out_features // d, module.k_proj.out_features // d, size)
+        for name in ("q_norm", "k_norm"):
+            weight = getattr(getattr(module, name, None), "weight", None)
+            if weight is not None and weight.numel() != d:
+                raise ValueError(
+                    f"context_parallel_mode='odysseus' needs {name} to normalise each head (size {d}), but "
+                    f"{type(module).__name__}.{name} spans {weight.numel()} features across heads; use another "
+                    "context_parallel_mode for this model."
+                )
+
+
+def _take(tensor: torch.Tensor, index: slice | list[int], dim: int) -> torch.Tensor:
+    if isinstance(index, slice):
+        return tensor[(slice(None),) * dim + (index,)]
+    return tensor.index_select(dim, torch.tensor(index, device=tensor.device))
+
+
+def _replace_forward(module: torch.nn.Module, forward) -> None:
+    """Replace the instance's forward (hooks of other engines still run through `__call__`)."""
+    setattr(module, _REPLACED, vars(module).get("forward"))
+    module.forward = forward
+
+
+def _row_projection(linear: torch.nn.Linear, rows: slice | list[int]):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        bias = None if linear.bias is None else _take(linear.bias, rows, 0)
+        return F.linear(x, _take(linear.weight, rows, 0), bias)
+
+    return forward
+
+
+def _column_projection(linear: torch.nn.Linear, cols: slice, with_bias: bool):
+    """o_proj of the local heads: a partial sum. The bias counts on one rank so that the sum has it once; the others
+    add it times zero, so that every rank uses every parameter (DDP expects a gradient from each)."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        bias = linear.bias
+        if bias is not None and not with_bias:
+            bias = bias * 0
+        return F.linear(x, _take(linear.weight, cols, 1), bias)
+
+    return forward
+
+
+class _RotaryCache:
+    """The whole row's (cos, sin), gathered once per forward: every layer receives the same position embeddings."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple] = {}
+
+    def full(self, embeddings: tuple[torch.Tensor, ...], group) -> tuple[torch.Tensor, ...]:
+        entry = self.entries.get(id(embeddings[0]))
+        if entry is None or entry[0] is not embeddings[0]:
+            gathered = tuple(
+                all_gather(t.detach().transpose(0, 1), group).flatten(0, 1).transpose(0, 1) for t in embeddings
+            )
+            entry = (embeddings[0], gathered)
+            self.entries[id(embeddings[0])] = entry
+        return entry[1]
+
+
+def _attention_forward(module: torch.nn.Module, mesh: ContextParallelMesh, rotary: _RotaryCache):
+    original = module.forward
+    signature = inspect.signature(original)
+    group = mesh.cp_group
+
+    def forward(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        hidden = bound.arguments["hidden_states"]
+        if hidden.shape[0] != 1:
+            raise ValueError(
+                f"context parallel attention takes one packed row per step, got a batch of {hidden.shape[0]}; "
+                "flatten the batch into one row (transformers_cp's collator does)."
+            )
+        embeddings = bound.arguments.get("position_embeddings")
+        if embeddings is None:
+            raise ValueError(
+                f"context_parallel_mode='odysseus' needs the position embeddings that {type(module).__name__} "
+                "receives from its decoder layer; use another context_parallel_mode for this model."
+            )
+        bound.arguments["hidden_states"] = GatherSequence.apply(hidden[0], group)[None]
+        bound.arguments["position_embeddings"] = rotary.full(embeddings, group)
+        out, weights = original(*bound.args, **bound.kwargs)
+        return ScatterSequence.apply(out[0], group)[None], weights
+
+    return forward
+
+
+def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> _RotaryCache:
+    """Replace the attention and projection forwards of every attention module; returns the per-forward cache that
+    the model's pre-forward hook clears."""
+    rotary = _RotaryCache()
+    for module in attention_modules(model):
+        d = module.head_dim
+        plan = plan_heads(
+            module.q_proj.out_features // d, module.k_proj.out_features // d, d, mesh.cp_size, mesh.cp_rank
+        )
+        _replace_forward(module.q_proj, _row_projection(module.q_proj, plan.q))
+        _replace_forward(module.k_proj, _row_projection(module.k_proj, plan.kv))
+        _replace_forward(module.v_proj, _row_projection(module.v_proj, plan.kv))
+        _replace_forward(module.o_proj, _column_projection(module.o_proj, plan.q, with_bias=mesh.cp_rank == 0))
+        _replace_forward(module, _attention_forward(module, mesh, rotary))
+    return rotary
+
+
+def uninstall(model: torch.nn.Module) -> None:
+    """Give every module this mode touched its class's forward back."""
+    for module in model.modules():
+        if hasattr(module, _REPLACED):
+            previous = getattr(module, _REPLACED)
+            delattr(module, _REPLACED)
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
