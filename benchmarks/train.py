@@ -25,6 +25,7 @@ import torch.distributed as dist
 import transformers
 
 from transformers_cp import Trainer, TrainingArguments
+from transformers_cp.offload import activation_offloader
 
 SHAPES = {
     "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -162,6 +163,8 @@ def run_one(
         progress("trainer ready")
         trainer.train()
         row["engine"] = type(trainer.model_wrapped).__name__  # e.g. DistributedDataParallel, FSDPQwen2ForCausalLM
+        if (offloader := activation_offloader(model)) is not None:
+            row["offloaded_gib_per_step"] = round(offloader.moved_bytes / steps / 2**30, 1)
         steady = sorted(timer.times[1:] or timer.times)[len(timer.times[1:] or timer.times) // 2]
         row.update(step_s=round(steady, 3), tokens_per_s_per_gpu=round(seq / steady / world, 1),
                    model_tflops_per_gpu=round(model_flops(config, n_params, seq) / steady / world / 1e12, 1),
@@ -218,10 +221,12 @@ def main() -> None:
     p.add_argument("--loss-chunk", type=int, default=None, help="tokens per LM-head loss chunk (0 off; default auto)")
     p.add_argument("--mlp-tile", type=int, default=None, help="tokens per MLP tile (0 off; default auto)")
     p.add_argument("--offload", action="store_true", help="checkpointed layer inputs in pinned host memory")
+    p.add_argument("--offload-attention", action="store_true", help="with --offload: CP's kept attention outputs too")
     p.add_argument("--fsdp", action="store_true", help="FSDP2: shard parameters, gradients and optimizer state")
     a = p.parse_args()
     savings = dict(context_parallel_loss_chunk_size=a.loss_chunk, context_parallel_mlp_tile_size=a.mlp_tile,
-                   context_parallel_offload_activations=a.offload, fsdp=a.fsdp)  # fmt: skip
+                   context_parallel_offload_activations=a.offload,
+                   context_parallel_offload_attention_outputs=a.offload_attention, fsdp=a.fsdp)  # fmt: skip
     from transformers_cp.mesh import init_distributed
 
     init_distributed()

@@ -29,10 +29,17 @@ from trainer_cases import (
     train_and_record,
 )
 
-from transformers_cp import ContextParallelConfig, ContextParallelConfigError, TrainingArguments
+from transformers_cp import (
+    ContextParallelConfig,
+    ContextParallelConfigError,
+    TrainingArguments,
+    apply_context_parallel,
+    build_mesh,
+    shard_batch,
+)
 from transformers_cp.chunked_loss import apply_chunked_loss
 from transformers_cp.memory import apply_memory_savings
-from transformers_cp.offload import apply_activation_offload
+from transformers_cp.offload import activation_offloader, apply_activation_offload
 from transformers_cp.tiled_mlp import apply_tiled_mlp
 
 # Small chunks and tiles so that every row spans several of them, with ragged last ones.
@@ -136,11 +143,11 @@ def test_tiled_mlp_and_offload_are_the_plain_model(tile, offload, chunk, reentra
     expected = _loss_and_grads(plain, input_ids=ids, labels=labels)
     if offload:  # the inputs of all checkpointed layers but the last are released until backward
         loss = model(input_ids=ids, labels=labels).loss
-        records = list(model._activation_offload_state.records.values())
+        records = list(activation_offloader(model).records.values())
         assert len(records) == len(model.model.layers)
         assert [r.tensor.untyped_storage().nbytes() == 0 for r in records] == [True] * (len(records) - 1) + [False]
         loss.backward()
-        assert not model._activation_offload_state.records  # every input came back
+        assert not activation_offloader(model).records  # every input came back
     accumulated.clear()
     _assert_same(_loss_and_grads(model, input_ids=ids, labels=labels), expected, f"tile {tile} offload {offload}")
     assert set(accumulated.values()) == {1} and len(accumulated) == len(expected[1]), accumulated
@@ -153,6 +160,8 @@ def test_settings_are_validated(tmp_path):
         ContextParallelConfig(mlp_tile_size=True)
     with pytest.raises(ContextParallelConfigError, match="context_parallel_offload_activations"):
         ContextParallelConfig(offload_activations="yes")
+    with pytest.raises(ContextParallelConfigError, match="context_parallel_offload_activations=True"):
+        ContextParallelConfig(offload_attention_outputs=True)
     with pytest.raises(ContextParallelConfigError, match="gradient_checkpointing=True"):
         TrainingArguments(output_dir=str(tmp_path), context_parallel_offload_activations=True, use_cpu=True)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, context_parallel_mlp_tile_size=0)
@@ -190,9 +199,23 @@ def _distributed_worker(rank, world, ref_path):
     dist.all_gather_object(per_rank, stock["step_losses"])
     stock["step_losses"] = per_rank
     assert_same_run(_run_without_cp("llama"), stock, f"DDP rank {rank}", dp_rank=rank)
-    # CP=2 against the single-process stock run.
-    cp = run_cp("qwen2", 2, "zigzag", predict=True, gradient_checkpointing=True, **SAVINGS)
+    # CP=2 against the single-process stock run, offloading the layer inputs and the kept attention outputs.
+    offload = dict(context_parallel_offload_activations=True, context_parallel_offload_attention_outputs=True)
+    cp = run_cp("qwen2", 2, "zigzag", predict=True, gradient_checkpointing=True, **offload, **SAVINGS)
     assert_same_run(cp, torch.load(ref_path), f"CP=2 rank {rank}")
+    # What moves: each layer's input and its attention output, all but the last one released until backward.
+    mesh = build_mesh(ContextParallelConfig(size=world, mode="ulysses"), "cpu")
+    model = apply_context_parallel(build_model("llama", reference=False), mesh.config, mesh=mesh)
+    apply_activation_offload(model, attention_outputs=True)
+    model.gradient_checkpointing_enable()
+    model.train()
+    batch = shard_batch(transformers.DataCollatorWithFlattening(return_tensors="pt")(sft_dataset(3, 2)), mesh)
+    loss = model(**{k: batch[k] for k in ("input_ids", "position_ids", "labels", "shift_labels")}).loss
+    records = list(activation_offloader(model).records.values())
+    assert len(records) == 2 * len(model.model.layers), len(records)
+    assert sum(r.tensor.untyped_storage().nbytes() == 0 for r in records) == len(records) - 1
+    loss.backward()
+    assert not activation_offloader(model).records
 
 
 def test_ddp_and_context_parallel_with_savings(tmp_path):

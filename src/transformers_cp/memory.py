@@ -22,7 +22,7 @@ def apply_memory_savings(model: torch.nn.Module, config: ContextParallelConfig) 
     if config.mlp_tile_size != 0 and (config.mlp_tile_size is not None or decoder_mlps(model)):
         apply_tiled_mlp(model, config.mlp_tile_size)
     if config.offload_activations:
-        apply_activation_offload(model)
+        apply_activation_offload(model, config.offload_attention_outputs)
     return model
 
 

@@ -8,6 +8,11 @@ stream, and its device memory is released once layer i+1 has run (the copy overl
 backward, when layer i recomputes, its input is back (it was prefetched while layer i+1 recomputed) and layer i-1's
 input starts coming back. The last layer's input is never moved: it is needed first.
 
+With context parallelism, the first forward also keeps each attention's output for the recomputation
+(`algorithms.reuse`), as large as the layer input; `attention_outputs=True` moves those too, in the same chain: in
+backward, layer i's input, then its attention output, then layer i-1's input come back one after the other, each
+while the previous one is in use.
+
 Tensors are moved storage to storage, so the tensor objects that checkpointing holds keep their identity and version
 counters; the data are bit-identical, so training is exact. On CPU the same steps run as plain copies.
 """
@@ -19,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .algorithms.reuse import in_backward
+from .modeling import _STATE_ATTR as _CP_STATE_ATTR
 
 _STATE_ATTR = "_activation_offload_state"
 
@@ -40,6 +46,7 @@ class ActivationOffloader:
     order: list = field(default_factory=list)  # layers in forward order
     pool: dict = field(default_factory=dict)  # nbytes → free host buffers, reused across steps
     active: bool = False
+    moved_bytes: int = 0  # device → host, since the offloader was installed (a diagnostic)
     hooks: list = field(default_factory=list)
     _stream: torch.cuda.Stream | None = None
 
@@ -82,6 +89,7 @@ class ActivationOffloader:
                 record.copied.record(side)
         else:
             record.host.untyped_storage().copy_(storage)
+        self.moved_bytes += storage.nbytes()
         if self.order:
             self._release(self.records[self.order[-1]])
         self.records[layer] = record
@@ -127,6 +135,24 @@ class ActivationOffloader:
                 self._fetch(previous)
 
 
+class _OffloadingStore(dict):
+    """The CP attention's kept (out, lse) per attention module (`algorithms.reuse.ForwardReuse`'s store), with `out`
+    in host memory from when it is kept until its recomputation takes it."""
+
+    def __init__(self, offloader: ActivationOffloader) -> None:
+        super().__init__()
+        self.offloader = offloader
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        if self.offloader.active:
+            self.offloader.offload(key, value[0])
+
+    def pop(self, key, default=None):
+        self.offloader.restore(key)
+        return super().pop(key, default)
+
+
 def _first_grad_fn(output) -> torch.autograd.graph.Node | None:
     tensors = output if isinstance(output, (tuple, list)) else (output,)
     return next((t.grad_fn for t in tensors if isinstance(t, torch.Tensor) and t.grad_fn is not None), None)
@@ -159,8 +185,9 @@ def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
 
 
-def apply_activation_offload(model: torch.nn.Module) -> torch.nn.Module:
-    """Offload the checkpointed decoder-layer inputs of `model` to host memory while training with activation
+def apply_activation_offload(model: torch.nn.Module, attention_outputs: bool = False) -> torch.nn.Module:
+    """Offload the checkpointed decoder-layer inputs of `model` (and, with `attention_outputs`, the attention outputs
+    that context parallelism keeps for the recomputation) to host memory while training with activation
     checkpointing (a no-op otherwise). Idempotent; undone by `remove_activation_offload`."""
     if getattr(model, _STATE_ATTR, None) is not None:
         return model
@@ -178,10 +205,18 @@ def apply_activation_offload(model: torch.nn.Module) -> torch.nn.Module:
         checkpointing = module.training and any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
         wants_hidden = kwargs.get("output_hidden_states") or getattr(module.config, "output_hidden_states", False)
         offloader.begin_forward(checkpointing and torch.is_grad_enabled() and not wants_hidden)
+        cp_state = getattr(module, _CP_STATE_ATTR, None)  # context parallelism may be applied after this
+        if attention_outputs and cp_state is not None and not isinstance(cp_state.kept, _OffloadingStore):
+            cp_state.kept = _OffloadingStore(offloader)
 
     offloader.hooks.append(model.register_forward_pre_hook(pre_forward, with_kwargs=True))
     setattr(model, _STATE_ATTR, offloader)
     return model
+
+
+def activation_offloader(model: torch.nn.Module) -> ActivationOffloader | None:
+    """The offloader `apply_activation_offload` installed on `model`, or None."""
+    return getattr(model, _STATE_ATTR, None)
 
 
 def remove_activation_offload(model: torch.nn.Module) -> torch.nn.Module:
@@ -189,6 +224,9 @@ def remove_activation_offload(model: torch.nn.Module) -> torch.nn.Module:
     if offloader is None:
         return model
     offloader.begin_forward(False)
+    cp_state = getattr(model, _CP_STATE_ATTR, None)
+    if cp_state is not None and isinstance(cp_state.kept, _OffloadingStore):
+        cp_state.kept = {}
     for hook in offloader.hooks:
         hook.remove()
     for layer in checkpointed_layers(model):

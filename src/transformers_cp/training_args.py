@@ -74,6 +74,14 @@ class TrainingArguments(transformers.TrainingArguments):
         },
     )
 
+    context_parallel_offload_attention_outputs: bool = field(
+        default=False,
+        metadata={
+            "help": "With context_parallel_offload_activations: also keep in host memory the attention outputs that "
+            "context parallelism keeps for the recomputation (as large as the layer inputs)."
+        },
+    )
+
     def __post_init__(self) -> None:
         config = self.context_parallel_config  # raises ContextParallelConfigError on a bad field
         checkpointing = self.gradient_checkpointing or getattr(self, "activation_checkpointing", False)
@@ -117,4 +125,5 @@ class TrainingArguments(transformers.TrainingArguments):
             loss_chunk_size=self.context_parallel_loss_chunk_size,
             mlp_tile_size=self.context_parallel_mlp_tile_size,
             offload_activations=self.context_parallel_offload_activations,
+            offload_attention_outputs=self.context_parallel_offload_attention_outputs,
         )
