@@ -42,8 +42,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Σ CE(softcap(h·Wᵀ + b), labels) over chunks of `chunk_size` rows, gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, softcap: float | None):
-        needs = ctx.needs_input_grad
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, softcap: float | None, with_grads: bool):
+        needs = [need and with_grads for need in ctx.needs_input_grad[:3]]  # no gradient work without autograd
         grad_hidden = torch.zeros_like(hidden) if needs[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None
@@ -84,6 +84,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -102,7 +103,8 @@ def chunked_cross_entropy_sum(
         )
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = shift_labels.reshape(-1).to(hidden.device)
-    return ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, labels, chunk_size, softcap)
+    with_grads = torch.is_grad_enabled()
+    return ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, labels, chunk_size, softcap, with_grads)
 
 
 @dataclass

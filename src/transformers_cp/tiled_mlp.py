@@ -30,6 +30,17 @@ def _tiles(length: int, tile: int) -> list[tuple[int, int]]:
     return [(start, min(start + tile, length)) for start in range(0, length, tile)]
 
 
+def _forward_tiles(forward, x: torch.Tensor, tile: int) -> torch.Tensor:
+    """forward over x's sequence tiles, filled into one output: never the tiles and their concatenation at once."""
+    out = None
+    for start, end in _tiles(x.shape[1], tile):
+        part = forward(x[:, start:end])
+        if out is None:
+            out = part.new_empty(part.shape[0], x.shape[1], *part.shape[2:])
+        out[:, start:end] = part
+    return out
+
+
 class TiledMLPFunction(torch.autograd.Function):
     """out = cat_t forward(x[:, t]); backward recomputes each tile and returns the parameters' summed gradients."""
 
@@ -37,13 +48,7 @@ class TiledMLPFunction(torch.autograd.Function):
     def forward(ctx, forward, tile: int, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         ctx.forward, ctx.tile = forward, tile
         ctx.save_for_backward(x, *params)
-        out = None
-        for start, end in _tiles(x.shape[1], tile):
-            part = forward(x[:, start:end])
-            if out is None:  # filled in place: never the tiles and their concatenation at once
-                out = part.new_empty(part.shape[0], x.shape[1], *part.shape[2:])
-            out[:, start:end] = part
-        return out
+        return _forward_tiles(forward, x, tile)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -69,8 +74,10 @@ def _tiled_forward(mlp: torch.nn.Module, forward, tile_size: int | None):
     def tiled(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         tokens = x.shape[1] if x.dim() == 3 else 0
         tile = tile_size if tile_size is not None else (AUTO_TILE_TOKENS if tokens > AUTO_MIN_TOKENS else 0)
-        if args or kwargs or not tile or tokens <= tile or not torch.is_grad_enabled():
-            return forward(x, *args, **kwargs)  # nothing to save for backward: no tiling needed
+        if args or kwargs or not tile or tokens <= tile:
+            return forward(x, *args, **kwargs)
+        if not torch.is_grad_enabled():  # e.g. the first forward of reentrant checkpointing: tiles, no backward
+            return _forward_tiles(forward, x, tile)
         params = [p for p in mlp.parameters() if p.requires_grad]
         if any(hasattr(p, "ds_id") for p in params):
             raise ValueError(
