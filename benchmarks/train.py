@@ -164,7 +164,7 @@ def run_one(
         trainer.train()
         row["engine"] = type(trainer.model_wrapped).__name__  # e.g. DistributedDataParallel, FSDPQwen2ForCausalLM
         if (offloader := activation_offloader(model)) is not None:
-            row["offloaded_gib_per_step"] = round(offloader.moved_bytes / steps / 2**30, 1)
+            row["offloaded_gib_per_step"] = round(offloader.moved_bytes / steps / 2**30, 2)
         steady = sorted(timer.times[1:] or timer.times)[len(timer.times[1:] or timer.times) // 2]
         row.update(step_s=round(steady, 3), tokens_per_s_per_gpu=round(seq / steady / world, 1),
                    model_tflops_per_gpu=round(model_flops(config, n_params, seq) / steady / world / 1e12, 1),
