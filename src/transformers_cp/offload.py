@@ -203,7 +203,9 @@ def apply_activation_offload(model: torch.nn.Module, attention_outputs: bool = F
 
     def pre_forward(module, args, kwargs):
         checkpointing = module.training and any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
-        wants_hidden = kwargs.get("output_hidden_states") or getattr(module.config, "output_hidden_states", False)
+        wants_hidden = kwargs.get("output_hidden_states") or getattr(
+            getattr(module, "config", None), "output_hidden_states", False
+        )
         offloader.begin_forward(checkpointing and torch.is_grad_enabled() and not wants_hidden)
         cp_state = getattr(module, _CP_STATE_ATTR, None)  # context parallelism may be applied after this
         if attention_outputs and cp_state is not None and not isinstance(cp_state.kept, _OffloadingStore):
