@@ -9,6 +9,10 @@ the same settings as the peers' anchor script (../shared/anchors/anchor_e2e.py) 
 
 Modes are any `context_parallel_mode` (ring, zigzag, llama3, ulysses, hybrid, odysseus); `--comm` adds the bytes
 each rank sends per step for ulysses, zigzag and odysseus (`comm_volume.py`) and the profiled NCCL kernel time.
+
+Long sequences (docs/long_sequences.md): the chunked loss and tiled MLP are on by default (auto); --offload keeps the
+checkpointed layer inputs in host memory, --fsdp shards parameters, gradients and optimizer state with FSDP2. Rank 0
+prints the progress of each phase with the elapsed time.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import transformers
 from comm_volume import step_summary
 
 from transformers_cp import Trainer, TrainingArguments
+from transformers_cp.offload import activation_offloader
 
 SHAPES = {
     "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -37,6 +42,13 @@ SHAPES = {
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1 << 16),
 }  # fmt: skip
 CUDA = torch.cuda.is_available()
+START = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """One line per phase on rank 0, with the time since the script started."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[{time.perf_counter() - START:7.1f}s] {message}", flush=True)
 
 
 class StepTimer(transformers.TrainerCallback):
@@ -46,15 +58,18 @@ class StepTimer(transformers.TrainerCallback):
         self.times: list[float] = []
         self._start = 0.0
 
-    def on_step_begin(self, *args, **kwargs):
+    def on_step_begin(self, args, state, control, **kwargs):
         if CUDA:
             torch.cuda.synchronize()
+        progress(f"step {state.global_step + 1} begins")
         self._start = time.perf_counter()
 
-    def on_step_end(self, *args, **kwargs):
+    def on_step_end(self, args, state, control, **kwargs):
         if CUDA:
             torch.cuda.synchronize()
         self.times.append(time.perf_counter() - self._start)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0
+        progress(f"step {state.global_step} done in {self.times[-1]:.1f}s, peak {peak:.1f} GiB on rank 0")
 
 
 class StepProfiler(transformers.TrainerCallback):
@@ -113,10 +128,24 @@ def model_flops(config: transformers.PretrainedConfig, n_params: int, seq: int) 
 
 
 def run_one(
-    shape: str, seq: int, mode: str, steps: int, world: int, profile_dir: str | None = None, comm: bool = False
+    shape: str,
+    seq: int,
+    mode: str,
+    steps: int,
+    world: int,
+    profile_dir: str | None = None,
+    savings: dict | None = None,
+    comm: bool = False,
 ) -> dict:
-    """Train `steps` steps on sequences of `seq` tokens; returns timings or the failure. With `comm`, also the bytes
-    sent per rank and step from the shapes (`comm_volume`) and the NCCL kernel time of one profiled step."""
+    """Train `steps` steps on sequences of `seq` tokens; returns timings or the failure.
+
+    `savings`: the long-sequence switches (`context_parallel_loss_chunk_size`, `..._mlp_tile_size`,
+    `..._offload_activations`) and `fsdp` (True: FSDP2 full sharding of the decoder layers and the root). With `comm`,
+    also the bytes sent per rank and step from the shapes (`comm_volume`) and the NCCL kernel time of one profiled
+    step."""
+    savings = dict(savings or {})
+    fsdp = savings.pop("fsdp", False)
+    progress(f"{shape} S={seq} {mode}: building the model")
     config = transformers.Qwen2Config(**SHAPES[shape], use_cache=False)
     torch.manual_seed(0)
     with torch.device("cuda" if CUDA else "cpu"):  # random init on the GPU: seconds instead of a minute
@@ -128,6 +157,11 @@ def run_one(
     data = [{"input_ids": (ids := torch.randint(0, config.vocab_size, (seq,), generator=g).tolist()), "labels": ids}
             for _ in range(steps)]  # fmt: skip
     cp = dict(context_parallel_size=world, context_parallel_mode=mode) if world > 1 else {}
+    cp.update(savings)
+    if fsdp:
+        cp.update(
+            fsdp="full_shard", fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]}
+        )
     args = TrainingArguments(
         output_dir="/tmp/transformers_cp_bench", per_device_train_batch_size=1, max_steps=steps, learning_rate=1e-5,
         bf16=CUDA, use_cpu=not CUDA, gradient_checkpointing=True, logging_steps=1, save_strategy="no", report_to=[],
@@ -136,7 +170,8 @@ def run_one(
     timer = StepTimer()
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
-    row: dict = dict(shape=shape, seq=seq, mode=mode if world > 1 else "single", world=world, params=n_params)
+    row: dict = dict(shape=shape, seq=seq, mode=mode if world > 1 else "single", world=world, params=n_params,
+                     fsdp=fsdp, **{k.removeprefix("context_parallel_"): v for k, v in savings.items()})  # fmt: skip
     if comm and world > 1:
         row.update(step_summary(mode, SHAPES[shape], n_params, seq, world))
     try:
@@ -148,7 +183,11 @@ def run_one(
             profiler = StepProfiler(profile_dir and f"{profile_dir}/{shape}_{mode}_S{seq}.txt")
             callbacks.append(profiler)
         trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+        progress("trainer ready")
         trainer.train()
+        row["engine"] = type(trainer.model_wrapped).__name__  # e.g. DistributedDataParallel, FSDPQwen2ForCausalLM
+        if (offloader := activation_offloader(model)) is not None:
+            row["offloaded_gib_per_step"] = round(offloader.moved_bytes / steps / 2**30, 2)
         steady = sorted(timer.times[1:] or timer.times)[len(timer.times[1:] or timer.times) // 2]
         row.update(step_s=round(steady, 3), tokens_per_s_per_gpu=round(seq / steady / world, 1),
                    model_tflops_per_gpu=round(model_flops(config, n_params, seq) / steady / world / 1e12, 1),
@@ -171,12 +210,14 @@ def run_one(
     return row
 
 
-def longest(shape: str, mode: str, start: int, world: int, limit: int, step: int = 8192) -> dict:
+def longest(
+    shape: str, mode: str, start: int, world: int, limit: int, step: int = 8192, savings: dict | None = None
+) -> dict:
     """Double the length until a step fails, then bisect to a multiple of `step`: the longest that trains."""
     ok, bad, tried = 0, None, []
     seq = start
     while bad is None and seq <= limit:
-        r = run_one(shape, seq, mode, 1, world)
+        r = run_one(shape, seq, mode, 1, world, savings=savings)
         tried.append(r)
         if "error" in r:
             bad = seq
@@ -184,7 +225,7 @@ def longest(shape: str, mode: str, start: int, world: int, limit: int, step: int
             ok, seq = seq, seq * 2
     while bad is not None and bad - ok > step:
         mid = (ok + bad) // 2 // step * step
-        r = run_one(shape, mid, mode, 1, world)
+        r = run_one(shape, mid, mode, 1, world, savings=savings)
         tried.append(r)
         ok, bad = (mid, bad) if "error" not in r else (ok, mid)
     return dict(shape=shape, mode=mode, world=world, longest_ok=ok, first_failing=bad, tried=tried)
@@ -203,7 +244,15 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--profile", default=None, help="folder for a profiler table of one steady step per run")
     p.add_argument("--comm", action="store_true", help="bytes sent per step (from shapes) and NCCL time (profiled)")
+    p.add_argument("--loss-chunk", type=int, default=None, help="tokens per LM-head loss chunk (0 off; default auto)")
+    p.add_argument("--mlp-tile", type=int, default=None, help="tokens per MLP tile (0 off; default auto)")
+    p.add_argument("--offload", action="store_true", help="checkpointed layer inputs in pinned host memory")
+    p.add_argument("--offload-attention", action="store_true", help="with --offload: CP's kept attention outputs too")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2: shard parameters, gradients and optimizer state")
     a = p.parse_args()
+    savings = dict(context_parallel_loss_chunk_size=a.loss_chunk, context_parallel_mlp_tile_size=a.mlp_tile,
+                   context_parallel_offload_activations=a.offload,
+                   context_parallel_offload_attention_outputs=a.offload_attention, fsdp=a.fsdp)  # fmt: skip
     from transformers_cp.mesh import init_distributed
 
     init_distributed()
@@ -211,26 +260,30 @@ def main() -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     peak = matmul_peak_tflops()
     rows = []
+    meta = dict(command=f"torchrun --nproc_per_node {world} {' '.join(sys.argv)}",
+                machine=f"{world}x {torch.cuda.get_device_name() if CUDA else 'cpu'}", torch=torch.__version__,
+                transformers=transformers.__version__, matmul_peak_tflops=peak, date=time.strftime("%Y-%m-%d"),
+                env=f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')}")  # fmt: skip
+
+    def record(row: dict) -> None:
+        """Print the row and rewrite the JSON at once: a run cut off by a time limit keeps what it measured."""
+        rows.append(row)
+        if rank != 0:
+            return
+        print(json.dumps({k: v for k, v in row.items() if k != "tried"}), flush=True)
+        if a.out:
+            os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+            with open(a.out, "w") as f:
+                json.dump({"meta": meta, "results": rows}, f, indent=1)
+
     for mode in a.modes.split(","):
         for seq in map(int, a.seqs.split(",")) if a.seqs else []:
-            row = run_one(a.shape, seq, mode, a.steps, world, a.profile, a.comm)
+            row = run_one(a.shape, seq, mode, a.steps, world, a.profile, savings, a.comm)
             if peak and "model_tflops_per_gpu" in row:
                 row["mfu"] = round(row["model_tflops_per_gpu"] / peak, 3)
-            rows.append(row)
-            if rank == 0:
-                print(json.dumps(row), flush=True)
+            record(row)
         if a.search:
-            found = longest(a.shape, mode, a.search_start, world, a.search_limit, a.search_step)
-            rows.append(found)
-            if rank == 0:
-                print(json.dumps({k: v for k, v in found.items() if k != "tried"}), flush=True)
-    if rank == 0 and a.out:
-        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-        meta = dict(command=f"torchrun --nproc_per_node {world} {' '.join(sys.argv)}",
-                    machine=f"{world}x {torch.cuda.get_device_name() if CUDA else 'cpu'}", torch=torch.__version__,
-                    transformers=transformers.__version__, matmul_peak_tflops=peak, date=time.strftime("%Y-%m-%d"))  # fmt: skip
-        with open(a.out, "w") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=1)
+            record(longest(a.shape, mode, a.search_start, world, a.search_limit, a.search_step, savings))
 
 
 if __name__ == "__main__":

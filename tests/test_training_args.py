@@ -20,6 +20,10 @@ FLAGS = [
     "2",
     "--context_parallel_backend",
     "torch",
+    "--context_parallel_loss_chunk_size",
+    "4096",
+    "--context_parallel_mlp_tile_size",
+    "0",
 ]
 
 
@@ -29,7 +33,7 @@ def test_flags_parse_and_serialise(tmp_path, monkeypatch):
         ["--output_dir", str(tmp_path), *FLAGS]
     )
     assert args.context_parallel_config == ContextParallelConfig(
-        size=4, mode="hybrid", ulysses_size=2, heads_k_stride=2, backend="torch"
+        size=4, mode="hybrid", ulysses_size=2, heads_k_stride=2, backend="torch", loss_chunk_size=4096, mlp_tile_size=0
     )
     saved = json.loads(args.to_json_string())
     assert {k: v for k, v in saved.items() if k.startswith("context_parallel_")} == {
@@ -38,6 +42,10 @@ def test_flags_parse_and_serialise(tmp_path, monkeypatch):
         "context_parallel_ulysses_size": 2,
         "context_parallel_heads_k_stride": 2,
         "context_parallel_backend": "torch",
+        "context_parallel_loss_chunk_size": 4096,
+        "context_parallel_mlp_tile_size": 0,
+        "context_parallel_offload_activations": False,
+        "context_parallel_offload_attention_outputs": False,
     }
     assert TrainingArguments(**{k: saved[k] for k in saved if k.startswith("context_parallel_")}).context_parallel_size
 

@@ -29,6 +29,18 @@ class ContextParallelConfig:
             `None` gathers half of them at a time, so that the second gather overlaps the first half's attention.
         backend: local attention kernel: `torch` (PyTorch's fused ops, exact math on CPU), `flash_attn`
             (flash-attn, when installed) or `auto` (flash_attn when installed and on CUDA, else torch).
+        loss_chunk_size: tokens per chunk of the LM head + cross-entropy, which then never forms the full logits
+            (0 = off; `None` = auto: chunks of 2^28 logits whenever a micro-batch's logits are larger). Saves the
+            logits and their gradient: tokens × vocabulary × about 12 bytes, 0.96 TB for 500k tokens of a 152k
+            vocabulary.
+        mlp_tile_size: tokens per tile of each decoder layer's MLP, recomputed per tile in backward (0 = off;
+            `None` = auto: tiles of 8192 tokens above 32768 tokens). Saves the MLP's intermediate activations,
+            tokens × intermediate size × about 8 bytes per layer; costs one more MLP forward per layer.
+        offload_activations: under activation checkpointing, keep each decoder layer's input in pinned host memory
+            until its recomputation, copied on a side stream. Saves layers × tokens × hidden × 2 bytes of device
+            memory (45 GB for 500k tokens of the 1.5B shape) for as much pinned host memory.
+        offload_attention_outputs: with `offload_activations`, also keep in pinned host memory the attention outputs
+            that context parallelism keeps for the recomputation (as large as the layer inputs).
     """
 
     size: int | None = None
@@ -36,6 +48,10 @@ class ContextParallelConfig:
     ulysses_size: int | None = None
     heads_k_stride: int | None = None
     backend: str = "auto"
+    loss_chunk_size: int | None = None
+    mlp_tile_size: int | None = None
+    offload_activations: bool = False
+    offload_attention_outputs: bool = False
 
     def __post_init__(self) -> None:
         if self.size is not None and (not isinstance(self.size, int) or self.size < 1):
@@ -54,6 +70,21 @@ class ContextParallelConfig:
         if self.heads_k_stride is not None and (not isinstance(self.heads_k_stride, int) or self.heads_k_stride < 1):
             raise ContextParallelConfigError(
                 f"context_parallel_heads_k_stride must be an integer >= 1 (got {self.heads_k_stride!r})."
+            )
+        for name in ("loss_chunk_size", "mlp_tile_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ContextParallelConfigError(
+                    f"context_parallel_{name} must be an integer >= 0 (tokens; 0 = off) or None (auto), got {value!r}."
+                )
+        for name in ("offload_activations", "offload_attention_outputs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ContextParallelConfigError(
+                    f"context_parallel_{name} must be True or False, got {getattr(self, name)!r}."
+                )
+        if self.offload_attention_outputs and not self.offload_activations:
+            raise ContextParallelConfigError(
+                "context_parallel_offload_attention_outputs=True needs context_parallel_offload_activations=True."
             )
         if self.mode == "hybrid":
             if self.ulysses_size is None or self.ulysses_size < 1:

@@ -51,6 +51,18 @@ def loss_scale(mesh: ContextParallelMesh, across_dp: bool = True) -> int:
     return mesh.cp_size * (mesh.dp_size if across_dp else 1)
 
 
+def causal_lm_loss(
+    ce_sum: torch.Tensor, shift_labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None
+) -> torch.Tensor:
+    """A causal LM's loss from its cross-entropy sum, as transformers' `ForCausalLMLoss` reduces it: the sum over
+    `num_items_in_batch` when given, else the mean over this micro-batch's label tokens."""
+    if num_items_in_batch is None:
+        return ce_sum / shift_labels.ne(IGNORE_INDEX).sum().to(ce_sum.device)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(ce_sum.device)
+    return ce_sum / num_items_in_batch
+
+
 def context_parallel_loss(
     logits: torch.Tensor,
     shift_labels: torch.Tensor,
@@ -68,7 +80,7 @@ def context_parallel_loss(
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
-    return ce / num_items_in_batch * loss_scale(mesh, across_dp)
+    return causal_lm_loss(ce, shift_labels, num_items_in_batch) * loss_scale(mesh, across_dp)
 
 
 def reduce_loss_for_logging(loss: torch.Tensor, mesh: ContextParallelMesh) -> torch.Tensor:

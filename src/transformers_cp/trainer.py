@@ -9,7 +9,10 @@ With `context_parallel_size = c` on c·d processes it trains, evaluates and pred
 - the loss is normalised and scaled as `transformers_cp.loss` explains, and reported equal on every CP rank;
 - evaluation and prediction rebuild each row's loss, logits and labels over the CP group, then gather over dp ranks.
 
-With `context_parallel_size == 1` (or transformers' own `TrainingArguments`) nothing changes.
+The long-sequence memory savings of the config (chunked LM-head loss, tiled MLP, activation offload: `memory.py`) are
+installed with or without CP; the chunked loss serves training and loss-only evaluation, while prediction that needs
+logits runs the model's plain head. With `context_parallel_size == 1` and those switches off (or transformers' own
+`TrainingArguments`) nothing changes.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import torch.distributed as dist
 import transformers
 from transformers.data.data_collator import default_data_collator
 
+from .chunked_loss import chunked_loss_state
 from .collator import ContextParallelCollator
 from .loss import count_label_tokens, loss_scale, reduce_loss_for_logging
+from .memory import apply_memory_savings
 from .mesh import ContextParallelMesh, build_mesh
 from .modeling import apply_context_parallel
 from .sampler import shard_dataloader_over_dp
@@ -40,6 +45,8 @@ class ContextParallelTrainerMixin:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         config = getattr(self.args, "context_parallel_config", None)
+        if config is not None and self.model is not None:
+            apply_memory_savings(self.model, config)
         if config is None or not config.enabled:
             return
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -68,6 +75,9 @@ class ContextParallelTrainerMixin:
 
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
+        config = getattr(self.args, "context_parallel_config", None)
+        if config is not None:
+            apply_memory_savings(model, config)
         if self.cp_mesh is not None:
             apply_context_parallel(model, self.cp_mesh.config, mesh=self.cp_mesh)
         return model
@@ -117,6 +127,16 @@ class ContextParallelTrainerMixin:
     # ---- evaluation and prediction -----------------------------------------------------------------------------
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        chunked = chunked_loss_state(self.accelerator.unwrap_model(model))
+        if chunked is None:
+            return self._prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        chunked.enabled = bool(prediction_loss_only)  # logits are wanted: the model's plain head
+        try:
+            return self._prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        finally:
+            chunked.enabled = True
+
+    def _prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if self.cp_mesh is None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
         num_tokens = int(inputs["cu_seq_lens_q"][-1])

@@ -53,9 +53,44 @@ class TrainingArguments(transformers.TrainingArguments):
             "choices": list(BACKENDS),
         },
     )
+    context_parallel_loss_chunk_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per chunk of the LM head + cross-entropy, so the full logits are never formed (0 = off; "
+            "unset = auto: on whenever a micro-batch's logits exceed 2^28 elements). Works without CP too."
+        },
+    )
+    context_parallel_mlp_tile_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per tile of each decoder MLP, recomputed per tile in backward (0 = off; unset = auto: "
+            "8192-token tiles above 32768 tokens). Works without CP too."
+        },
+    )
+    context_parallel_offload_activations: bool = field(
+        default=False,
+        metadata={
+            "help": "With gradient_checkpointing: keep each decoder layer's checkpointed input in pinned host memory "
+            "until backward, copied on a side stream. Works without CP too."
+        },
+    )
+
+    context_parallel_offload_attention_outputs: bool = field(
+        default=False,
+        metadata={
+            "help": "With context_parallel_offload_activations: also keep in host memory the attention outputs that "
+            "context parallelism keeps for the recomputation (as large as the layer inputs)."
+        },
+    )
 
     def __post_init__(self) -> None:
         config = self.context_parallel_config  # raises ContextParallelConfigError on a bad field
+        checkpointing = self.gradient_checkpointing or getattr(self, "activation_checkpointing", False)
+        if config.offload_activations and not checkpointing:
+            raise ContextParallelConfigError(
+                "context_parallel_offload_activations=True offloads the inputs of checkpointed layers; set "
+                "gradient_checkpointing=True too."
+            )
         world_size = os.environ.get("WORLD_SIZE")
         if config.enabled:
             try:
@@ -88,4 +123,8 @@ class TrainingArguments(transformers.TrainingArguments):
             ulysses_size=self.context_parallel_ulysses_size,
             heads_k_stride=self.context_parallel_heads_k_stride,
             backend=self.context_parallel_backend,
+            loss_chunk_size=self.context_parallel_loss_chunk_size,
+            mlp_tile_size=self.context_parallel_mlp_tile_size,
+            offload_activations=self.context_parallel_offload_activations,
+            offload_attention_outputs=self.context_parallel_offload_attention_outputs,
         )

@@ -1,0 +1,221 @@
+"""The causal-LM loss without the logits: the LM head and cross-entropy run over chunks of tokens.
+
+Full float32 logits of 500k tokens and a 152k vocabulary would take 300 GB; here at most one chunk's logits exist at a
+time. The gradients with respect to the hidden states and the head's weight are computed chunk by chunk during the
+forward (as fused linear-cross-entropy implementations do) rather than by recomputing each chunk's logits in backward:
+it saves one LM-head matrix product per token and keeps only two tensors for backward (the hidden states' gradient,
+the size of the hidden states, and the head's weight gradient in float32). Each chunk is differentiated by autograd
+on exactly the operations the model runs (head, optional final soft-capping in the logits' dtype, float32 upcast,
+cross-entropy with ignore index -100), so the values and gradients are those of the model's own loss.
+
+`apply_chunked_loss(model)` makes a Hugging Face causal LM return this loss whenever it is called with `labels` or
+`shift_labels`: the same value as its own loss (sum over tokens / `num_items_in_batch`, or the token mean), so any
+trainer, and transformers_cp's loss scaling (`loss.py`), works unchanged on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .loss import IGNORE_INDEX, causal_lm_loss
+
+# Auto chunking keeps one chunk's logits at this many elements (1 GiB in float32) and turns on when a micro-batch's
+# logits would be larger than one chunk.
+AUTO_LOGITS_PER_CHUNK = 1 << 28
+_STATE_ATTR = "_chunked_loss_state"
+# Config fields that rescale the logits in some models' forward, which the chunked loss does not reproduce.
+_UNSUPPORTED_SCALING = ("logit_scale", "logits_scaling")
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None):
+    logits = F.linear(hidden, weight, bias)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.float()
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Σ CE(softcap(h·Wᵀ + b), labels) over chunks of `chunk_size` rows, gradients computed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, softcap: float | None, with_grads: bool):
+        needs = [need and with_grads for need in ctx.needs_input_grad[:3]]  # no gradient work without autograd
+        grad_hidden = torch.zeros_like(hidden) if needs[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None
+        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            chunk_labels = labels[start : start + chunk_size]
+            if not bool(chunk_labels.ne(IGNORE_INDEX).any()):
+                continue  # no target in this chunk: no loss and no gradient
+            with torch.enable_grad():
+                h = hidden[start : start + chunk_size].detach().requires_grad_(needs[0])
+                w = weight.detach().requires_grad_(needs[1])
+                b = bias.detach().requires_grad_(needs[2]) if bias is not None else None
+                loss = F.cross_entropy(
+                    _chunk_logits(h, w, b, softcap), chunk_labels, ignore_index=IGNORE_INDEX, reduction="sum"
+                )
+            inputs = [t for t, need in ((h, needs[0]), (w, needs[1]), (b, needs[2])) if t is not None and need]
+            if inputs:
+                grads = iter(torch.autograd.grad(loss, inputs))
+                if needs[0]:
+                    grad_hidden[start : start + chunk_size] = next(grads)
+                if needs[1]:
+                    grad_weight += next(grads)
+                if grad_bias is not None:
+                    grad_bias += next(grads)
+            total += loss.detach()
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        weight_dtype, bias_dtype = ctx.dtypes
+        return (
+            None if grad_hidden is None else grad_hidden * grad_output.to(grad_hidden.dtype),
+            None if grad_weight is None else (grad_weight * grad_output).to(weight_dtype),
+            None if grad_bias is None else (grad_bias * grad_output).to(bias_dtype),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def chunked_cross_entropy_sum(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    shift_labels: torch.Tensor,
+    chunk_size: int,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Σ over tokens of the float32 cross-entropy of `head(hidden)` against `shift_labels` (-100 ignored)."""
+    if hidden.shape[:-1] != shift_labels.shape:
+        raise ValueError(
+            f"the chunked loss got hidden states of shape {tuple(hidden.shape)} for labels of shape "
+            f"{tuple(shift_labels.shape)}; call the model without logits_to_keep."
+        )
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = shift_labels.reshape(-1).to(hidden.device)
+    with_grads = torch.is_grad_enabled()
+    return ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, labels, chunk_size, softcap, with_grads)
+
+
+@dataclass
+class ChunkedLossState:
+    chunk_size: int | None  # None: auto (see AUTO_LOGITS_PER_CHUNK)
+    vocab_size: int
+    softcap: float | None
+    head_forward: Any  # the head's own forward, used whenever no loss is being chunked
+    enabled: bool = True  # off while a caller needs the logits (the Trainer's prediction)
+    labels: torch.Tensor | None = None  # shift labels of the call in flight
+    ce_sum: torch.Tensor | None = None  # its cross-entropy sum, set by the head
+    hooks: tuple = ()
+
+    def chunk_for(self, tokens: int) -> int:
+        """Tokens per chunk for a micro-batch of `tokens` tokens (0: this call does not chunk)."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        per_chunk = max(1, AUTO_LOGITS_PER_CHUNK // self.vocab_size)
+        return per_chunk if tokens > per_chunk else 0
+
+
+def _text_config(model: torch.nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def chunked_loss_supported(model: torch.nn.Module) -> str | None:
+    """None if the chunked loss reproduces `model`'s loss, else why not."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        return f"{type(model).__name__} has no linear output embedding (lm_head)"
+    config = _text_config(model)
+    for name in _UNSUPPORTED_SCALING:
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            return f"{type(model).__name__} scales its logits (config.{name}={getattr(config, name)})"
+    return None
+
+
+def apply_chunked_loss(model: torch.nn.Module, chunk_size: int | None = None) -> torch.nn.Module:
+    """Make `model` compute its loss chunk by chunk, never forming the logits (idempotent).
+
+    `chunk_size`: tokens per chunk, or None to chunk automatically when a micro-batch's logits exceed 2^28 elements.
+    Calls that pass `labels` or `shift_labels` return `loss` and no logits; other calls are unchanged.
+    """
+    reason = chunked_loss_supported(model)
+    if reason is not None:
+        raise ValueError(f"context_parallel_loss_chunk_size: {reason}; set context_parallel_loss_chunk_size=0.")
+    existing = getattr(model, _STATE_ATTR, None)
+    if existing is not None:
+        existing.chunk_size = chunk_size
+        return model
+    head = model.get_output_embeddings()
+    config = _text_config(model)
+    state = ChunkedLossState(
+        chunk_size, head.out_features, getattr(config, "final_logit_softcapping", None), head.forward
+    )
+
+    def head_forward(hidden: torch.Tensor) -> torch.Tensor:
+        if state.labels is None or state.ce_sum is not None:
+            return state.head_forward(hidden)
+        chunk = state.chunk_for(state.labels.numel())
+        state.ce_sum = chunked_cross_entropy_sum(hidden, head, state.labels, chunk, state.softcap)
+        return hidden.new_empty(hidden.shape[0], 0, state.vocab_size)  # no logits
+
+    def pre_forward(module, args, kwargs):
+        state.labels = state.ce_sum = None
+        shift_labels = kwargs.get("shift_labels")
+        labels = kwargs.get("labels")
+        if not state.enabled or (shift_labels is None and labels is None):
+            return None
+        if shift_labels is None:  # as transformers' ForCausalLMLoss: tokens < n predict n
+            shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        if not state.chunk_for(shift_labels.numel()):
+            return None
+        state.labels = shift_labels
+        return args, {k: v for k, v in kwargs.items() if k not in ("labels", "shift_labels")}
+
+    def post_forward(module, args, kwargs, output):
+        labels, ce_sum = state.labels, state.ce_sum
+        state.labels = state.ce_sum = None
+        if labels is None:
+            return output
+        if ce_sum is None or not isinstance(output, dict):
+            raise RuntimeError(
+                f"{type(model).__name__} did not run its lm_head on the hidden states (or returned a tuple), so the "
+                "chunked loss cannot replace its loss; set context_parallel_loss_chunk_size=0."
+            )
+        loss = causal_lm_loss(ce_sum, labels, kwargs.get("num_items_in_batch"))
+        fields = {k: v for k, v in output.items() if k not in ("loss", "logits")}
+        return type(output)(loss=loss, **fields)
+
+    head.forward = head_forward
+    state.hooks = (
+        model.register_forward_pre_hook(pre_forward, with_kwargs=True),
+        model.register_forward_hook(post_forward, with_kwargs=True),
+    )
+    setattr(model, _STATE_ATTR, state)
+    return model
+
+
+def remove_chunked_loss(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo `apply_chunked_loss`."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return model
+    for hook in state.hooks:
+        hook.remove()
+    del model.get_output_embeddings().forward
+    delattr(model, _STATE_ATTR)
+    return model
+
+
+def chunked_loss_state(model: torch.nn.Module) -> ChunkedLossState | None:
+    return getattr(model, _STATE_ATTR, None)

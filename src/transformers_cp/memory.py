@@ -1,0 +1,33 @@
+"""The long-sequence memory savings of a `ContextParallelConfig`, installed on a model in one call.
+
+They work with and without context parallelism: chunked LM-head loss (`chunked_loss`), tiled MLP (`tiled_mlp`) and
+offload of the checkpointed layer inputs (`offload`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .chunked_loss import apply_chunked_loss, chunked_loss_supported, remove_chunked_loss
+from .config import ContextParallelConfig
+from .offload import apply_activation_offload, remove_activation_offload
+from .tiled_mlp import apply_tiled_mlp, decoder_mlps, remove_tiled_mlp
+
+
+def apply_memory_savings(model: torch.nn.Module, config: ContextParallelConfig) -> torch.nn.Module:
+    """Install what `config` asks for; the auto settings (None) install only where the model supports them."""
+    remove_memory_savings(model)
+    if config.loss_chunk_size != 0 and (config.loss_chunk_size is not None or chunked_loss_supported(model) is None):
+        apply_chunked_loss(model, config.loss_chunk_size)
+    if config.mlp_tile_size != 0 and (config.mlp_tile_size is not None or decoder_mlps(model)):
+        apply_tiled_mlp(model, config.mlp_tile_size)
+    if config.offload_activations:
+        apply_activation_offload(model, config.offload_attention_outputs)
+    return model
+
+
+def remove_memory_savings(model: torch.nn.Module) -> torch.nn.Module:
+    remove_chunked_loss(model)
+    remove_tiled_mlp(model)
+    remove_activation_offload(model)
+    return model

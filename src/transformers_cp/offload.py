@@ -1,0 +1,238 @@
+"""Activation offload: under activation checkpointing, each decoder layer's input lives in host memory between the
+layer's forward and its recomputation in backward.
+
+With checkpointing, a layer's input (tokens × hidden) is all that is kept of it until backward: 28 layers × 1.5 GB for
+500k tokens of the 1.5B shape. Only these checkpoint boundaries move (unlike `torch.autograd.graph.save_on_cpu`,
+which moves every saved tensor): after layer i's forward its input is copied to pinned host memory on a side CUDA
+stream, and its device memory is released once layer i+1 has run (the copy overlaps that layer's compute). In
+backward, when layer i recomputes, its input is back (it was prefetched while layer i+1 recomputed) and layer i-1's
+input starts coming back. The last layer's input is never moved: it is needed first.
+
+With context parallelism, the first forward also keeps each attention's output for the recomputation
+(`algorithms.reuse`), as large as the layer input; `attention_outputs=True` moves those too, in the same chain: in
+backward, layer i's input, then its attention output, then layer i-1's input come back one after the other, each
+while the previous one is in use.
+
+Tensors are moved storage to storage, so the tensor objects that checkpointing holds keep their identity and version
+counters; the data are bit-identical, so training is exact. On CPU the same steps run as plain copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .algorithms.reuse import in_backward
+from .modeling import _STATE_ATTR as _CP_STATE_ATTR
+
+_STATE_ATTR = "_activation_offload_state"
+
+
+@dataclass
+class _Record:
+    tensor: torch.Tensor  # the layer input whose storage moves
+    host: torch.Tensor  # uint8 buffer of the storage's size (pinned on CUDA)
+    copied: torch.cuda.Event | None = None  # device → host done (None on CPU)
+    fetched: torch.cuda.Event | None = None  # host → device issued, done when this fires
+    on_device: bool = True
+
+
+@dataclass
+class ActivationOffloader:
+    """Moves checkpointed layer inputs to host memory and back, overlapped with compute on CUDA."""
+
+    records: dict = field(default_factory=dict)  # layer → _Record, this forward
+    order: list = field(default_factory=list)  # layers in forward order
+    pool: dict = field(default_factory=dict)  # nbytes → free host buffers, reused across steps
+    active: bool = False
+    moved_bytes: int = 0  # device → host, since the offloader was installed (a diagnostic)
+    hooks: list = field(default_factory=list)
+    _stream: torch.cuda.Stream | None = None
+
+    def stream(self, device: torch.device) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
+
+    def begin_forward(self, active: bool) -> None:
+        """A new forward: whatever an earlier forward left on the host comes back first (its backward never ran)."""
+        for layer in list(self.order):
+            self.restore(layer, prefetch=False)
+        self.records.clear()
+        self.order.clear()
+        self.active = active
+
+    def _host_buffer(self, nbytes: int, pin: bool) -> torch.Tensor:
+        free = self.pool.get(nbytes)
+        if free:
+            return free.pop()
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+    def offload(self, layer: torch.nn.Module, tensor: torch.Tensor) -> None:
+        """After `layer`'s forward: start copying its input out; release the previous layer's input."""
+        storage = tensor.untyped_storage()
+        if (
+            tensor.storage_offset() != 0
+            or not tensor.is_contiguous()
+            or storage.nbytes() != tensor.numel() * tensor.element_size()
+        ):
+            return  # a view into a larger storage: releasing it would release its neighbours too
+        cuda = tensor.is_cuda
+        record = _Record(tensor, self._host_buffer(storage.nbytes(), pin=cuda))
+        if cuda:
+            side = self.stream(tensor.device)
+            side.wait_stream(torch.cuda.current_stream(tensor.device))
+            with torch.cuda.stream(side):
+                record.host.untyped_storage().copy_(storage, non_blocking=True)
+                record.copied = torch.cuda.Event()
+                record.copied.record(side)
+        else:
+            record.host.untyped_storage().copy_(storage)
+        self.moved_bytes += storage.nbytes()
+        if self.order:
+            self._release(self.records[self.order[-1]])
+        self.records[layer] = record
+        self.order.append(layer)
+
+    def _release(self, record: _Record) -> None:
+        if record.copied is not None:  # the compute stream may reuse the memory only after the copy read it
+            torch.cuda.current_stream(record.tensor.device).wait_event(record.copied)
+        record.tensor.untyped_storage().resize_(0)
+        record.on_device = False
+
+    def _fetch(self, record: _Record) -> None:
+        storage = record.tensor.untyped_storage()
+        storage.resize_(record.host.numel())
+        if record.tensor.is_cuda:
+            side = self.stream(record.tensor.device)
+            side.wait_stream(torch.cuda.current_stream(record.tensor.device))  # the allocation comes first
+            with torch.cuda.stream(side):
+                storage.copy_(record.host.untyped_storage(), non_blocking=True)
+                record.fetched = torch.cuda.Event()
+                record.fetched.record(side)
+        else:
+            storage.copy_(record.host.untyped_storage())
+        record.on_device = True
+
+    def restore(self, layer: torch.nn.Module, prefetch: bool = True) -> None:
+        """Before `layer` recomputes: its input is on the device; the previous layer's input starts coming back."""
+        record = self.records.pop(layer, None)
+        if record is None:
+            return
+        index = self.order.index(layer)
+        self.order.pop(index)
+        if not record.on_device:
+            self._fetch(record)
+        if record.fetched is not None:
+            torch.cuda.current_stream(record.tensor.device).wait_event(record.fetched)
+        if record.copied is not None:  # the host buffer is free once its copy out finished
+            record.copied.synchronize()
+        self.pool.setdefault(record.host.numel(), []).append(record.host)
+        if prefetch and index > 0:
+            previous = self.records[self.order[index - 1]]
+            if not previous.on_device:
+                self._fetch(previous)
+
+
+class _OffloadingStore(dict):
+    """The CP attention's kept (out, lse) per attention module (`algorithms.reuse.ForwardReuse`'s store), with `out`
+    in host memory from when it is kept until its recomputation takes it."""
+
+    def __init__(self, offloader: ActivationOffloader) -> None:
+        super().__init__()
+        self.offloader = offloader
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        if self.offloader.active:
+            self.offloader.offload(key, value[0])
+
+    def pop(self, key, default=None):
+        self.offloader.restore(key)
+        return super().pop(key, default)
+
+
+def _first_grad_fn(output) -> torch.autograd.graph.Node | None:
+    tensors = output if isinstance(output, (tuple, list)) else (output,)
+    return next((t.grad_fn for t in tensors if isinstance(t, torch.Tensor) and t.grad_fn is not None), None)
+
+
+def _layer_forward(layer: torch.nn.Module, forward, offloader: ActivationOffloader):
+    """`layer.forward` with its input offloaded. transformers checkpoints either around this forward (the input comes
+    back when backward reaches the layer's output) or inside it (the recomputation calls it again, in backward)."""
+
+    def offloaded(hidden_states: torch.Tensor, *args, **kwargs):
+        if not offloader.active:
+            return forward(hidden_states, *args, **kwargs)
+        if in_backward():  # checkpointed inside: this is the recomputation
+            offloader.restore(layer)
+            return forward(hidden_states, *args, **kwargs)
+        out = forward(hidden_states, *args, **kwargs)
+        grad_fn = _first_grad_fn(out)
+        if grad_fn is not None:  # runs before any of the layer's backward, so before its recomputation
+            grad_fn.register_prehook(lambda grad_outputs: offloader.restore(layer))
+        offloader.offload(layer, hidden_states)
+        return out
+
+    return offloaded
+
+
+def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers transformers checkpoints (its `GradientCheckpointingLayer`s: the decoder layers)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+
+
+def apply_activation_offload(model: torch.nn.Module, attention_outputs: bool = False) -> torch.nn.Module:
+    """Offload the checkpointed decoder-layer inputs of `model` (and, with `attention_outputs`, the attention outputs
+    that context parallelism keeps for the recomputation) to host memory while training with activation
+    checkpointing (a no-op otherwise). Idempotent; undone by `remove_activation_offload`."""
+    if getattr(model, _STATE_ATTR, None) is not None:
+        return model
+    layers = checkpointed_layers(model)
+    if not layers:
+        raise ValueError(
+            f"context_parallel_offload_activations: {type(model).__name__} has no checkpointable decoder layers "
+            "(transformers' GradientCheckpointingLayer); set context_parallel_offload_activations=False."
+        )
+    offloader = ActivationOffloader()
+    for layer in layers:
+        layer.forward = _layer_forward(layer, layer.forward, offloader)
+
+    def pre_forward(module, args, kwargs):
+        checkpointing = module.training and any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
+        wants_hidden = kwargs.get("output_hidden_states") or getattr(
+            getattr(module, "config", None), "output_hidden_states", False
+        )
+        offloader.begin_forward(checkpointing and torch.is_grad_enabled() and not wants_hidden)
+        cp_state = getattr(module, _CP_STATE_ATTR, None)  # context parallelism may be applied after this
+        if attention_outputs and cp_state is not None and not isinstance(cp_state.kept, _OffloadingStore):
+            cp_state.kept = _OffloadingStore(offloader)
+
+    offloader.hooks.append(model.register_forward_pre_hook(pre_forward, with_kwargs=True))
+    setattr(model, _STATE_ATTR, offloader)
+    return model
+
+
+def activation_offloader(model: torch.nn.Module) -> ActivationOffloader | None:
+    """The offloader `apply_activation_offload` installed on `model`, or None."""
+    return getattr(model, _STATE_ATTR, None)
+
+
+def remove_activation_offload(model: torch.nn.Module) -> torch.nn.Module:
+    offloader = getattr(model, _STATE_ATTR, None)
+    if offloader is None:
+        return model
+    offloader.begin_forward(False)
+    cp_state = getattr(model, _CP_STATE_ATTR, None)
+    if cp_state is not None and isinstance(cp_state.kept, _OffloadingStore):
+        cp_state.kept = {}
+    for hook in offloader.hooks:
+        hook.remove()
+    for layer in checkpointed_layers(model):
+        if "forward" in vars(layer):
+            del layer.forward
+    delattr(model, _STATE_ATTR)
+    return model
