@@ -145,8 +145,10 @@ class _OffloadingStore(dict):
 
     def __setitem__(self, key, value) -> None:
         super().__setitem__(key, value)
-        if self.offloader.active:
-            self.offloader.offload(key, value[0])
+        # One (out, lse), or a list of them (Ulysses keeps one per pipeline stage); several stay on the device.
+        pairs = value if isinstance(value, list) else [value]
+        if self.offloader.active and len(pairs) == 1:
+            self.offloader.offload(key, pairs[0][0])
 
     def pop(self, key, default=None):
         self.offloader.restore(key)
