@@ -11,32 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 
 import torch
 import torch.distributed as dist
 import transformers
+from attention import CUDA, timed  # benchmarks/attention.py: the same timing protocol
 
 from transformers_cp import ContextParallelCollator, ContextParallelConfig, apply_context_parallel
 from transformers_cp.mesh import build_mesh, init_distributed
 from transformers_cp.modeling import _check_batch
-
-CUDA = torch.cuda.is_available()
-
-
-def timed(fn, iters: int) -> float:
-    """Mean milliseconds of `fn` after two warm-up calls (synchronised, every rank in step)."""
-    for _ in range(2):
-        fn()
-    if CUDA:
-        torch.cuda.synchronize()
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if CUDA:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters * 1e3
 
 
 def main() -> None:

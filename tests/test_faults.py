@@ -56,11 +56,13 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     killed = str(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = cp_job.command(killed, "--step_sleep", "0.5")
-    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    checkpoint = _wait_for_checkpoint(killed, cp_job.SAVE_STEPS, job)
-    os.kill(_pids(killed)[1], signal.SIGKILL)
-    output, _ = job.communicate(timeout=FAULT_BOUND)
-    assert job.returncode != 0, output[-3000:]
+    log = tmp_path / "killed.log"
+    with open(log, "w") as stream:  # a file, not a pipe: an unread pipe could fill up and stall the job
+        job = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=env)
+        checkpoint = _wait_for_checkpoint(killed, cp_job.SAVE_STEPS, job)
+        os.kill(_pids(killed)[1], signal.SIGKILL)
+        job.wait(timeout=FAULT_BOUND)
+    assert job.returncode != 0, log.read_text()[-3000:]
     assert not os.path.exists(os.path.join(killed, "result.pt")), "the worker was killed only after the run ended"
     assert not any(_alive(pid) for pid in _pids(killed)), "a worker outlived the job"
 
