@@ -317,7 +317,7 @@ def max_positions(model: torch.nn.Module) -> int | None:
 
 def check_model(model: torch.nn.Module, config: ContextParallelConfig) -> None:
     """Reject model settings CP cannot honour. `config` is resolved against the world size; nothing here talks to
-    other ranks, so every rank raises the same error before any process group or collective is made."""
+    other ranks, so every rank raises the same error before the mesh's groups are made or any collective runs."""
     if not getattr(model, "_supports_attention_backend", True):
         raise _unsupported(
             f"{type(model).__name__}, whose attention is not pluggable through transformers' AttentionInterface "
@@ -367,7 +367,7 @@ def apply_context_parallel(
     if mesh is None:
         init_distributed()
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        check_model(model, config.resolved(world))  # before build_mesh makes any process group
+        check_model(model, config.resolved(world))  # before build_mesh makes the CP groups
         mesh = build_mesh(config)
     else:
         check_model(model, mesh.config)

@@ -59,7 +59,7 @@ class ContextParallelTrainerMixin:
                 "context parallelism needs to compute the loss of a sequence shard; use a transformers causal LM."
             )
         if self.model is not None:
-            check_model(self.model, config.resolved(world))  # before build_mesh makes any process group
+            check_model(self.model, config.resolved(world))  # before build_mesh makes the CP groups
         self.cp_mesh = build_mesh(config, self.args.device.type)
         apply_context_parallel(self.model, self.cp_mesh.config, mesh=self.cp_mesh)
         user_collator = None if self.data_collator is default_data_collator else self.data_collator
