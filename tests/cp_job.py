@@ -22,11 +22,9 @@ import time
 import torch
 import torch.distributed as dist
 import transformers
+from trainer_cases import CPTrainer, arguments, build_model, sft_dataset  # the script's directory is on sys.path
 
-sys.path.insert(0, os.path.dirname(__file__))
-from trainer_cases import CPTrainer, arguments, build_model, sft_dataset  # noqa: E402
-
-import transformers_cp  # noqa: E402
+import transformers_cp
 
 MAX_STEPS = 12
 SAVE_STEPS = 4
