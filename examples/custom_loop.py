@@ -105,6 +105,8 @@ def main() -> None:
     losses = train(model, synthetic_dataset(32, config.vocab_size), ContextParallelConfig(mode="zigzag"))
     if not dist.is_initialized() or dist.get_rank() == 0:
         print("step losses:", " ".join(f"{loss:.4f}" for loss in losses))
+    if dist.is_initialized():
+        dist.destroy_process_group()  # gloo aborts at interpreter exit if its groups are still alive
 
 
 if __name__ == "__main__":

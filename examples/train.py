@@ -150,6 +150,8 @@ def main() -> None:
     trainer.save_model()
     if trainer.is_world_process_zero():
         print(f"eval loss {metrics['eval_loss']:.4f}; model saved to {args.output_dir}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # gloo aborts at interpreter exit if its groups are still alive
 
 
 if __name__ == "__main__":

@@ -40,6 +40,14 @@ class ContextParallelCollator:
         self._flatten = DataCollatorWithFlattening(return_tensors="pt")
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        # An empty example adds no token and no target; DataCollatorWithFlattening would still add a label for it
+        # (misaligning the row's labels), so it is dropped here, before any collator sees it.
+        features = [f for f in features if len(f["input_ids"]) > 0]
+        if not features:
+            raise ValueError(
+                "every example of the batch is empty (no input_ids); filter empty examples out of the dataset, e.g. "
+                "dataset.filter(lambda e: len(e['input_ids']) > 0)."
+            )
         row = pack_row(self.flatten(features), self.layout.multiple, self.pad_token_id)
         return shard_row(row, self.layout, self.cp_rank)
 

@@ -13,6 +13,11 @@ class ContextParallelConfigError(ValueError):
     """A context-parallel setting is invalid; the message names the setting and the fix."""
 
 
+def _is_count(value: object) -> bool:
+    """An integer >= 1 (a bool is not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 @dataclass(frozen=True)
 class ContextParallelConfig:
     """Settings of context parallelism.
@@ -54,7 +59,7 @@ class ContextParallelConfig:
     offload_attention_outputs: bool = False
 
     def __post_init__(self) -> None:
-        if self.size is not None and (not isinstance(self.size, int) or self.size < 1):
+        if self.size is not None and not _is_count(self.size):
             raise ContextParallelConfigError(
                 f"context_parallel_size must be an integer >= 1 (got {self.size!r}); use 1 to turn context "
                 "parallelism off."
@@ -67,9 +72,13 @@ class ContextParallelConfig:
             raise ContextParallelConfigError(
                 f"context_parallel_backend={self.backend!r} is unknown; choose one of {', '.join(BACKENDS)}."
             )
-        if self.heads_k_stride is not None and (not isinstance(self.heads_k_stride, int) or self.heads_k_stride < 1):
+        if self.heads_k_stride is not None and not _is_count(self.heads_k_stride):
             raise ContextParallelConfigError(
                 f"context_parallel_heads_k_stride must be an integer >= 1 (got {self.heads_k_stride!r})."
+            )
+        if self.ulysses_size is not None and not _is_count(self.ulysses_size):
+            raise ContextParallelConfigError(
+                f"context_parallel_ulysses_size must be an integer >= 1 (got {self.ulysses_size!r})."
             )
         for name in ("loss_chunk_size", "mlp_tile_size"):
             value = getattr(self, name)
@@ -87,7 +96,7 @@ class ContextParallelConfig:
                 "context_parallel_offload_attention_outputs=True needs context_parallel_offload_activations=True."
             )
         if self.mode == "hybrid":
-            if self.ulysses_size is None or self.ulysses_size < 1:
+            if self.ulysses_size is None:
                 raise ContextParallelConfigError(
                     "context_parallel_mode='hybrid' needs context_parallel_ulysses_size >= 1 (the Ulysses degree; "
                     "the rest of context_parallel_size is the ring degree)."

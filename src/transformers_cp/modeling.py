@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import odysseus
+from .agreement import Fingerprint, bounds_checksum, check_agreement, dtype_code, gather_fingerprints
 from .algorithms.reuse import ForwardReuse
 from .attention import context_parallel_attention
 from .config import ContextParallelConfig
@@ -33,6 +34,7 @@ class ContextParallelState:
     checkpointing: bool = False  # set per forward: training with activation checkpointing
     kept: dict = field(default_factory=dict)  # attention results kept for the recomputation, per attention module
     rotary: object | None = None  # odysseus: the whole row's position embeddings, gathered once per forward
+    max_positions: int | None = None  # longest document the model's positions cover (None: no limit known)
 
 
 def _state(module: torch.nn.Module) -> ContextParallelState:
@@ -88,7 +90,10 @@ def context_parallel_flash_attention_forward(
     if s_aux is not None:
         raise _unsupported("attention sinks (s_aux)", "use a model without attention sinks.")
     if not is_causal:
-        raise _unsupported("bidirectional attention", "context parallelism is for causal language models.")
+        raise _unsupported(
+            "bidirectional attention",
+            "use a causal language model (context parallelism is for causal language models).",
+        )
     if attention_mask is not None:
         raise _unsupported(
             "an attention mask",
@@ -135,7 +140,10 @@ def context_parallel_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers `AttentionInterface` adapter: (B, H, L, D) in, (B, L, H, D) out, as the other backends."""
     if kwargs.get("output_attentions"):
-        raise _unsupported("output_attentions=True", "attention weights are never materialised under CP.")
+        raise _unsupported(
+            "output_attentions=True",
+            "leave output_attentions off (attention weights are never materialised under CP).",
+        )
     state = _state(module)
     out = context_parallel_flash_attention_forward(
         query.transpose(1, 2),
@@ -176,6 +184,91 @@ def documents_from_position_ids(position_ids: torch.Tensor, mesh: ContextParalle
     return Documents(document_bounds(full), full.shape[1])
 
 
+_INPUT_PROBLEMS = (
+    "context parallel attention does not support a KV cache (past_key_values); run generation without context "
+    "parallelism.",
+    "context parallel attention does not support padding in attention_mask; remove padding and pack the batch into "
+    "one row with position_ids (transformers_cp.ContextParallelCollator does this).",
+    "context parallel attention does not support a custom (4D) attention mask: a dense mask cannot be split across "
+    "ranks; pass packed rows whose position_ids restart at 0 per document instead.",
+    "context parallel attention takes one packed row per step, got a batch of several rows; flatten the batch into "
+    "one row (transformers_cp.ContextParallelCollator does).",
+    "under context parallelism the model needs position_ids (global positions of this rank's tokens): without them "
+    "every shard would restart at position 0. Shard batches with the transformers_cp collator or `shard_batch`, which "
+    "provide them.",
+)
+"""Problems one rank can find in its own inputs; the index + 1 is the fingerprint's `problem` code."""
+
+
+def _input_problem(inputs: torch.Tensor, kwargs: dict) -> int:
+    """The first of `_INPUT_PROBLEMS` this rank's inputs have (1-based), or 0."""
+    mask = kwargs.get("attention_mask")
+    problems = (
+        kwargs.get("past_key_values") is not None,
+        mask is not None and mask.dim() == 2 and not bool(mask.all()),
+        mask is not None and mask.dim() != 2,
+        inputs.shape[0] != 1,
+        kwargs.get("cu_seq_lens_q") is None and kwargs.get("position_ids") is None and "cp_documents" not in kwargs,
+    )
+    return next((i + 1 for i, found in enumerate(problems) if found), 0)
+
+
+def _fingerprint(module: torch.nn.Module, state: ContextParallelState, inputs, kwargs, problem: int) -> Fingerprint:
+    """This rank's batch summary (see `agreement`); the document bounds come from cu_seq_lens_q when given."""
+    cu = kwargs.get("cu_seq_lens_q")
+    bounds = [] if cu is None else [int(b) for b in cu.tolist()]
+    is_ids = not inputs.is_floating_point()
+    labels = kwargs.get("labels") is not None, kwargs.get("shift_labels") is not None
+    items = kwargs.get("num_items_in_batch")
+    agreed = (
+        inputs.shape[1] if inputs.dim() > 1 else -1,
+        inputs.shape[0],
+        dtype_code(inputs.dtype) * (1 if is_ids else -1),
+        0 if is_ids else inputs.shape[-1],
+        len(bounds),
+        bounds_checksum(bounds),
+        int(module.training),
+        int(state.checkpointing),
+        labels[0] + 2 * labels[1],
+        -1 if items is None else int(items),
+    )
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and position_ids.numel():
+        max_position = int(position_ids.max())
+    else:
+        max_position = max((b - a for a, b in zip(bounds, bounds[1:])), default=0) - 1
+    if is_ids and inputs.numel():
+        return Fingerprint(agreed, problem, max_position, int(inputs.min()), int(inputs.max()))
+    return Fingerprint(agreed, problem, max_position)
+
+
+def _check_batch(module: torch.nn.Module, state: ContextParallelState, inputs, kwargs) -> None:
+    """Every rank's input checks, decided on the CP group's gathered fingerprints so that all ranks raise together."""
+    problem = _input_problem(inputs, kwargs)
+    mine = _fingerprint(module, state, inputs, kwargs, problem)
+    everyone = gather_fingerprints(mine, state.mesh.cp_group, inputs.device)
+    failing = [rank for rank, fp in enumerate(everyone) if fp.problem]
+    if failing:
+        raise ValueError(f"{_INPUT_PROBLEMS[everyone[failing[0]].problem - 1]} (found on CP rank(s) {failing})")
+    check_agreement(everyone)
+    top = max(fp.max_position for fp in everyone)
+    if state.max_positions is not None and top >= state.max_positions:
+        raise ValueError(
+            f"the packed row has a document of {top + 1} tokens, but the model's positions cover {state.max_positions} "
+            "(max_position_embeddings, times its RoPE scaling factor if any); truncate examples to at most "
+            f"{state.max_positions} tokens (e.g. tokenizer truncation / max_length) or raise the model's "
+            "max_position_embeddings (with a RoPE scaling that covers the longer documents)."
+        )
+    embeddings = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    low, high = min(fp.min_token for fp in everyone), max(fp.max_token for fp in everyone)
+    if vocab is not None and high >= low and (low < 0 or high >= vocab):
+        raise ValueError(
+            f"input_ids range from {low} to {high}, outside the model's vocabulary of {vocab} embeddings (vocab_size); "
+            "use the model's own tokenizer, keep -100 in labels only, or resize_token_embeddings."
+        )
+
+
 def _pre_forward_hook(state: ContextParallelState):
     mesh = state.mesh
 
@@ -190,29 +283,15 @@ def _pre_forward_hook(state: ContextParallelState):
         inputs = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if inputs is None:
             return None
-        if kwargs.get("past_key_values") is not None:
-            raise _unsupported("a KV cache (past_key_values)", "run generation without context parallelism.")
-        mask = kwargs.get("attention_mask")
-        if mask is not None:
-            if not bool(mask.all()):
-                raise _unsupported(
-                    "padding in attention_mask",
-                    "remove padding and pack the batch into one row with position_ids "
-                    "(transformers_cp.ContextParallelCollator does this).",
-                )
-            kwargs["attention_mask"] = None
+        _check_batch(module, state, inputs, kwargs)  # before any collective, decided alike on every rank
+        if kwargs.get("attention_mask") is not None:
+            kwargs["attention_mask"] = None  # all ones (checked): packed rows need none
         if "cp_documents" not in kwargs:
             if kwargs.get("cu_seq_lens_q") is not None:
                 cu = kwargs["cu_seq_lens_q"]
                 docs = Documents(cu.tolist(), inputs.shape[1] * mesh.cp_size)
-            elif kwargs.get("position_ids") is not None:
-                docs = documents_from_position_ids(kwargs["position_ids"], mesh)
             else:
-                raise ValueError(
-                    "under context parallelism the model needs position_ids (global positions of this rank's tokens): "
-                    "without them every shard would restart at position 0. Shard batches with the transformers_cp "
-                    "collator or `shard_batch`, which provide them."
-                )
+                docs = documents_from_position_ids(kwargs["position_ids"], mesh)
             kwargs["cp_documents"] = docs
         kwargs["use_cache"] = False
         return args, kwargs
@@ -220,28 +299,59 @@ def _pre_forward_hook(state: ContextParallelState):
     return hook
 
 
-def _check_model(model: torch.nn.Module, mesh: ContextParallelMesh) -> None:
-    """Reject model settings CP cannot honour, on every rank, before any collective."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    cp = mesh.config
-    heads = getattr(config, "num_attention_heads", None)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    if getattr(config, "attention_dropout", 0.0):
+_DROPOUT_FIELDS = ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop")
+"""Config fields that hold the attention dropout probability in transformers' models."""
+
+
+def _text_config(model: torch.nn.Module):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The longest document the model's positions cover: max_position_embeddings, times the RoPE scaling factor
+    where the config scales RoPE beyond it (None where the config states no limit)."""
+    config = _text_config(model)
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    scalings = [p for p in rope.values() if isinstance(p, dict)] or [rope]  # per layer type, or one
+    factors = [p.get("factor") or 1 for p in scalings if p.get("rope_type", p.get("type", "default")) != "default"]
+    return int(limit * max(factors, default=1))
+
+
+def check_model(model: torch.nn.Module, config: ContextParallelConfig) -> None:
+    """Reject model settings CP cannot honour. `config` is resolved against the world size; nothing here talks to
+    other ranks, so every rank raises the same error before the mesh's groups are made or any collective runs."""
+    if not getattr(model, "_supports_attention_backend", True):
         raise _unsupported(
-            f"attention dropout (attention_dropout={config.attention_dropout})", "set attention_dropout=0.0."
+            f"{type(model).__name__}, whose attention is not pluggable through transformers' AttentionInterface "
+            "(its attention, e.g. ALiBi in Bloom, Falcon or MPT, would silently run on the local shard only)",
+            "use a model whose attention supports attn_implementation choices (Llama, Qwen2/3, Mistral, ...).",
         )
-    if getattr(config, "alibi", False) or getattr(config, "use_alibi", False):
+    text = _text_config(model)
+    heads = getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    for name in _DROPOUT_FIELDS:
+        if getattr(text, name, None):
+            raise _unsupported(f"attention dropout ({name}={getattr(text, name)})", f"set the model's {name}=0.0.")
+    if getattr(text, "alibi", False) or getattr(text, "use_alibi", False):
         raise _unsupported("ALiBi position biases", "use a RoPE model.")
-    if heads is not None and mesh.layout.ulysses > 1:
+    if getattr(text, "attn_logit_softcapping", None):
+        raise _unsupported(
+            f"attention logit softcapping (attn_logit_softcapping={text.attn_logit_softcapping})",
+            "set the model's attn_logit_softcapping=None, or use a model without it.",
+        )
+    if heads is not None and config.ulysses_degree > 1:
         from .algorithms.ulysses import check_heads
 
-        check_heads(heads, mesh.layout.ulysses)
-    if cp.mode == "odysseus":
-        odysseus.check_model(model, cp.size)
-    if cp.mode == "llama3" and kv_heads is not None and kv_heads % cp.kv_stride(kv_heads):
+        check_heads(heads, config.ulysses_degree)
+    if config.mode == "odysseus":
+        odysseus.check_model(model, config.size)
+    if config.mode == "llama3" and kv_heads is not None and kv_heads % config.kv_stride(kv_heads):
         raise ValueError(
-            f"context_parallel_heads_k_stride={cp.heads_k_stride} must divide the model's {kv_heads} key/value heads; "
-            f"pick one of {[d for d in range(1, kv_heads + 1) if kv_heads % d == 0]}."
+            f"context_parallel_heads_k_stride={config.heads_k_stride} must divide the model's {kv_heads} key/value "
+            f"heads; pick one of {[d for d in range(1, kv_heads + 1) if kv_heads % d == 0]}."
         )
 
 
@@ -263,10 +373,13 @@ def apply_context_parallel(
         remove_context_parallel(model)
     if mesh is None:
         init_distributed()
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        check_model(model, config.resolved(world))  # before build_mesh makes the CP groups
         mesh = build_mesh(config)
-    _check_model(model, mesh)
+    else:
+        check_model(model, mesh.config)
     _register()
-    state = ContextParallelState(mesh, config, model.config._attn_implementation)
+    state = ContextParallelState(mesh, config, model.config._attn_implementation, max_positions=max_positions(model))
     for module in model.modules():
         setattr(module, _STATE_ATTR, state)
     model.set_attn_implementation(ATTENTION_NAME)
@@ -302,6 +415,7 @@ __all__ = [
     "apply_context_parallel",
     "remove_context_parallel",
     "context_parallel_mesh",
+    "check_model",
     "context_parallel_flash_attention_forward",
     "documents_from_position_ids",
 ]

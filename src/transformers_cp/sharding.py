@@ -57,6 +57,17 @@ def pack_row(batch: Mapping[str, torch.Tensor], multiple: int, pad_token_id: int
             "flatten the batch first (transformers_cp.ContextParallelCollator does)."
         )
     length = input_ids.shape[1]
+    if length == 0:
+        raise ValueError(
+            "the packed row has no tokens (every example of the batch is empty); filter empty examples out of the "
+            "dataset, e.g. dataset.filter(lambda e: len(e['input_ids']) > 0)."
+        )
+    for key in ("labels", "shift_labels"):
+        if batch.get(key) is not None and torch.as_tensor(batch[key]).shape != input_ids.shape:
+            raise ValueError(
+                f"{key} has shape {tuple(torch.as_tensor(batch[key]).shape)} but input_ids {tuple(input_ids.shape)}; "
+                f"every example needs one {key} entry per token (-100 where there is no target)."
+            )
     position_ids = batch.get("position_ids")
     position_ids = torch.arange(length)[None] if position_ids is None else torch.as_tensor(position_ids)
     if batch.get("cu_seq_lens_q") is not None:

@@ -29,7 +29,7 @@ from .collator import ContextParallelCollator
 from .loss import count_label_tokens, loss_scale, reduce_loss_for_logging
 from .memory import apply_memory_savings
 from .mesh import ContextParallelMesh, build_mesh
-from .modeling import apply_context_parallel
+from .modeling import apply_context_parallel, check_model
 from .sampler import shard_dataloader_over_dp
 from .sharding import gather_sequence
 
@@ -65,6 +65,8 @@ class ContextParallelTrainerMixin:
                 f"{type(self.model).__name__}.forward takes no loss kwargs (num_items_in_batch, shift_labels), which "
                 "context parallelism needs to compute the loss of a sequence shard; use a transformers causal LM."
             )
+        if self.model is not None:
+            check_model(self.model, config.resolved(world))  # before build_mesh makes the CP groups
         self.cp_mesh = build_mesh(config, self.args.device.type)
         apply_context_parallel(self.model, self.cp_mesh.config, mesh=self.cp_mesh)
         user_collator = None if self.data_collator is default_data_collator else self.data_collator
