@@ -1,11 +1,11 @@
 """Context parallelism on the engines (CPU, gloo): DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 (ZeRO-3 with parameter and
 optimizer CPU offload) with `context_parallel_size=2` equal the stock Trainer without CP on d processes: per-step
 losses, gradient norms, eval loss and final weights (fp32, relative 1e-5). Checkpoints are written by the processes
-that should write, and a fresh Trainer resumed from step 2 continues with the uninterrupted run's losses and weights.
+that should write, and a fresh Trainer resumed from the middle step continues with the uninterrupted run's losses and weights.
 
   c=2 d=1: FSDP2, ZeRO-2, ZeRO-3+offload (each with save/resume), ZeRO-1; DeepSpeed's resume runs under torch.load's
            weights_only default with the classes of `engines.deepspeed_checkpoint_loading` allowed for the load only
-  c=2 d=2: DDP (with save/resume), FSDP2 (parameters sharded over all 4 ranks), ZeRO-3+offload
+  c=2 d=2: DDP (with save/resume), FSDP2 (parameters sharded over all 4 ranks)
   two "nodes" of 2 processes each, launched with `torchrun --nnodes 2` on this machine: groups and training
 """
 
@@ -32,7 +32,7 @@ from transformers_cp.mesh import check_node_placement
 
 RTOL = 1e-5
 TESTS = os.path.dirname(os.path.abspath(__file__))
-SAVE = dict(save_strategy="steps", save_steps=2)  # 4 optimizer steps: checkpoints at steps 2 and 4
+SAVE = dict(save_strategy="steps", save_steps=1)  # a checkpoint per optimizer step (4 with d=1, 2 with d=2)
 
 
 def _deepspeed_available() -> bool:
@@ -98,12 +98,14 @@ def _train_and_resume(engine: str, cp: int, out_dir: str, expected: dict, rank: 
     name = f"{engine} c={cp} d={world // cp} rank {rank}"
     full = run_engine(engine, cp, os.path.join(out_dir, engine, "full"), **SAVE)
     assert_same(full, expected, name)
-    checkpoint = os.path.join(out_dir, engine, "full", "checkpoint-2")
+    steps = sorted(full["losses"])
+    middle = steps[len(steps) // 2 - 1]
+    checkpoint = os.path.join(out_dir, engine, "full", f"checkpoint-{middle}")
     dist.barrier()
     if rank == 0:
         assert_written_once(checkpoint, engine, world)
     resumed = run_engine(engine, cp, os.path.join(out_dir, engine, "resumed"), resume=checkpoint)
-    assert_same(resumed, full, f"{name} resumed at step 2", steps=[3, 4])
+    assert_same(resumed, full, f"{name} resumed at step {middle}", steps=[s for s in steps if s > middle])
 
 
 def _torch_default_deepspeed_loads() -> None:
@@ -140,7 +142,7 @@ def _cp2_dp1_worker(rank, world, ref_dir, out_dir):
     for engine in ("fsdp2", "zero2", "zero3_offload"):
         _train_and_resume(engine, 2, out_dir, expected, rank, world)
         if rank == 0 and engine.startswith("zero"):
-            _check_weights_only(os.path.join(out_dir, engine, "full", "checkpoint-2"))
+            _check_weights_only(os.path.join(out_dir, engine, "full", "checkpoint-1"))
     assert_same(run_engine("zero1", 2, os.path.join(out_dir, "zero1")), expected, f"zero1 c=2 d=1 rank {rank}")
 
 
@@ -152,12 +154,10 @@ def test_cp2_dp1_fsdp2_and_zero_with_resume(references, tmp_path):
 def _cp2_dp2_worker(rank, world, ref_dir, out_dir):
     expected = torch.load(os.path.join(ref_dir, "dp2.pt"))
     _train_and_resume("ddp", 2, out_dir, expected, rank, world)
-    for engine in ("fsdp2", "zero3_offload"):
-        assert_same(run_engine(engine, 2, os.path.join(out_dir, engine)), expected, f"{engine} c=2 d=2 rank {rank}")
+    assert_same(run_engine("fsdp2", 2, os.path.join(out_dir, "fsdp2")), expected, f"fsdp2 c=2 d=2 rank {rank}")
 
 
-@needs_deepspeed
-def test_cp2_dp2_ddp_fsdp2_zero3(references, tmp_path):
+def test_cp2_dp2_ddp_and_fsdp2(references, tmp_path):
     run_distributed(_cp2_dp2_worker, 4, references, str(tmp_path))
 
 
