@@ -1,11 +1,12 @@
 """Context parallelism on the engines (CPU, gloo): DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 (ZeRO-3 with parameter and
 optimizer CPU offload) with `context_parallel_size=2` equal the stock Trainer without CP on d processes: per-step
 losses, gradient norms, eval loss and final weights (fp32, relative 1e-5). Checkpoints are written by the processes
-that should write, and a fresh Trainer resumed from the middle step continues with the uninterrupted run's losses and weights.
+that should write, and a fresh Trainer resumed from the middle step continues with the uninterrupted run's losses and weights. ZeRO-1 and the
+c=2 d=2 FSDP2 run use gradient checkpointing.
 
   c=2 d=1: FSDP2, ZeRO-2, ZeRO-3+offload (each with save/resume), ZeRO-1; DeepSpeed's resume runs under torch.load's
            weights_only default with the classes of `engines.deepspeed_checkpoint_loading` allowed for the load only
-  c=2 d=2: DDP (with save/resume), FSDP2 (parameters sharded over all 4 ranks)
+  c=2 d=2: DDP (with save/resume), FSDP2 (parameters sharded over all 4 ranks, gradient checkpointing)
   two "nodes" of 2 processes each, launched with `torchrun --nnodes 2` on this machine: groups and training
 """
 
@@ -143,7 +144,8 @@ def _cp2_dp1_worker(rank, world, ref_dir, out_dir):
         _train_and_resume(engine, 2, out_dir, expected, rank, world)
         if rank == 0 and engine.startswith("zero"):
             _check_weights_only(os.path.join(out_dir, engine, "full", "checkpoint-1"))
-    assert_same(run_engine("zero1", 2, os.path.join(out_dir, "zero1")), expected, f"zero1 c=2 d=1 rank {rank}")
+    zero1 = run_engine("zero1", 2, os.path.join(out_dir, "zero1"), gradient_checkpointing=True)
+    assert_same(zero1, expected, f"zero1 with gradient checkpointing c=2 d=1 rank {rank}")
 
 
 @needs_deepspeed
@@ -154,7 +156,8 @@ def test_cp2_dp1_fsdp2_and_zero_with_resume(references, tmp_path):
 def _cp2_dp2_worker(rank, world, ref_dir, out_dir):
     expected = torch.load(os.path.join(ref_dir, "dp2.pt"))
     _train_and_resume("ddp", 2, out_dir, expected, rank, world)
-    assert_same(run_engine("fsdp2", 2, os.path.join(out_dir, "fsdp2")), expected, f"fsdp2 c=2 d=2 rank {rank}")
+    fsdp2 = run_engine("fsdp2", 2, os.path.join(out_dir, "fsdp2"), gradient_checkpointing=True)
+    assert_same(fsdp2, expected, f"fsdp2 with gradient checkpointing c=2 d=2 rank {rank}")
 
 
 def test_cp2_dp2_ddp_and_fsdp2(references, tmp_path):
