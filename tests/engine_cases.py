@@ -1,9 +1,9 @@
 """Shared pieces of the engine tests: one Trainer run under DDP, FSDP2 or DeepSpeed ZeRO on CPU, and its record.
 
-accelerate turns FSDP and DeepSpeed on only for accelerator devices: on CPU its distributed type stays MULTI_CPU (DDP)
-whatever the plugins say. `EngineOnCpu` sets, right after the accelerator is built, the state that accelerate sets
-on GPU (distributed type and plugin); accelerate's `prepare`, the Trainer's save/resume paths and the engines
-themselves (`fully_shard`, `deepspeed.initialize`) then run unchanged, over gloo.
+DeepSpeed runs on CPU as it is (its CPU accelerator, gloo). accelerate turns FSDP on only for accelerator devices:
+on CPU its distributed type stays MULTI_CPU (DDP) whatever the plugin says. `EngineOnCpu` sets, right after the
+accelerator is built, the state that accelerate sets on GPU (distributed type FSDP and the plugin); accelerate's
+`prepare`, the Trainer's save/resume paths and `fully_shard` then run unchanged, over gloo.
 """
 
 from __future__ import annotations
@@ -46,28 +46,20 @@ ENGINES = {
 }
 
 
-def _set_distributed_type(distributed_type: DistributedType) -> None:
-    """As accelerate does at the end of `AcceleratorState.__init__`: on both shared states, since every later
-    `AcceleratorState()` copies PartialState's."""
-    AcceleratorState._shared_state["distributed_type"] = distributed_type
-    PartialState._shared_state["distributed_type"] = distributed_type
+# What the Trainer's `model_wrapped` must be, so that a silent fall-back to another engine fails the test.
+WRAPPERS = {"ddp": "DistributedDataParallel", "fsdp2": "FSDP", "zero": "DeepSpeedEngine"}
 
 
 class EngineOnCpu:
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
-        state = self.accelerator.state
         if self.args.fsdp_plugin_args is not None:
-            _set_distributed_type(DistributedType.FSDP)
-            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            # As accelerate does at the end of `AcceleratorState.__init__`, on both shared states: every later
+            # `AcceleratorState()` copies PartialState's.
+            AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
             self.is_fsdp_enabled = True
-        elif self.args.deepspeed:
-            plugin = self.args.deepspeed_plugin
-            plugin.set_mixed_precision("no")
-            plugin.select(_from_accelerator_state=True)
-            _set_distributed_type(DistributedType.DEEPSPEED)
-            state.deepspeed_plugins = plugin
-            self.is_deepspeed_enabled = True
 
 
 class EngineTrainer(EngineOnCpu, CPTrainer):
@@ -103,6 +95,8 @@ def run_engine(engine: str, cp: int, output_dir: str, resume: str | None = None,
     trainer = EngineTrainer(model=model, args=args, train_dataset=sft_dataset(13, 0), eval_dataset=sft_dataset(7, 1))
     trainer.step_losses = []
     trainer.train(resume_from_checkpoint=resume)
+    wrapper = WRAPPERS[engine[:4] if engine.startswith("zero") else engine]
+    assert type(trainer.model_wrapped).__name__.startswith(wrapper), (engine, type(trainer.model_wrapped))
     history = trainer.state.log_history
     return {
         "losses": {h["step"]: h["loss"] for h in history if "loss" in h},
