@@ -4,7 +4,7 @@ extras = {
     "flash": ["flash-attn>=2.6", "ring-flash-attn>=0.1.4"],
     "deepspeed": ["deepspeed>=0.16"],
     "trl": ["trl>=0.20"],
-    "test": ["pytest>=8", "pytest-timeout"],
+    "test": ["pytest>=8", "pytest-timeout", "deepspeed>=0.16"],  # tests/test_engines.py runs ZeRO on CPU
     "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "matplotlib"],
 }
 

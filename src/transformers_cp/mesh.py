@@ -8,6 +8,7 @@ Ulysses ranks innermost, because the all-to-all moves the most bytes.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,31 @@ def init_distributed(device_type: str | None = None) -> None:
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
 
 
+def node_size() -> int | None:
+    """Processes per node, from torchrun / accelerate (LOCAL_WORLD_SIZE) or the DeepSpeed launcher (LOCAL_SIZE)."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE"))
+    return int(value) if value else None
+
+
+def check_node_placement(cp_size: int, world: int, per_node: int | None) -> None:
+    """Warn when a CP group would straddle a node boundary without spanning whole nodes.
+
+    Ranks are numbered node by node (rank = node · per_node + local rank), and CP ranks are adjacent, so the CP
+    groups are [0, c), [c, 2c), ...: inside one node when c divides the processes per node, whole nodes when per_node
+    divides c. Otherwise some group's ring or all-to-all crosses the slow inter-node link although a placement
+    within nodes existed. Results stay exact; only speed suffers, hence a warning.
+    """
+    if per_node is None or per_node >= world or cp_size == 1:
+        return
+    if per_node % cp_size and cp_size % per_node:
+        warnings.warn(
+            f"context_parallel_size={cp_size} neither divides nor is a multiple of the {per_node} processes per node, "
+            f"so some context-parallel groups span two nodes; choose a divisor of {per_node} (or a multiple of it) "
+            "to keep each group's sequence traffic inside nodes.",
+            stacklevel=3,
+        )
+
+
 def build_mesh(config: ContextParallelConfig, device_type: str | None = None) -> ContextParallelMesh:
     """Build the (dp, cp) mesh for `config` over every process of the job.
 
@@ -72,6 +98,7 @@ def build_mesh(config: ContextParallelConfig, device_type: str | None = None) ->
     cp, dp = config.size, world // config.size
     if world == 1:
         return ContextParallelMesh(config, layout, None, None, None, None, None, 0, 0, 1)
+    check_node_placement(cp, world, node_size())
 
     from torch.distributed.device_mesh import init_device_mesh
 

@@ -26,6 +26,7 @@ from transformers.data.data_collator import default_data_collator
 
 from .chunked_loss import chunked_loss_state
 from .collator import ContextParallelCollator
+from .engines import is_deepspeed_engine, scope_checkpoint_loads
 from .loss import count_label_tokens, loss_scale, reduce_loss_for_logging
 from .memory import apply_memory_savings
 from .mesh import ContextParallelMesh, build_mesh
@@ -83,6 +84,16 @@ class ContextParallelTrainerMixin:
         if self.cp_mesh is not None:
             apply_context_parallel(model, self.cp_mesh.config, mesh=self.cp_mesh)
         return model
+
+    @property
+    def model_wrapped(self):
+        return self._model_wrapped
+
+    @model_wrapped.setter
+    def model_wrapped(self, model) -> None:
+        # The Trainer resumes (and loads the best model) through the DeepSpeed engine it stores here: its loads run
+        # with DeepSpeed's checkpoint classes allowed under torch.load's weights_only default (see engines.py).
+        self._model_wrapped = scope_checkpoint_loads(model) if is_deepspeed_engine(model) else model
 
     # ---- data --------------------------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import transformers
 
 from .config import BACKENDS, DEFAULT_MODE, MODES, ContextParallelConfig, ContextParallelConfigError
+from .engines import check_engine_support
 
 
 @dataclass
@@ -103,6 +104,7 @@ class TrainingArguments(transformers.TrainingArguments):
 
     def _check_context_parallel_support(self) -> None:
         """Reject the settings that context parallelism cannot honour exactly."""
+        check_engine_support(self)
         if self.label_smoothing_factor:
             raise ContextParallelConfigError(
                 f"label_smoothing_factor={self.label_smoothing_factor} is not supported with context_parallel_size > 1 "
