@@ -3,8 +3,8 @@ from setuptools import find_packages, setup
 extras = {
     "flash": ["flash-attn>=2.6", "ring-flash-attn>=0.1.4"],
     "deepspeed": ["deepspeed>=0.16"],
-    "trl": ["trl>=0.20"],
-    "test": ["pytest>=8", "pytest-timeout"],
+    "trl": ["trl>=1.16", "peft>=0.17"],
+    "test": ["pytest>=8", "pytest-timeout", "trl>=1.16", "peft>=0.17"],
     "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "matplotlib"],
 }
 

@@ -1,5 +1,6 @@
 """`TrainingArguments`: transformers' arguments plus the `context_parallel_*` fields that build a
-`ContextParallelConfig`.
+`ContextParallelConfig`. The fields and their checks live in `ContextParallelArguments`, a dataclass mixin that any
+`transformers.TrainingArguments` subclass can take (TRL's configs do, in `transformers_cp.trl`).
 
 Everything is validated at construction, on every rank and before any process group exists, so a bad setting fails
 with the same clear message everywhere instead of hanging in a collective.
@@ -16,8 +17,8 @@ from .config import BACKENDS, DEFAULT_MODE, MODES, ContextParallelConfig, Contex
 
 
 @dataclass
-class TrainingArguments(transformers.TrainingArguments):
-    """transformers' `TrainingArguments` with context parallelism (off while `context_parallel_size` is 1)."""
+class ContextParallelArguments:
+    """The `context_parallel_*` fields and their validation: `class Args(ContextParallelArguments, HfArgs)`."""
 
     context_parallel_size: int = field(
         default=1,
@@ -88,3 +89,8 @@ class TrainingArguments(transformers.TrainingArguments):
             heads_k_stride=self.context_parallel_heads_k_stride,
             backend=self.context_parallel_backend,
         )
+
+
+@dataclass
+class TrainingArguments(ContextParallelArguments, transformers.TrainingArguments):
+    """transformers' `TrainingArguments` with context parallelism (off while `context_parallel_size` is 1)."""
