@@ -76,7 +76,7 @@ def _pack(state: _PaddedRowsState):
             input_ids=shard["input_ids"].to(device),
             position_ids=shard["position_ids"].to(device),
             shift_labels=shard["shift_labels"].to(device),
-            cu_seq_lens_q=shard["cu_seq_lens_q"],
+            cu_seq_lens_q=shard["cu_seq_lens_q"].to(device),  # where the Trainer puts the collator's
         )
         state.masks.append(mask)
         return (), kwargs
