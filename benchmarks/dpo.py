@@ -67,10 +67,12 @@ def run(shape: str, pair_tokens: int, mode: str, steps: int, ref: str, world: in
     prompt = completion = pair_tokens // 4  # prompt+chosen and prompt+rejected: pair_tokens / 2 each
     # On disk, so that every rank finds the cache files TRL writes next to it (precomputed reference log-probs).
     data_dir = f"/tmp/transformers_cp_dpo_bench/data_{shape}_{pair_tokens}_{steps}"
-    if dist.get_rank() == 0:
+    distributed = dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
         shutil.rmtree(data_dir, ignore_errors=True)
         datasets.Dataset.from_list(pairs(steps, prompt, completion, config.vocab_size)).save_to_disk(data_dir)
-    dist.barrier()
+    if distributed:
+        dist.barrier()
     data = datasets.load_from_disk(data_dir)
     args = DPOConfig(
         output_dir="/tmp/transformers_cp_dpo_bench", per_device_train_batch_size=1, max_steps=steps,
@@ -100,7 +102,8 @@ def run(shape: str, pair_tokens: int, mode: str, steps: int, ref: str, world: in
     )  # fmt: skip
     if CUDA:
         peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device="cuda")
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        if distributed:
+            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         row["peak_gib"] = round(peak.item(), 1)
     return row
 
@@ -119,7 +122,7 @@ def main() -> None:
     init_distributed()
     world = dist.get_world_size() if dist.is_initialized() else 1
     row = run(a.shape, a.pair_tokens, a.mode, a.steps, a.ref, world)
-    if dist.get_rank() == 0:
+    if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps(row), flush=True)
         if a.out:
             import trl
