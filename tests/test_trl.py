@@ -6,7 +6,8 @@ and partial last batches.
 DPO cases (loss type, reference): sigmoid and IPO (length-normalised) with a separate reference model, sigmoid_norm
 (length-normalised) with precomputed reference log-probs, sigmoid and IPO with LoRA (the reference is the policy
 without its adapter). TRL's DPO has no padding-free mode (it is disabled in trl 1.16), so the reference is its padded
-mode. SFT cases: padding-free, packing, LoRA, against TRL's SFTTrainer with padding_free=True.
+mode. SFT cases: padding-free, packing, LoRA, against TRL's SFTTrainer with padding_free=True. One DPO case also
+runs with c = 2 on 4 processes against TRL on 2 (data parallelism).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ DPO_CASES = [
     {"loss_type": "sigmoid", "ref": "lora", "mode": "llama3"},
     {"loss_type": "ipo", "ref": "lora", "mode": "ulysses"},
 ]
+DP2_CASE = {"loss_type": "sigmoid", "ref": "model", "mode": "zigzag"}  # c=2 × d=2 against TRL on d=2
 SFT_CASES = [{"mode": "zigzag"}, {"mode": "ring", "packing": True}, {"mode": "zigzag", "lora": True}]
 
 
@@ -47,6 +49,32 @@ def _worker(rank, world, out_dir, dpo_cases, sft_cases):
     for i, case in enumerate(sft_cases):
         result = run_sft(cp_trl.SFTTrainer, cp_trl.SFTConfig, case, **_cp(case))
         torch.save(result, os.path.join(out_dir, f"sft_{i}_rank{rank}.pt"))
+
+
+def _dp_worker(rank, world, out_dir, cp_size):
+    """TRL's DPOTrainer on 2 processes (cp_size 1) or ours on 4 (c=2, d=2); rank 0 saves its run."""
+    import trl
+    from trl_cases import run_dpo
+
+    import transformers_cp.trl as cp_trl
+
+    data_dir = os.path.join(out_dir, f"data_cp{cp_size}")
+    if cp_size == 1:
+        result = run_dpo(trl.DPOTrainer, trl.DPOConfig, data_dir, DP2_CASE)
+    else:
+        result = run_dpo(cp_trl.DPOTrainer, cp_trl.DPOConfig, data_dir, DP2_CASE, **_cp(DP2_CASE))
+    if rank == 0:
+        torch.save(result, os.path.join(out_dir, f"dp2_cp{cp_size}.pt"))
+
+
+def test_dpo_data_parallel_matches_trl(tmp_path):
+    """c=2 on 4 processes equals TRL on 2: DDP averages over 4 ranks, and the loss needs no dp factor."""
+    from trl_cases import assert_same_run
+
+    run_distributed(_dp_worker, 2, str(tmp_path), 1, timeout=600)
+    run_distributed(_dp_worker, 4, str(tmp_path), 2, timeout=600)
+    expected = torch.load(tmp_path / "dp2_cp1.pt")
+    assert_same_run(torch.load(tmp_path / "dp2_cp2.pt"), expected, f"dpo d=2 {DP2_CASE}")
 
 
 @pytest.fixture(scope="module")
