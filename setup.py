@@ -3,8 +3,9 @@ from setuptools import find_packages, setup
 extras = {
     "flash": ["flash-attn>=2.6", "ring-flash-attn>=0.1.4"],
     "deepspeed": ["deepspeed>=0.16"],
-    "trl": ["trl>=0.20"],
-    "test": ["pytest>=8", "pytest-timeout", "deepspeed>=0.16"],  # tests/test_engines.py runs ZeRO on CPU
+    "trl": ["trl>=1.16", "peft>=0.17"],
+    # tests/test_engines.py runs ZeRO on CPU; tests/test_trl.py runs TRL's trainers
+    "test": ["pytest>=8", "pytest-timeout", "deepspeed>=0.16", "trl>=1.16", "peft>=0.17"],
     "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "matplotlib"],
 }
 

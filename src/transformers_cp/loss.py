@@ -14,6 +14,12 @@ DeepSpeed) averages over all c·d ranks. Rank r therefore uses
 which gives grad = 1/(c·d) Σ_g Σ_{r∈g} c·k·∇S_r / N = (1/d) Σ_g ∇L_g: the stock gradient (and so the same gradient
 norm and clipping). The value reported for logging is Σ_{r∈g} ℓ_r / c = L_g, the stock rank's loss, the same on every
 CP rank of the group.
+
+Losses of whole sequences (DPO, `transformers_cp.trl`): the per-token quantities of the row are gathered over the CP
+group (`gather_sequence`, whose backward keeps this rank's slice) and every rank of group g computes the same L_g. The
+graph of rank r reaches L_g only through its own tokens, so it back-propagates ℓ_r = c·L_g (`loss_scale(mesh,
+across_dp=False)` when L_g carries no dp factor): grad = 1/(c·d) Σ_g Σ_{r∈g} c·∇_r L_g = (1/d) Σ_g ∇L_g. The value
+reported for logging is ℓ_r / c = L_g.
 """
 
 from __future__ import annotations

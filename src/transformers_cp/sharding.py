@@ -119,9 +119,30 @@ def shard_batch(
 
 
 def gather_sequence(tensor: torch.Tensor, mesh: ContextParallelMesh, dim: int = 1) -> torch.Tensor:
-    """The full row of a per-token output (logits, labels) from every CP rank's shard, in global token order."""
+    """The full row of a per-token output (logits, labels, log-probs) from every CP rank's shard, in global token order.
+
+    Differentiable: the backward keeps this rank's slice of the row's gradient. That is the gradient of a value every
+    CP rank computes alike from the full row (a replicated loss, see `loss.py`), through this rank's tokens.
+    """
     if mesh.cp_group is None:
         return tensor
+    if tensor.requires_grad:
+        return _GatherSequence.apply(tensor, mesh, dim)
+    return _all_gather_row(tensor, mesh, dim)
+
+
+def _all_gather_row(tensor: torch.Tensor, mesh: ContextParallelMesh, dim: int) -> torch.Tensor:
     shards = [torch.empty_like(tensor) for _ in range(mesh.cp_size)]
     dist.all_gather(shards, tensor.contiguous(), group=mesh.cp_group)
     return mesh.layout.unshard(shards, dim=dim)
+
+
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, mesh: ContextParallelMesh, dim: int) -> torch.Tensor:
+        ctx.mesh, ctx.dim = mesh, dim
+        return _all_gather_row(tensor.detach(), mesh, dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.mesh.layout.shard(grad, ctx.mesh.cp_rank, dim=ctx.dim), None, None

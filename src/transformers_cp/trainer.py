@@ -17,6 +17,9 @@ logits runs the model's plain head. With `context_parallel_size == 1` and those 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -42,12 +45,20 @@ class ContextParallelTrainerMixin:
     """
 
     cp_mesh: ContextParallelMesh | None = None
+    # The chunked LM-head loss returns no logits; trainers that score the logits themselves (TRL's) turn it off.
+    logits_needed_for_loss: bool = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._setup_context_parallel()
+
+    def _setup_context_parallel(self) -> None:
+        """Build the mesh and apply CP to the model, once (a subclass may need it before its own `__init__` ends)."""
+        if self.cp_mesh is not None:
+            return
         config = getattr(self.args, "context_parallel_config", None)
         if config is not None and self.model is not None:
-            apply_memory_savings(self.model, config)
+            apply_memory_savings(self.model, self._memory_config(config))
         if config is None or not config.enabled:
             return
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -56,6 +67,26 @@ class ContextParallelTrainerMixin:
                 f"accelerate runs {self.accelerator.num_processes} process(es) but the job has {world}, so gradients "
                 "would not be reduced across ranks; on CPU pass use_cpu=True (--use_cpu) to TrainingArguments."
             )
+        self._check_context_parallel_trainer()
+        if self.model is not None:
+            check_model(self.model, config.resolved(world))  # before build_mesh makes the CP groups
+        self.cp_mesh = build_mesh(config, self.args.device.type)
+        apply_context_parallel(self.model, self.cp_mesh.config, mesh=self.cp_mesh)
+        self._setup_context_parallel_data()
+
+    def _memory_config(self, config):
+        """The config whose memory savings this trainer installs: no chunked loss where the logits are needed."""
+        if not self.logits_needed_for_loss or config.loss_chunk_size == 0:
+            return config
+        if config.loss_chunk_size is not None:
+            raise ValueError(
+                f"context_parallel_loss_chunk_size={config.loss_chunk_size} cannot be used with {type(self).__name__}, "
+                "which computes its loss and metrics from the logits; leave it unset (auto) or set it to 0."
+            )
+        return dataclasses.replace(config, loss_chunk_size=0)
+
+    def _check_context_parallel_trainer(self) -> None:
+        """Reject trainer settings whose loss a sequence shard cannot compute (before any collective)."""
         if self.compute_loss_func is not None:
             raise ValueError(
                 "compute_loss_func is not supported with context_parallel_size > 1: the loss of a sequence shard is "
@@ -66,13 +97,12 @@ class ContextParallelTrainerMixin:
                 f"{type(self.model).__name__}.forward takes no loss kwargs (num_items_in_batch, shift_labels), which "
                 "context parallelism needs to compute the loss of a sequence shard; use a transformers causal LM."
             )
-        if self.model is not None:
-            check_model(self.model, config.resolved(world))  # before build_mesh makes the CP groups
-        self.cp_mesh = build_mesh(config, self.args.device.type)
-        apply_context_parallel(self.model, self.cp_mesh.config, mesh=self.cp_mesh)
+
+    def _setup_context_parallel_data(self) -> None:
+        """Batches become this rank's shard of one packed row, and the loss is a token sum over N (see loss.py)."""
         user_collator = None if self.data_collator is default_data_collator else self.data_collator
         self.data_collator = ContextParallelCollator(self.cp_mesh, collator=user_collator)
-        self.loss_is_scaled_for_ga = True  # the loss is normalised by the step's token count N (see loss.py)
+        self.loss_is_scaled_for_ga = True
 
     # ---- model -------------------------------------------------------------------------------------------------
 
@@ -80,7 +110,7 @@ class ContextParallelTrainerMixin:
         model = super().call_model_init(trial)
         config = getattr(self.args, "context_parallel_config", None)
         if config is not None:
-            apply_memory_savings(model, config)
+            apply_memory_savings(model, self._memory_config(config))
         if self.cp_mesh is not None:
             apply_context_parallel(model, self.cp_mesh.config, mesh=self.cp_mesh)
         return model
@@ -108,10 +138,14 @@ class ContextParallelTrainerMixin:
     def _track_num_input_tokens(self, inputs) -> None:
         if self.cp_mesh is None or self.args.include_num_input_tokens_seen == "no":
             return super()._track_num_input_tokens(inputs)
-        # One rank per CP group counts its row's real tokens (padding excluded), as the stock run counts its row.
+        self.state.num_input_tokens_seen += self._count_row_tokens(inputs)
+
+    def _count_row_tokens(self, inputs) -> int:
+        """Real tokens of the packed rows of this step over all dp ranks (CP padding excluded), as the stock run
+        counts its rows: one rank per CP group counts its row."""
         tokens = int(inputs["cu_seq_lens_q"][-1]) if self.cp_mesh.cp_rank == 0 else 0
         tokens = torch.tensor(tokens, device=self.args.device, dtype=torch.int64)
-        self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+        return self.accelerator.gather(tokens).sum().item()
 
     # ---- loss --------------------------------------------------------------------------------------------------
 
@@ -178,6 +212,52 @@ class ContextParallelTrainerMixin:
     def gather_function(self, function) -> None:
         self._gather_function = function
 
+    @contextlib.contextmanager
+    def _metrics_over_dp(self, shard_sums: bool) -> Iterator[None]:
+        """While open, `accelerator.gather` and `gather_for_metrics` give what they give on the dp ranks of a run
+        without CP, for code (TRL's metrics) that gathers one value per process. With `shard_sums` each CP rank holds
+        its shard's part of a sum, which is summed over the CP group first; otherwise the CP ranks hold equal values.
+        """
+        from accelerate.utils import recursively_apply
+
+        mesh, accelerator = self.cp_mesh, self.accelerator
+
+        def per_group(data):
+            if not shard_sums or mesh.cp_group is None:
+                return data
+
+            def reduce(tensor: torch.Tensor) -> torch.Tensor:
+                tensor = tensor.detach().clone()
+                dist.all_reduce(tensor, group=mesh.cp_group)
+                return tensor
+
+            return recursively_apply(reduce, data)
+
+        accelerator.gather = lambda data: self._gather_over_dp(per_group(data))
+        accelerator.gather_for_metrics = lambda data, use_gather_object=False: self._gather_over_dp_for_metrics(
+            per_group(data), use_gather_object
+        )
+        try:
+            yield
+        finally:
+            del accelerator.gather, accelerator.gather_for_metrics
+
+    def _gather_over_dp(self, data):
+        """`accelerator.gather` over the dp ranks only: tensors (or nests of them) concatenated along dim 0."""
+        from accelerate.utils import recursively_apply
+
+        mesh = self.cp_mesh
+        if mesh.dp_group is None:
+            return data
+
+        def gather(tensor: torch.Tensor) -> torch.Tensor:
+            tensor = tensor[None] if tensor.dim() == 0 else tensor  # as accelerate gathers scalars
+            parts = [torch.empty_like(tensor) for _ in range(mesh.dp_size)]
+            dist.all_gather(parts, tensor.contiguous(), group=mesh.dp_group)
+            return torch.cat(parts, dim=0)
+
+        return recursively_apply(gather, data)
+
     def _gather_over_dp_for_metrics(self, data, use_gather_object: bool = False):
         from accelerate.utils import recursively_apply
 
@@ -193,20 +273,17 @@ class ContextParallelTrainerMixin:
             else:
                 parts = [data]
             data = [item for part in parts for item in part]
-        elif mesh.dp_group is not None:
-
-            def gather(tensor: torch.Tensor) -> torch.Tensor:
-                parts = [torch.empty_like(tensor) for _ in range(mesh.dp_size)]
-                dist.all_gather(parts, tensor.contiguous(), group=mesh.dp_group)
-                return torch.cat(parts, dim=0)
-
-            data = recursively_apply(gather, data)
+        else:
+            data = self._gather_over_dp(data)
         # As accelerate's gather_for_metrics: drop what `even_batches` repeated to fill the last batch.
         state = self.accelerator.gradient_state
         if state.end_of_dataloader and state.remainder > 0:
             if isinstance(data, list):
                 return data[: state.remainder]
-            return recursively_apply(lambda tensor: tensor[: state.remainder], data)
+            try:
+                return recursively_apply(lambda tensor: tensor[: state.remainder], data)
+            except IndexError:  # a scalar (one process): returned as is, as accelerate does
+                return data
         return data
 
 

@@ -1,5 +1,6 @@
 """`TrainingArguments`: transformers' arguments plus the `context_parallel_*` fields that build a
-`ContextParallelConfig`.
+`ContextParallelConfig`. The fields and their checks live in `ContextParallelArguments`, a dataclass mixin that any
+`transformers.TrainingArguments` subclass can take (TRL's configs do, in `transformers_cp.trl`).
 
 Everything is validated at construction, on every rank and before any process group exists, so a bad setting fails
 with the same clear message everywhere instead of hanging in a collective.
@@ -17,8 +18,8 @@ from .engines import check_engine_support
 
 
 @dataclass
-class TrainingArguments(transformers.TrainingArguments):
-    """transformers' `TrainingArguments` with context parallelism (off while `context_parallel_size` is 1)."""
+class ContextParallelArguments:
+    """The `context_parallel_*` fields and their validation: `class Args(ContextParallelArguments, HfArgs)`."""
 
     context_parallel_size: int = field(
         default=1,
@@ -143,3 +144,8 @@ class TrainingArguments(transformers.TrainingArguments):
             offload_activations=self.context_parallel_offload_activations,
             offload_attention_outputs=self.context_parallel_offload_attention_outputs,
         )
+
+
+@dataclass
+class TrainingArguments(ContextParallelArguments, transformers.TrainingArguments):
+    """transformers' `TrainingArguments` with context parallelism (off while `context_parallel_size` is 1)."""

@@ -1,0 +1,33 @@
+"""TRL's trainers with context parallelism: `SFTTrainer`, `DPOTrainer` and their configs `SFTConfig`, `DPOConfig`
+(TRL's, plus the `context_parallel_*` fields). Needs `trl` (`pip install transformers_cp[trl]`); supported: trl 1.16.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+if importlib.util.find_spec("trl") is None:
+    raise ImportError(
+        "transformers_cp.trl needs the `trl` package, which is not installed; run `pip install transformers_cp[trl]` "
+        "(or `pip install trl`)."
+    )
+
+from importlib.metadata import version as _version  # noqa: E402
+
+from packaging.version import Version  # noqa: E402
+
+if Version(_version("trl")) < Version("1.16"):
+    raise ImportError(
+        f"transformers_cp.trl needs trl >= 1.16 (its fused LM head and DPO internals), found {_version('trl')}; run "
+        "`pip install -U transformers_cp[trl]`."
+    )
+
+_EXPORTS = {"SFTConfig": "config", "DPOConfig": "config", "SFTTrainer": "sft", "DPOTrainer": "dpo"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,103 @@
+"""Padded batches of whole sequences through a context-parallel model, for TRL's preference trainers.
+
+TRL's DPO calls `model(input_ids, attention_mask, labels, fused_lm_head=True)` on a right-padded (2B, L) batch
+(B prompt+chosen rows, then B prompt+rejected rows) and reads per-token outputs of shape (2B, L-1). Under CP the
+model is wrapped so that such a call
+  1. packs the 2B sequences as documents of one row (`pack_row`: global positions, next-token `shift_labels` within
+     each document, padding to the layout's multiple) and runs the model on this rank's shard (`shard_row`);
+  2. gathers each per-token output over the CP group (`gather_sequence`, differentiable) and puts it back in the
+     padded (2B, L-1) layout, zero where there is no target, as TRL's fused head returns it without CP.
+Every CP rank then holds the group's full per-sequence quantities, so any loss TRL builds from them (sums, token
+counts, length normalisation, sorting across pairs) and every metric is the one of a run without CP. `loss.py` says
+how the gradient of such a replicated loss is scaled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..mesh import ContextParallelMesh
+from ..sharding import gather_sequence, pack_row, shard_row
+
+_PER_TOKEN_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+"""Per-token fields of TRL's `FusedCausalLMOutput`."""
+
+
+@dataclass
+class _PaddedRowsState:
+    mesh: ContextParallelMesh
+    pad_token_id: int
+    masks: list[torch.Tensor] = field(default_factory=list)  # attention masks of the calls in flight
+    hooks: list = field(default_factory=list)
+
+
+def shard_padded_rows(model: torch.nn.Module, mesh: ContextParallelMesh, pad_token_id: int = 0) -> None:
+    """Make `model` (on which `apply_context_parallel` was called) take TRL's padded fused-head calls (idempotent)."""
+    if getattr(model, "_cp_padded_rows", None) is not None:
+        return
+    state = _PaddedRowsState(mesh, pad_token_id)
+    # Prepended: packing must run before the CP pre-forward hook, which reads the packed row's document bounds.
+    state.hooks.append(model.register_forward_pre_hook(_pack(state), with_kwargs=True, prepend=True))
+    state.hooks.append(model.register_forward_hook(_unpack(state)))
+    model._cp_padded_rows = state
+
+
+def _pack(state: _PaddedRowsState):
+    def hook(module, args, kwargs: dict[str, Any]):
+        if args or not kwargs.get("fused_lm_head"):
+            raise ValueError(
+                "under context parallelism TRL's preference trainers run the model only through its fused LM head "
+                "(log-probabilities, no logits): `compute_metrics` and `predict` with logits are not supported; "
+                "leave compute_metrics unset (evaluation then returns the loss and the DPO metrics)."
+            )
+        input_ids = kwargs.pop("input_ids")
+        device = input_ids.device
+        mask = kwargs.pop("attention_mask", None)
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+        labels = kwargs.pop("labels")
+        # Packed on the CPU (token ids only), then this rank's shard goes to the device.
+        ids_cpu, mask_cpu, labels_cpu = input_ids.cpu(), mask.cpu(), labels.cpu()
+        lengths = mask_cpu.sum(dim=1).tolist()
+        row = pack_row(
+            {
+                "input_ids": ids_cpu[mask_cpu][None],
+                "labels": labels_cpu[mask_cpu][None],
+                "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+                "cu_seq_lens_q": torch.tensor([0, *lengths]).cumsum(0).to(torch.int32),
+            },
+            state.mesh.layout.multiple,
+            state.pad_token_id,
+        )
+        shard = shard_row(row, state.mesh.layout, state.mesh.cp_rank)
+        kwargs.update(
+            input_ids=shard["input_ids"].to(device),
+            position_ids=shard["position_ids"].to(device),
+            shift_labels=shard["shift_labels"].to(device),
+            cu_seq_lens_q=shard["cu_seq_lens_q"].to(device),  # where the Trainer puts the collator's
+        )
+        state.masks.append(mask)
+        return (), kwargs
+
+    return hook
+
+
+def _unpack(state: _PaddedRowsState):
+    def hook(module, args, output):
+        mask = state.masks.pop()
+        fields = {}
+        for name, value in output.items():
+            if name in _PER_TOKEN_OUTPUTS and value is not None:
+                row = gather_sequence(value, state.mesh, dim=1)[0, : int(mask.sum())]
+                fields[name] = value.new_zeros(mask.shape).masked_scatter(mask, row)[:, :-1]
+            elif name == "aux_loss" and value is not None:
+                raise ValueError(
+                    "the MoE auxiliary loss of a sequence shard is not supported under context parallelism"
+                )
+            elif name != "loss":  # the fused head's loss is the shard's token mean, which TRL's DPO does not read
+                fields[name] = value
+        return type(output)(**fields)
+
+    return hook
