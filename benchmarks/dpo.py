@@ -70,7 +70,9 @@ def run(shape: str, pair_tokens: int, mode: str, steps: int, ref: str, world: in
     distributed = dist.is_initialized()
     if not distributed or dist.get_rank() == 0:
         shutil.rmtree(data_dir, ignore_errors=True)
-        datasets.Dataset.from_list(pairs(steps, prompt, completion, config.vocab_size)).save_to_disk(data_dir)
+        # A fixed fingerprint: hashing the table pickles pyarrow types, which fails for some pyarrow/dill/Python mixes.
+        table = datasets.table.InMemoryTable.from_pylist(pairs(steps, prompt, completion, config.vocab_size))
+        datasets.Dataset(table, fingerprint=f"dpo-bench-{shape}-{pair_tokens}-{steps}").save_to_disk(data_dir)
     if distributed:
         dist.barrier()
     data = datasets.load_from_disk(data_dir)
