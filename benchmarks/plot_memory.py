@@ -1,10 +1,11 @@
 """Peak GPU memory against sequence length, from benchmarks/train.py results and the peers' anchor output.
 
-    python benchmarks/plot_memory.py out.png ours.json [label=peer_lines.txt ...]
+    python benchmarks/plot_memory.py out.png ours.json [more.json ...] [peers.jsonl ...]
 
-`ours.json` is what train.py writes (rows with seq, peak_gib or error, including the rows a --search tried); each
-peer file holds the JSON lines anchor_e2e.py prints ({"<mode> <shape> S=<n> N=<world>": {...} or "OOM"}). A failed
-length is drawn as a cross at the top of the plot. Prints a markdown table of the same points.
+A `.json` file is what train.py writes (rows with seq, peak_gib or error, including the rows a --search tried); a
+`.jsonl` file holds the JSON lines anchor_e2e.py prints ({"<mode> <shape> S=<n> N=<world>": {...} or "OOM"}), one
+series per peer mode. A failed length is drawn as a cross at the top of the plot. Prints a markdown table of the same
+points.
 """
 
 from __future__ import annotations
@@ -28,23 +29,25 @@ def our_points(path: Path) -> dict[str, list[tuple[int, float | None]]]:
     return series
 
 
-def peer_points(path: Path) -> list[tuple[int, float | None]]:
-    points = []
+def peer_points(path: Path) -> dict[str, list[tuple[int, float | None]]]:
+    """{peer mode: [(seq, peak GiB or None if it failed)]} from anchor_e2e.py's output lines."""
+    series: dict[str, list[tuple[int, float | None]]] = {}
     for line in path.read_text().splitlines():
         if not line.startswith("{"):
             continue
         for key, value in json.loads(line).items():
             seq = int(re.search(r"S=(\d+)", key).group(1))
-            points.append((seq, value.get("peak_gib") if isinstance(value, dict) else None))
-    return points
+            peak = value.get("peak_gib") if isinstance(value, dict) else None
+            series.setdefault(f"peer: {key.split()[0]}", []).append((seq, peak))
+    return series
 
 
 def main() -> None:
-    out, ours, *peers = sys.argv[1:]
-    series = our_points(Path(ours))
-    for spec in peers:
-        label, _, file = spec.partition("=")
-        series[label] = peer_points(Path(file))
+    out, *files = sys.argv[1:]
+    series: dict[str, list[tuple[int, float | None]]] = {}
+    for file in map(Path, files):
+        for label, points in (peer_points(file) if file.suffix == ".jsonl" else our_points(file)).items():
+            series.setdefault(label, []).extend(points)
     import matplotlib
 
     matplotlib.use("Agg")

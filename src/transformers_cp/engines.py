@@ -113,11 +113,12 @@ def check_engine_support(args: Any) -> None:
         sizes = {name: _positive(getattr(parallelism, f"{name}_size", 1)) for name in ("cp", "sp", "tp")}
         used = {name: size for name, size in sizes.items() if size > 1}
         if used:
-            fields = ", ".join(f"{name}_size={size}" for name, size in used.items())
+            fields = ", ".join(f"parallelism_config.{name}_size={size}" for name, size in used.items())
             raise ContextParallelConfigError(
-                f"context_parallel_size > 1 cannot be combined with accelerate's ParallelismConfig({fields}): both "
-                "would split the sequence (or the weights) and the loss scaling assumes gradients averaged over every "
-                "rank. Drop parallelism_config (FSDP2 then shards over all ranks) or set context_parallel_size=1."
+                f"{fields} (accelerate's own sequence or tensor splitting) cannot be combined with "
+                "context_parallel_size > 1: both would split the sequence (or the weights) and the loss scaling "
+                "assumes gradients averaged over every rank; use one of them: drop parallelism_config (FSDP2 then "
+                "shards over all ranks) or set context_parallel_size=1."
             )
     config = _deepspeed_config(args)
     if config is None:

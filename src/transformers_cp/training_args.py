@@ -121,14 +121,6 @@ class ContextParallelArguments:
                 f"neftune_noise_alpha={self.neftune_noise_alpha} is not supported with context_parallel_size > 1 (its "
                 "noise is scaled by the sequence length, which a rank sees only a shard of); leave it unset."
             )
-        parallelism = getattr(self, "parallelism_config", None)
-        for name in ("cp_size", "sp_size"):
-            if (getattr(parallelism, name, None) or 1) > 1:
-                raise ContextParallelConfigError(
-                    f"parallelism_config.{name}={getattr(parallelism, name)} turns on accelerate's own sequence "
-                    "splitting, which cannot run together with context_parallel_size > 1; use one of them (leave "
-                    f"parallelism_config.{name} unset to use transformers_cp)."
-                )
 
     @property
     def context_parallel_config(self) -> ContextParallelConfig:
