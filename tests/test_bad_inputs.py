@@ -66,6 +66,12 @@ CONFIG_CASES = [
     pytest.param(
         dict(mode="zigzag", size=4, ulysses_size=2), 4, ["only used with", "'hybrid'"], id="degree-without-hybrid"
     ),
+    pytest.param(
+        dict(mode="zigzag", size=2, heads_k_stride=2),
+        2,
+        ["context_parallel_heads_k_stride", "'llama3'"],
+        id="stride-without-llama3",
+    ),
 ]
 
 

@@ -16,8 +16,6 @@ FLAGS = [
     "hybrid",
     "--context_parallel_ulysses_size",
     "2",
-    "--context_parallel_heads_k_stride",
-    "2",
     "--context_parallel_backend",
     "torch",
     "--context_parallel_loss_chunk_size",
@@ -33,14 +31,14 @@ def test_flags_parse_and_serialise(tmp_path, monkeypatch):
         ["--output_dir", str(tmp_path), *FLAGS]
     )
     assert args.context_parallel_config == ContextParallelConfig(
-        size=4, mode="hybrid", ulysses_size=2, heads_k_stride=2, backend="torch", loss_chunk_size=4096, mlp_tile_size=0
+        size=4, mode="hybrid", ulysses_size=2, backend="torch", loss_chunk_size=4096, mlp_tile_size=0
     )
     saved = json.loads(args.to_json_string())
     assert {k: v for k, v in saved.items() if k.startswith("context_parallel_")} == {
         "context_parallel_size": 4,
         "context_parallel_mode": "hybrid",
         "context_parallel_ulysses_size": 2,
-        "context_parallel_heads_k_stride": 2,
+        "context_parallel_heads_k_stride": None,
         "context_parallel_backend": "torch",
         "context_parallel_loss_chunk_size": 4096,
         "context_parallel_mlp_tile_size": 0,
@@ -48,6 +46,10 @@ def test_flags_parse_and_serialise(tmp_path, monkeypatch):
         "context_parallel_offload_attention_outputs": False,
     }
     assert TrainingArguments(**{k: saved[k] for k in saved if k.startswith("context_parallel_")}).context_parallel_size
+    (llama3,) = transformers.HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--context_parallel_mode", "llama3", "--context_parallel_heads_k_stride", "2"]
+    )
+    assert llama3.context_parallel_config.kv_stride(8) == 2
 
 
 def test_defaults_turn_context_parallelism_off(tmp_path):

@@ -111,6 +111,11 @@ class ContextParallelConfig:
                 f"context_parallel_ulysses_size is only used with context_parallel_mode='hybrid' (mode is "
                 f"{self.mode!r}); leave it unset or switch the mode to 'hybrid'."
             )
+        if self.heads_k_stride is not None and self.mode != "llama3":
+            raise ContextParallelConfigError(
+                f"context_parallel_heads_k_stride is only used with context_parallel_mode='llama3' (mode is "
+                f"{self.mode!r}); leave it unset or switch the mode to 'llama3'."
+            )
 
     @property
     def enabled(self) -> bool:
