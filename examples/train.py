@@ -8,7 +8,8 @@
 config.json file, or a model type (`qwen2`, `llama`, `mistral`, ...) built from scratch with the `--hidden_size`,
 `--num_layers`, ... overrides. `--data` is a jsonl file with `input_ids` (and optionally `labels`, -100 on prompt
 tokens) or, with a tokenizer in the model directory, `prompt` and `completion` text. Without `--data` a synthetic
-long-document dataset is generated from a sparse Markov chain, so the loss visibly falls within a short run. Every TrainingArguments flag works; `--context_parallel_size` defaults to all processes.
+long-document dataset is generated from a sparse Markov chain, so the loss visibly falls within a short run. Every
+TrainingArguments flag works; `--context_parallel_size` defaults to all processes.
 """
 
 from __future__ import annotations

@@ -43,8 +43,9 @@ def context_parallel_attention(
     """Causal attention of this rank's shard of a packed row against the whole row.
 
     q: (L, Hq, D), k and v: (L, Hk, D), L = row length / CP size, in the layout of `mesh` (for `odysseus`, the
-    whole row with this rank's heads); `docs` holds the row's global document boundaries. Returns (L, Hq, D). With `reuse`, a recomputation under activation checkpointing
-    takes the first forward's result instead of computing it again (see `algorithms.reuse`).
+    whole row with this rank's heads); `docs` holds the row's global document boundaries. Returns (L, Hq, D). With
+    `reuse`, a recomputation under activation checkpointing takes the first forward's result instead of computing it
+    again (see `algorithms.reuse`).
     """
     config, layout = mesh.config, mesh.layout
     kernel = select_kernel(config.backend, q)
