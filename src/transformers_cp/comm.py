@@ -33,11 +33,16 @@ class RingComm:
         self._reqs = []
 
 
+# torch >= 2.13 names the flat collectives `*_single` and deprecates the older names; torch 2.11 has only those.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def all_gather(x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
     """Concatenate `x` from every rank of `group` along a new leading dimension (rank order)."""
     world = dist.get_world_size(group)
     out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    work = dist.all_gather_into_tensor(out, x.contiguous(), group=group, async_op=async_op)
+    work = _ALL_GATHER(out, x.contiguous(), group=group, async_op=async_op)
     out = out.unflatten(0, (world, x.shape[0]))
     return (out, work) if async_op else out
 
@@ -51,7 +56,7 @@ def reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = F
         out = x[rank]
     else:
         out = torch.empty(x.shape[1:], dtype=x.dtype, device=x.device)
-        work = dist.reduce_scatter_tensor(out, x.contiguous(), group=group, async_op=async_op)
+        work = _REDUCE_SCATTER(out, x.contiguous(), group=group, async_op=async_op)
     return (out, work) if async_op else out
 
 
