@@ -58,8 +58,8 @@ def main() -> None:
     batch = {k: v.to(device) for k, v in ContextParallelCollator(mesh)(examples).items()}
     state = model._context_parallel_state
 
-    def check() -> None:
-        _check_batch(model, state, batch["input_ids"], batch)
+    def check() -> None:  # as the pre-forward hook runs it: the document bounds read from the device, then the check
+        _check_batch(model, state, batch["input_ids"], batch, batch["cu_seq_lens_q"].tolist())
 
     def step() -> None:
         model(**batch).loss.backward()

@@ -15,7 +15,7 @@ import torch
 from transformers import DataCollatorWithFlattening
 
 from .mesh import ContextParallelMesh
-from .sharding import pack_row, shard_row
+from .sharding import EMPTY_BATCH, pack_row, shard_row
 
 
 class ContextParallelCollator:
@@ -43,11 +43,8 @@ class ContextParallelCollator:
         # An empty example adds no token and no target; DataCollatorWithFlattening would still add a label for it
         # (misaligning the row's labels), so it is dropped here, before any collator sees it.
         features = [f for f in features if len(f["input_ids"]) > 0]
-        if not features:
-            raise ValueError(
-                "every example of the batch is empty (no input_ids); filter empty examples out of the dataset, e.g. "
-                "dataset.filter(lambda e: len(e['input_ids']) > 0)."
-            )
+        if not features:  # raised here: the flattening collators cannot take an empty list
+            raise ValueError(EMPTY_BATCH)
         row = pack_row(self.flatten(features), self.layout.multiple, self.pad_token_id)
         return shard_row(row, self.layout, self.cp_rank)
 

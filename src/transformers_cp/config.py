@@ -13,9 +13,9 @@ class ContextParallelConfigError(ValueError):
     """A context-parallel setting is invalid; the message names the setting and the fix."""
 
 
-def _is_count(value: object) -> bool:
-    """An integer >= 1 (a bool is not a count)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+def _is_count(value: object, minimum: int = 1) -> bool:
+    """An integer >= `minimum` (a bool is not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class ContextParallelConfig:
             )
         for name in ("loss_chunk_size", "mlp_tile_size"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            if value is not None and not _is_count(value, minimum=0):
                 raise ContextParallelConfigError(
                     f"context_parallel_{name} must be an integer >= 0 (tokens; 0 = off) or None (auto), got {value!r}."
                 )

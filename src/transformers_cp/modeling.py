@@ -213,10 +213,10 @@ def _input_problem(inputs: torch.Tensor, kwargs: dict) -> int:
     return next((i + 1 for i, found in enumerate(problems) if found), 0)
 
 
-def _fingerprint(module: torch.nn.Module, state: ContextParallelState, inputs, kwargs, problem: int) -> Fingerprint:
-    """This rank's batch summary (see `agreement`); the document bounds come from cu_seq_lens_q when given."""
-    cu = kwargs.get("cu_seq_lens_q")
-    bounds = [] if cu is None else [int(b) for b in cu.tolist()]
+def _fingerprint(
+    module: torch.nn.Module, state: ContextParallelState, inputs, kwargs, bounds: list[int], problem: int
+) -> Fingerprint:
+    """This rank's batch summary (see `agreement`); `bounds` are cu_seq_lens_q's, empty when not given."""
     is_ids = not inputs.is_floating_point()
     labels = kwargs.get("labels") is not None, kwargs.get("shift_labels") is not None
     items = kwargs.get("num_items_in_batch")
@@ -242,10 +242,10 @@ def _fingerprint(module: torch.nn.Module, state: ContextParallelState, inputs, k
     return Fingerprint(agreed, problem, max_position)
 
 
-def _check_batch(module: torch.nn.Module, state: ContextParallelState, inputs, kwargs) -> None:
+def _check_batch(module: torch.nn.Module, state: ContextParallelState, inputs, kwargs, bounds: list[int]) -> None:
     """Every rank's input checks, decided on the CP group's gathered fingerprints so that all ranks raise together."""
     problem = _input_problem(inputs, kwargs)
-    mine = _fingerprint(module, state, inputs, kwargs, problem)
+    mine = _fingerprint(module, state, inputs, kwargs, bounds, problem)
     everyone = gather_fingerprints(mine, state.mesh.cp_group, inputs.device)
     failing = [rank for rank, fp in enumerate(everyone) if fp.problem]
     if failing:
@@ -283,13 +283,14 @@ def _pre_forward_hook(state: ContextParallelState):
         inputs = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if inputs is None:
             return None
-        _check_batch(module, state, inputs, kwargs)  # before any collective, decided alike on every rank
+        cu = kwargs.get("cu_seq_lens_q")
+        bounds = [] if cu is None else [int(b) for b in cu.tolist()]  # read from the device once per forward
+        _check_batch(module, state, inputs, kwargs, bounds)  # before any collective, decided alike on every rank
         if kwargs.get("attention_mask") is not None:
             kwargs["attention_mask"] = None  # all ones (checked): packed rows need none
         if "cp_documents" not in kwargs:
-            if kwargs.get("cu_seq_lens_q") is not None:
-                cu = kwargs["cu_seq_lens_q"]
-                docs = Documents(cu.tolist(), inputs.shape[1] * mesh.cp_size)
+            if cu is not None:
+                docs = Documents(bounds, inputs.shape[1] * mesh.cp_size)
             else:
                 docs = documents_from_position_ids(kwargs["position_ids"], mesh)
             kwargs["cp_documents"] = docs

@@ -20,6 +20,10 @@ from .mesh import ContextParallelMesh
 
 _DROPPED_KEYS = ("cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx", "attention_mask")
 """Keys of flattening collators that `cu_seq_lens_q` replaces (an all-ones mask says nothing for a packed row)."""
+EMPTY_BATCH = (
+    "the packed row has no tokens (every example of the batch is empty); filter empty examples out of the dataset, "
+    "e.g. dataset.filter(lambda e: len(e['input_ids']) > 0)."
+)
 _SEQUENCE_KEYS = ("input_ids", "position_ids", "labels", "shift_labels")
 """Per-token inputs that are sharded along the row."""
 
@@ -58,10 +62,7 @@ def pack_row(batch: Mapping[str, torch.Tensor], multiple: int, pad_token_id: int
         )
     length = input_ids.shape[1]
     if length == 0:
-        raise ValueError(
-            "the packed row has no tokens (every example of the batch is empty); filter empty examples out of the "
-            "dataset, e.g. dataset.filter(lambda e: len(e['input_ids']) > 0)."
-        )
+        raise ValueError(EMPTY_BATCH)
     for key in ("labels", "shift_labels"):
         if batch.get(key) is not None and torch.as_tensor(batch[key]).shape != input_ids.shape:
             raise ValueError(

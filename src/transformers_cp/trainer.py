@@ -56,9 +56,9 @@ class ContextParallelTrainerMixin:
         """Build the mesh and apply CP to the model, once (a subclass may need it before its own `__init__` ends)."""
         if self.cp_mesh is not None:
             return
+        if self.model is not None:
+            self._install_memory_savings(self.model)
         config = getattr(self.args, "context_parallel_config", None)
-        if config is not None and self.model is not None:
-            apply_memory_savings(self.model, self._memory_config(config))
         if config is None or not config.enabled:
             return
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -74,16 +74,20 @@ class ContextParallelTrainerMixin:
         apply_context_parallel(self.model, self.cp_mesh.config, mesh=self.cp_mesh)
         self._setup_context_parallel_data()
 
-    def _memory_config(self, config):
-        """The config whose memory savings this trainer installs: no chunked loss where the logits are needed."""
-        if not self.logits_needed_for_loss or config.loss_chunk_size == 0:
-            return config
-        if config.loss_chunk_size is not None:
-            raise ValueError(
-                f"context_parallel_loss_chunk_size={config.loss_chunk_size} cannot be used with {type(self).__name__}, "
-                "which computes its loss and metrics from the logits; leave it unset (auto) or set it to 0."
-            )
-        return dataclasses.replace(config, loss_chunk_size=0)
+    def _install_memory_savings(self, model: torch.nn.Module) -> None:
+        """The config's memory savings (`memory.py`), with no chunked loss where the trainer needs the logits."""
+        config = getattr(self.args, "context_parallel_config", None)
+        if config is None:
+            return
+        if self.logits_needed_for_loss and config.loss_chunk_size != 0:
+            if config.loss_chunk_size is not None:
+                raise ValueError(
+                    f"context_parallel_loss_chunk_size={config.loss_chunk_size} cannot be used with "
+                    f"{type(self).__name__}, which computes its loss and metrics from the logits; leave it unset "
+                    "(auto) or set it to 0."
+                )
+            config = dataclasses.replace(config, loss_chunk_size=0)
+        apply_memory_savings(model, config)
 
     def _check_context_parallel_trainer(self) -> None:
         """Reject trainer settings whose loss a sequence shard cannot compute (before any collective)."""
@@ -108,9 +112,7 @@ class ContextParallelTrainerMixin:
 
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
-        config = getattr(self.args, "context_parallel_config", None)
-        if config is not None:
-            apply_memory_savings(model, self._memory_config(config))
+        self._install_memory_savings(model)
         if self.cp_mesh is not None:
             apply_context_parallel(model, self.cp_mesh.config, mesh=self.cp_mesh)
         return model

@@ -8,6 +8,7 @@ with the same clear message everywhere instead of hanging in a collective.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -125,17 +126,8 @@ class ContextParallelArguments:
     @property
     def context_parallel_config(self) -> ContextParallelConfig:
         """The `ContextParallelConfig` these arguments describe (validated on construction)."""
-        return ContextParallelConfig(
-            size=self.context_parallel_size,
-            mode=self.context_parallel_mode,
-            ulysses_size=self.context_parallel_ulysses_size,
-            heads_k_stride=self.context_parallel_heads_k_stride,
-            backend=self.context_parallel_backend,
-            loss_chunk_size=self.context_parallel_loss_chunk_size,
-            mlp_tile_size=self.context_parallel_mlp_tile_size,
-            offload_activations=self.context_parallel_offload_activations,
-            offload_attention_outputs=self.context_parallel_offload_attention_outputs,
-        )
+        names = (f.name for f in dataclasses.fields(ContextParallelConfig))
+        return ContextParallelConfig(**{name: getattr(self, f"context_parallel_{name}") for name in names})
 
 
 @dataclass
