@@ -23,7 +23,7 @@ def our_points(path: Path) -> dict[str, list[tuple[int, float | None]]]:
         for r in row.get("tried", [row]):
             if "seq" not in r or ("error" not in r and r.get("peak_gib") is None):
                 continue  # a search summary, or a CPU run without a GPU peak
-            label = f"transformers_cp {r['mode']}" + (" +offload" if r.get("offload_activations") else "")
+            label = f"transformers_cp {r['shape']} {r['mode']}" + (" +offload" if r.get("offload_activations") else "")
             label += " fsdp" if r.get("fsdp") else ""
             series.setdefault(label, []).append((r["seq"], None if "error" in r else r.get("peak_gib")))
     return series
@@ -38,7 +38,7 @@ def peer_points(path: Path) -> dict[str, list[tuple[int, float | None]]]:
         for key, value in json.loads(line).items():
             seq = int(re.search(r"S=(\d+)", key).group(1))
             peak = value.get("peak_gib") if isinstance(value, dict) else None
-            series.setdefault(f"peer: {key.split()[0]}", []).append((seq, peak))
+            series.setdefault(f"peer: {key.split()[0]} {key.split()[1]}", []).append((seq, peak))
     return series
 
 
