@@ -56,6 +56,12 @@ def timed(fn, iters: int, warmup: int = 2, lockstep: bool = True) -> float:
     return (time.perf_counter() - t0) * 1e3 / iters
 
 
+def timed_iterations(base: int, seq: int) -> int:
+    """`base` runs at 32k tokens and above; more below, as the square of the length falls (at most 200), so that
+    every timed window spans tens of milliseconds rather than a few kernel launches."""
+    return max(base, min(200, base * (32768 // seq) ** 2))
+
+
 def doc_lengths(kind: str, seq: int, seed: int = 0) -> list[int]:
     """One sequence, or documents with lengths drawn from 1k–32k (scaled down for short rows)."""
     if kind == "single":
@@ -171,10 +177,11 @@ def bench_shape(a, device, meshes: dict, native_mesh, seq: int, hq: int, hk: int
     v = torch.randn(seq, hk, HEAD_DIM, device=device, dtype=DTYPE, generator=g)
     dout = torch.randn(seq, hq, HEAD_DIM, device=device, dtype=DTYPE, generator=g)
     scale = HEAD_DIM**-0.5
-    row = dict(seq=seq, hq=hq, hk=hk, docs=doc_kind, n_docs=len(lengths), world=world)
+    iters = timed_iterations(a.iters, seq)
+    row = dict(seq=seq, hq=hq, hk=hk, docs=doc_kind, n_docs=len(lengths), world=world, iters=iters)
     single = single_attention(docs, scale, dense=doc_kind == "single")
     if rank == 0:
-        row["single_ms"] = timed(lambda: fwd_bwd(single, q, k, v, dout), a.iters, lockstep=False)
+        row["single_ms"] = timed(lambda: fwd_bwd(single, q, k, v, dout), iters, lockstep=False)
         row["single_tflops"] = round(causal_flops(lengths, hq) / row["single_ms"] / 1e9, 1)
     dist.barrier()
     ref = truth = None
@@ -192,7 +199,7 @@ def bench_shape(a, device, meshes: dict, native_mesh, seq: int, hq: int, hk: int
             ulysses.MAX_STAGES = stages
             return context_parallel_attention(qq, kk, vv, mesh, docs, scale)
 
-        entry = {"ms": timed(lambda attn=attn, local=local: fwd_bwd(attn, *local), a.iters)}
+        entry = {"ms": timed(lambda attn=attn, local=local: fwd_bwd(attn, *local), iters)}
         if a.profile:
             profile(
                 lambda attn=attn, local=local: fwd_bwd(attn, *local), f"{a.profile}/{m}_S{seq}_{hq}_{hk}_{doc_kind}"
@@ -213,7 +220,7 @@ def bench_shape(a, device, meshes: dict, native_mesh, seq: int, hq: int, hk: int
     if native_mesh is not None and doc_kind == "single" and hq == hk:
         for method in ("allgather", "alltoall"):
             try:
-                ms = native_cp(q, k, v, dout, scale, native_mesh, method, a.iters)
+                ms = native_cp(q, k, v, dout, scale, native_mesh, method, iters)
                 row[f"torch_native_{method}"] = {"ms": ms}
                 if rank == 0:
                     row[f"torch_native_{method}"]["efficiency"] = round(row["single_ms"] / (world * ms), 3)
@@ -228,7 +235,7 @@ def main() -> None:
     p.add_argument("--heads", default="16:16,32:8", help="query:kv head pairs")
     p.add_argument("--docs", default="single,packed")
     p.add_argument("--modes", default="ring,zigzag,llama3,ulysses,hybrid")
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=5, help="timed runs at 32k tokens and above (more below)")
     p.add_argument("--check", action="store_true", help="compare outputs and gradients with single-GPU attention")
     p.add_argument("--no-native", action="store_true", help="skip PyTorch's native context_parallel")
     p.add_argument("--out", default=None, help="JSON file for the results (rank 0)")

@@ -112,3 +112,22 @@ BF16_RTOL = 2e-2
 @pytest.mark.parametrize("mode,ulysses_size", [("zigzag", None), ("llama3", None), ("hybrid", 2)])
 def test_modes_bf16(mode, ulysses_size):
     run_distributed(_worker, 4, mode, ulysses_size, 4, torch.bfloat16, BF16_RTOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("head_dim", [128, 80, 6, 3])
+def test_copy_rows_is_bit_identical(dtype, head_dim):
+    """The exchange buffers' pack/unpack copies move the same bits whatever element type they are moved as: into a
+    head slice of a wider buffer and out of a transposed view, NaN payloads and signed zeros included."""
+    from transformers_cp.comm import copy_rows, packed
+
+    bits = {torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
+    g = torch.Generator().manual_seed(head_dim)
+    raw = torch.randint(-(2**15), 2**15, (5, 2, 3, head_dim), generator=g).to(bits)
+    src = raw.view(dtype).transpose(0, 1)  # every bit pattern, NaNs among them
+    buf = torch.zeros(2, 5, 7, head_dim, dtype=dtype)
+    copy_rows(buf[:, :, 2:5], src)
+    assert torch.equal(buf[:, :, 2:5].view(bits), src.view(bits))
+    assert not buf[:, :, :2].view(bits).any() and not buf[:, :, 5:].view(bits).any()
+    contiguous = packed(src)
+    assert contiguous.is_contiguous() and torch.equal(contiguous.view(bits), src.view(bits))

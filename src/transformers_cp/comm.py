@@ -60,12 +60,44 @@ def reduce_scatter(x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = F
     return (out, work) if async_op else out
 
 
+_WIDE_TYPES = (torch.complex128, torch.int64, torch.int32)  # 16, 8 and 4 bytes
+
+
+def _widened(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """`t`'s bytes viewed as `dtype` (fewer, wider elements), or None where its layout does not allow it."""
+    ratio, rest = divmod(dtype.itemsize, t.element_size())
+    if rest or ratio <= 1 or t.dim() == 0 or t.stride(-1) != 1 or t.shape[-1] % ratio or t.storage_offset() % ratio:
+        return None
+    if any(stride % ratio for stride, size in zip(t.stride()[:-1], t.shape[:-1]) if size > 1):
+        return None
+    return t.view(dtype)
+
+
+def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """`dst.copy_(src)` for same-dtype tensors whose last dimension is contiguous (the head rows that pack and unpack
+    exchange buffers), moved as the widest element type both layouts allow: the strided copy kernel moves 16-byte
+    elements about 2.5x faster than 2-byte ones on H200 (benchmarks/results/layout_probe_H200.json). Bit-identical."""
+    if src.dtype == dst.dtype and src.shape == dst.shape and src.device.type in ("cuda", "cpu"):
+        for dtype in _WIDE_TYPES:
+            wide_dst, wide_src = _widened(dst, dtype), _widened(src, dtype)
+            if wide_dst is not None and wide_src is not None:
+                return wide_dst.copy_(wide_src).view(dst.dtype)
+    return dst.copy_(src)
+
+
+def packed(x: torch.Tensor) -> torch.Tensor:
+    """`x` as a contiguous tensor, packed by `copy_rows` when it is a strided view."""
+    if x.is_contiguous():
+        return x
+    return copy_rows(torch.empty(x.shape, dtype=x.dtype, device=x.device), x)
+
+
 class Exchange:
     """An all-to-all over the leading (one slice per rank) dimension, in flight until `wait`: on NCCL it runs on the
     communication stream, so the caller can launch compute meanwhile."""
 
     def __init__(self, send: torch.Tensor, group: dist.ProcessGroup) -> None:
-        send = send.contiguous()
+        send = packed(send)
         self.recv = torch.empty_like(send)
         self.work = dist.all_to_all_single(self.recv, send, group=group, async_op=True)
 

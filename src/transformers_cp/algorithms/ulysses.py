@@ -12,7 +12,7 @@ import functools
 import torch
 import torch.distributed as dist
 
-from ..comm import AllToAll, Exchange
+from ..comm import AllToAll, Exchange, copy_rows
 from .reuse import ForwardReuse
 
 
@@ -124,14 +124,15 @@ class HeadGroups:
     def send_inputs(self, q, k, v, g: int, group) -> Exchange:
         length, _, dim = q.shape
         send = torch.empty((self.degree, length, self.hq + 2 * self.hk, dim), dtype=q.dtype, device=q.device)
-        send[:, :, : self.hq].copy_(self._stage(q, self.hq, g))
+        copy_rows(send[:, :, : self.hq], self._stage(q, self.hq, g))
         for i, t in enumerate((k, v)):
             cols = slice(self.hq + i * self.hk, self.hq + (i + 1) * self.hk)
             if self.kv_index is None:
-                send[:, :, cols].copy_(self._stage(t, self.hk, g))
+                copy_rows(send[:, :, cols], self._stage(t, self.hk, g))
             else:
-                send[:, :, cols].copy_(
-                    t.index_select(1, self.kv_index[g]).unflatten(1, (self.degree, -1)).transpose(0, 1)
+                copy_rows(
+                    send[:, :, cols],
+                    t.index_select(1, self.kv_index[g]).unflatten(1, (self.degree, -1)).transpose(0, 1),
                 )
         return Exchange(send, group)
 
@@ -145,7 +146,7 @@ class HeadGroups:
         return Exchange(out_heads.unflatten(0, (self.degree, -1)), group)
 
     def place_output(self, recv: torch.Tensor, g: int, out: torch.Tensor) -> None:
-        self._stage(out, self.hq, g).copy_(recv)
+        copy_rows(self._stage(out, self.hq, g), recv)
 
     def send_grad_output(self, dout: torch.Tensor, g: int, group) -> Exchange:
         return Exchange(self._stage(dout, self.hq, g), group)
@@ -156,11 +157,11 @@ class HeadGroups:
 
     def place_grads(self, recv: torch.Tensor, g: int, dq, dk, dv) -> None:
         """Write stage g's returned gradients into this rank's (L, H, D) shards; replicated KV heads add up."""
-        self._stage(dq, self.hq, g).copy_(recv[:, :, : self.hq])
+        copy_rows(self._stage(dq, self.hq, g), recv[:, :, : self.hq])
         for i, grad in enumerate((dk, dv)):
             part = recv[:, :, self.hq + i * self.hk : self.hq + (i + 1) * self.hk]
             if self.kv_index is None:
-                self._stage(grad, self.hk, g).copy_(part)
+                copy_rows(self._stage(grad, self.hk, g), part)
             else:
                 grad.index_add_(1, self.kv_index[g], part.transpose(0, 1).flatten(1, 2).to(grad.dtype))
 
