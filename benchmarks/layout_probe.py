@@ -2,13 +2,14 @@
 strided views of one received buffer, and the strided copies that pack and unpack the all-to-all buffers with
 element types of 2, 8 and 16 bytes (the same bytes moved). Prints JSON.
 
-    python benchmarks/layout_probe.py --seqs 8192,32768,131072
+    python benchmarks/layout_probe.py --seqs 8192,32768,131072 --out benchmarks/results/layout_probe_H200.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 
@@ -45,6 +46,7 @@ def main() -> None:
     p.add_argument("--seqs", default="8192,32768,131072")
     p.add_argument("--heads", type=int, default=8, help="heads per rank after the exchange")
     p.add_argument("--degree", type=int, default=2)
+    p.add_argument("--out", default=None, help="JSON file for the results")
     a = p.parse_args()
     dev, dt, d, h, u = "cuda", torch.bfloat16, 128, a.heads, a.degree
     rows = []
@@ -68,6 +70,12 @@ def main() -> None:
         row["pack_bytes"] = dst.numel() * dst.element_size()
         rows.append(row)
         print(json.dumps(row), flush=True)
+    if a.out:
+        meta = dict(
+            command="python " + " ".join(sys.argv), machine=torch.cuda.get_device_name(), torch=torch.__version__
+        )
+        with open(a.out, "w") as f:
+            json.dump({"meta": meta, "results": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
