@@ -11,8 +11,9 @@ Modes are any `context_parallel_mode` (ring, zigzag, llama3, ulysses, hybrid, od
 each rank sends per step for ulysses, zigzag and odysseus (`comm_volume.py`) and the profiled NCCL kernel time.
 
 Long sequences (docs/long_sequences.md): the chunked loss and tiled MLP are on by default (auto); --offload keeps the
-checkpointed layer inputs in host memory, --fsdp shards parameters, gradients and optimizer state with FSDP2. Rank 0
-prints the progress of each phase with the elapsed time.
+checkpointed layer inputs in host memory, --recompute-layers N checkpoints only the first N decoder layers (the others
+keep their activations and are not recomputed), --fsdp shards parameters, gradients and optimizer state with FSDP2.
+Rank 0 prints the progress of each phase with the elapsed time.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def run_one(
     """Train `steps` steps on sequences of `seq` tokens; returns timings or the failure.
 
     `savings`: the long-sequence switches (`context_parallel_loss_chunk_size`, `..._mlp_tile_size`,
-    `..._offload_activations`) and `fsdp` (True: FSDP2 full sharding of the decoder layers and the root). With `comm`,
+    `..._offload_activations`, `..._recompute_layers`) and `fsdp` (True: FSDP2 full sharding of the decoder layers and the root). With `comm`,
     also the bytes sent per rank and step from the shapes (`comm_volume`) and the NCCL kernel time of one profiled
     step."""
     savings = dict(savings or {})
@@ -248,11 +249,13 @@ def main() -> None:
     p.add_argument("--mlp-tile", type=int, default=None, help="tokens per MLP tile (0 off; default auto)")
     p.add_argument("--offload", action="store_true", help="checkpointed layer inputs in pinned host memory")
     p.add_argument("--offload-attention", action="store_true", help="with --offload: CP's kept attention outputs too")
+    p.add_argument("--recompute-layers", type=int, default=None, help="checkpoint only the first N decoder layers")
     p.add_argument("--fsdp", action="store_true", help="FSDP2: shard parameters, gradients and optimizer state")
     a = p.parse_args()
     savings = dict(context_parallel_loss_chunk_size=a.loss_chunk, context_parallel_mlp_tile_size=a.mlp_tile,
                    context_parallel_offload_activations=a.offload,
-                   context_parallel_offload_attention_outputs=a.offload_attention, fsdp=a.fsdp)  # fmt: skip
+                   context_parallel_offload_attention_outputs=a.offload_attention,
+                   context_parallel_recompute_layers=a.recompute_layers, fsdp=a.fsdp)  # fmt: skip
     from transformers_cp.mesh import init_distributed
 
     init_distributed()

@@ -72,6 +72,10 @@ CONFIG_CASES = [
         ["context_parallel_heads_k_stride", "'llama3'"],
         id="stride-without-llama3",
     ),
+    pytest.param(dict(recompute_layers=-1), 1, ["context_parallel_recompute_layers", ">= 0"], id="recompute-negative"),
+    pytest.param(
+        dict(recompute_layers=1.0), 1, ["context_parallel_recompute_layers", "integer"], id="recompute-float"
+    ),
 ]
 
 

@@ -1,7 +1,7 @@
 """Long-sequence memory savings against their plain counterparts (float32, relative 1e-5): the chunked LM-head loss,
-the tiled MLP and the offload of checkpointed layer inputs give the loss and every gradient of the plain model, alone
-and together, with activation checkpointing (reentrant and not), through the Trainer with and without CP=2, under DDP
-(2 processes) and FSDP2 (fully_shard on CPU, 2 processes).
+the tiled MLP, the offload of checkpointed layer inputs and partial recomputation give the loss and every gradient of
+the plain model, alone and together, with activation checkpointing (reentrant and not), through the Trainer with and
+without CP=2, under DDP (2 processes) and FSDP2 (fully_shard on CPU, 2 processes).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from trainer_cases import (
     arguments,
     assert_same_run,
     build_model,
+    cp_trainer,
     run_cp,
     run_stock,
     sft_dataset,
@@ -40,6 +41,7 @@ from transformers_cp import (
 from transformers_cp.chunked_loss import apply_chunked_loss
 from transformers_cp.memory import apply_memory_savings
 from transformers_cp.offload import activation_offloader, apply_activation_offload
+from transformers_cp.recompute import apply_partial_recompute, remove_partial_recompute
 from transformers_cp.tiled_mlp import apply_tiled_mlp
 
 # Small chunks and tiles so that every row spans several of them, with ragged last ones.
@@ -53,8 +55,8 @@ def _gemma2_config() -> transformers.PretrainedConfig:
     )  # fmt: skip
 
 
-def _model(family: str) -> transformers.PreTrainedModel:
-    config = _gemma2_config() if family == "gemma2" else tiny_config(family)
+def _model(family: str, layers: int = 2) -> transformers.PreTrainedModel:
+    config = _gemma2_config() if family == "gemma2" else tiny_config(family, layers)
     config.use_cache = False
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
@@ -153,6 +155,89 @@ def test_tiled_mlp_and_offload_are_the_plain_model(tile, offload, chunk, reentra
     assert set(accumulated.values()) == {1} and len(accumulated) == len(expected[1]), accumulated
 
 
+# ---- partial recomputation -----------------------------------------------------------------------------------------
+
+
+def _count_calls(modules: list[torch.nn.Module]) -> list[int]:
+    """A live count of each module's forward calls, recomputations included (module hooks do not fire in a
+    non-reentrant checkpoint's recomputation, so the forward itself counts)."""
+    counts = [0] * len(modules)
+
+    def counting(i: int, forward):
+        def counted(*args, **kwargs):
+            counts[i] += 1
+            return forward(*args, **kwargs)
+
+        return counted
+
+    for i, module in enumerate(modules):
+        module.forward = counting(i, module.forward)
+    return counts
+
+
+def _flags(model: torch.nn.Module) -> list[bool]:
+    return [layer.gradient_checkpointing for layer in model.model.layers]
+
+
+# none, one, all and more than all of 3 layers checkpointed; reentrant; with every other saving on (offload moves only
+# the checkpointed layers' inputs)
+@pytest.mark.parametrize(
+    "layers,reentrant,savings",
+    [
+        (0, False, {}),
+        (1, False, {}),
+        (3, False, {}),
+        (5, True, {}),
+        (1, True, {}),
+        (2, False, dict(loss_chunk_size=7, mlp_tile_size=5, offload_activations=True)),
+    ],
+    ids=["none", "one", "all", "more-than-all-reentrant", "one-reentrant", "two-with-savings"],
+)
+def test_partial_recompute_is_the_plain_model(layers, reentrant, savings):
+    plain = _model("qwen2", layers=3)
+    model = copy.deepcopy(plain)
+    # installed before checkpointing is enabled, as the Trainer does (it enables it when train() starts)
+    apply_memory_savings(model, ContextParallelConfig(size=1, recompute_layers=layers, **savings))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    plain.train(), model.train()
+    mlp_calls = _count_calls([layer.mlp for layer in model.model.layers])
+    ids, labels = _batch(rows=1, length=31)
+    expected = _loss_and_grads(plain, input_ids=ids, labels=labels)
+    loss = model(input_ids=ids, labels=labels).loss
+    checkpointed = min(layers, 3)
+    assert _flags(model) == [True] * checkpointed + [False] * (3 - checkpointed)
+    if savings.get("offload_activations"):  # the checkpointed layers' inputs, the last one not released
+        records = activation_offloader(model).records
+        assert list(records) == list(model.model.layers[:checkpointed])
+        assert [r.tensor.untyped_storage().nbytes() == 0 for r in records.values()] == [True, False]
+    loss.backward()
+    # a checkpointed layer runs its MLP again in backward, the others once
+    assert mlp_calls == [2] * checkpointed + [1] * (3 - checkpointed), mlp_calls
+    got = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    _assert_same(got, expected, f"recompute {layers} reentrant {reentrant} {savings}")
+
+
+def test_partial_recompute_is_removed_with_its_flags():
+    model = _model("qwen2", layers=3)
+    apply_partial_recompute(model, 1)
+    model.gradient_checkpointing_enable()
+    model.train()
+    ids, labels = _batch(rows=1)
+    model(input_ids=ids, labels=labels)
+    assert _flags(model) == [True, False, False]
+    remove_partial_recompute(model)
+    assert _flags(model) == [True, True, True]  # checkpointing is still on: every layer is checkpointed again
+    model(input_ids=ids, labels=labels)
+    assert _flags(model) == [True, True, True]  # and the hook is gone
+    apply_partial_recompute(model, 0)
+    model(input_ids=ids, labels=labels)
+    model.gradient_checkpointing_disable()
+    remove_partial_recompute(model)
+    assert _flags(model) == [False, False, False]  # checkpointing was turned off since: it stays off
+    with pytest.raises(ValueError, match="context_parallel_recompute_layers"):
+        apply_partial_recompute(torch.nn.Linear(2, 2), 1)
+
+
 def test_settings_are_validated(tmp_path):
     with pytest.raises(ContextParallelConfigError, match="context_parallel_loss_chunk_size"):
         ContextParallelConfig(loss_chunk_size=-1)
@@ -164,9 +249,12 @@ def test_settings_are_validated(tmp_path):
         ContextParallelConfig(offload_attention_outputs=True)
     with pytest.raises(ContextParallelConfigError, match="gradient_checkpointing=True"):
         TrainingArguments(output_dir=str(tmp_path), context_parallel_offload_activations=True, use_cpu=True)
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, context_parallel_mlp_tile_size=0)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, context_parallel_mlp_tile_size=0, context_parallel_recompute_layers=0
+    )
     config = args.context_parallel_config
     assert (config.loss_chunk_size, config.mlp_tile_size, config.offload_activations) == (None, 0, False)
+    assert config.recompute_layers == 0
 
 
 # ---- through the Trainer: size 1, DDP, CP=2 ------------------------------------------------------------------------
@@ -222,6 +310,34 @@ def test_ddp_and_context_parallel_with_savings(tmp_path):
     ref_path = os.path.join(tmp_path, "stock.pt")
     torch.save(run_stock("qwen2", predict=True), ref_path)
     run_distributed(_distributed_worker, 2, ref_path)
+
+
+def _recompute_worker(rank, world, ref_path):
+    # CP=2 through the Trainer with the first of two layers checkpointed, against the single-process stock run.
+    trainer = cp_trainer("qwen2", 2, "ulysses", gradient_checkpointing=True, context_parallel_recompute_layers=1)
+    assert_same_run(train_and_record(trainer), torch.load(ref_path), f"CP=2 recompute 1 rank {rank}")
+    assert _flags(trainer.model) == [True, False]  # train() enabled checkpointing on both, the hook took one back
+    # Only the checkpointed layers' attention keeps its result (and, offloaded, its output) for the recomputation.
+    mesh = build_mesh(ContextParallelConfig(size=world, mode="zigzag"), "cpu")
+    model = apply_context_parallel(_model("llama", layers=3), mesh.config, mesh=mesh)
+    apply_memory_savings(
+        model, ContextParallelConfig(offload_activations=True, offload_attention_outputs=True, recompute_layers=2)
+    )
+    model.gradient_checkpointing_enable()
+    model.train()
+    batch = shard_batch(transformers.DataCollatorWithFlattening(return_tensors="pt")(sft_dataset(3, 2)), mesh)
+    loss = model(**{k: batch[k] for k in ("input_ids", "position_ids", "labels", "shift_labels")}).loss
+    kept = model._context_parallel_state.kept
+    assert list(kept) == [layer.self_attn for layer in model.model.layers[:2]], list(kept)
+    assert len(activation_offloader(model).records) == 4  # two layer inputs, two attention outputs
+    loss.backward()
+    assert not kept and not activation_offloader(model).records
+
+
+def test_context_parallel_with_partial_recompute(tmp_path):
+    ref_path = os.path.join(tmp_path, "stock.pt")
+    torch.save(run_stock("qwen2"), ref_path)
+    run_distributed(_recompute_worker, 2, ref_path)
 
 
 # ---- FSDP2 ---------------------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ FLAGS = [
     "4096",
     "--context_parallel_mlp_tile_size",
     "0",
+    "--context_parallel_recompute_layers",
+    "3",
 ]
 
 
@@ -31,7 +33,13 @@ def test_flags_parse_and_serialise(tmp_path, monkeypatch):
         ["--output_dir", str(tmp_path), *FLAGS]
     )
     assert args.context_parallel_config == ContextParallelConfig(
-        size=4, mode="hybrid", ulysses_size=2, backend="torch", loss_chunk_size=4096, mlp_tile_size=0
+        size=4,
+        mode="hybrid",
+        ulysses_size=2,
+        backend="torch",
+        loss_chunk_size=4096,
+        mlp_tile_size=0,
+        recompute_layers=3,
     )
     saved = json.loads(args.to_json_string())
     assert {k: v for k, v in saved.items() if k.startswith("context_parallel_")} == {
@@ -44,6 +52,7 @@ def test_flags_parse_and_serialise(tmp_path, monkeypatch):
         "context_parallel_mlp_tile_size": 0,
         "context_parallel_offload_activations": False,
         "context_parallel_offload_attention_outputs": False,
+        "context_parallel_recompute_layers": 3,
     }
     assert TrainingArguments(**{k: saved[k] for k in saved if k.startswith("context_parallel_")}).context_parallel_size
     (llama3,) = transformers.HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(

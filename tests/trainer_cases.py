@@ -18,12 +18,12 @@ RTOL = 1e-5
 VOCAB = 97
 
 
-def tiny_config(family: str) -> transformers.PretrainedConfig:
+def tiny_config(family: str, layers: int = 2) -> transformers.PretrainedConfig:
     common = dict(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=256,
         attention_dropout=0.0,
@@ -140,19 +140,22 @@ def run_stock(family: str, predict: bool = False, **kwargs) -> dict:
     return train_and_record(trainer, predict)
 
 
-def run_cp(family: str, size: int, mode: str, ulysses_size: int | None = None, predict: bool = False, **kw) -> dict:
+def cp_trainer(family: str, size: int, mode: str, ulysses_size: int | None = None, **kw) -> CPTrainer:
     args = transformers_cp.TrainingArguments(
         **arguments(
             context_parallel_size=size, context_parallel_mode=mode, context_parallel_ulysses_size=ulysses_size, **kw
         )
     )
-    trainer = CPTrainer(
+    return CPTrainer(
         model=build_model(family, reference=False),
         args=args,
         train_dataset=sft_dataset(13, 0),
         eval_dataset=sft_dataset(7, 1),
     )
-    return train_and_record(trainer, predict)
+
+
+def run_cp(family: str, size: int, mode: str, ulysses_size: int | None = None, predict: bool = False, **kw) -> dict:
+    return train_and_record(cp_trainer(family, size, mode, ulysses_size, **kw), predict)
 
 
 def assert_same_run(actual: dict, expected: dict, name: str, dp_rank: int | None = None) -> None:

@@ -24,7 +24,7 @@ AGREED_FIELDS = (
     "number of document boundaries",
     "document boundaries (checksum of cu_seq_lens_q)",
     "training mode",
-    "activation checkpointing",
+    "checkpointed decoder layers",
     "labels given",
     "num_items_in_batch",
 )

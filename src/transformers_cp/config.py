@@ -46,6 +46,11 @@ class ContextParallelConfig:
             memory (45 GB for 500k tokens of the 1.5B shape) for as much pinned host memory.
         offload_attention_outputs: with `offload_activations`, also keep in pinned host memory the attention outputs
             that context parallelism keeps for the recomputation (as large as the layer inputs).
+        recompute_layers: under activation checkpointing, checkpoint only the first n decoder layers in model order
+            (0 = none; `None` = every layer, as transformers does; n at or above the number of layers = every layer).
+            Each layer left out keeps its activations until backward, about tokens × (a few × hidden + 4 ×
+            intermediate) × 2 bytes in bf16 (without the intermediate part under the tiled MLP), and saves one forward
+            of the layer in backward. No effect without activation checkpointing.
     """
 
     size: int | None = None
@@ -57,6 +62,7 @@ class ContextParallelConfig:
     mlp_tile_size: int | None = None
     offload_activations: bool = False
     offload_attention_outputs: bool = False
+    recompute_layers: int | None = None
 
     def __post_init__(self) -> None:
         if self.size is not None and not _is_count(self.size):
@@ -86,6 +92,11 @@ class ContextParallelConfig:
                 raise ContextParallelConfigError(
                     f"context_parallel_{name} must be an integer >= 0 (tokens; 0 = off) or None (auto), got {value!r}."
                 )
+        if self.recompute_layers is not None and not _is_count(self.recompute_layers, minimum=0):
+            raise ContextParallelConfigError(
+                f"context_parallel_recompute_layers must be an integer >= 0 (decoder layers to checkpoint; 0 = none) "
+                f"or None (every layer), got {self.recompute_layers!r}."
+            )
         for name in ("offload_activations", "offload_attention_outputs"):
             if not isinstance(getattr(self, name), bool):
                 raise ContextParallelConfigError(

@@ -1,7 +1,8 @@
 """The long-sequence memory savings of a `ContextParallelConfig`, installed on a model in one call.
 
-They work with and without context parallelism: chunked LM-head loss (`chunked_loss`), tiled MLP (`tiled_mlp`) and
-offload of the checkpointed layer inputs (`offload`).
+They work with and without context parallelism: chunked LM-head loss (`chunked_loss`), tiled MLP (`tiled_mlp`),
+offload of the checkpointed layer inputs (`offload`) and partial recomputation, which spends memory the others leave
+free on recomputing fewer layers (`recompute`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from .chunked_loss import apply_chunked_loss, chunked_loss_supported, remove_chunked_loss
 from .config import ContextParallelConfig
 from .offload import apply_activation_offload, remove_activation_offload
+from .recompute import apply_partial_recompute, remove_partial_recompute
 from .tiled_mlp import apply_tiled_mlp, decoder_mlps, remove_tiled_mlp
 
 
@@ -23,6 +25,8 @@ def apply_memory_savings(model: torch.nn.Module, config: ContextParallelConfig) 
         apply_tiled_mlp(model, config.mlp_tile_size)
     if config.offload_activations:
         apply_activation_offload(model, config.offload_attention_outputs)
+    if config.recompute_layers is not None:
+        apply_partial_recompute(model, config.recompute_layers)
     return model
 
 
@@ -30,4 +34,5 @@ def remove_memory_savings(model: torch.nn.Module) -> torch.nn.Module:
     remove_chunked_loss(model)
     remove_tiled_mlp(model)
     remove_activation_offload(model)
+    remove_partial_recompute(model)
     return model

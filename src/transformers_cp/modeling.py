@@ -19,6 +19,7 @@ from .attention import context_parallel_attention
 from .config import ContextParallelConfig
 from .mesh import ContextParallelMesh, build_mesh, init_distributed
 from .plan import Documents
+from .recompute import checkpointable_layers, is_checkpointed
 from .sharding import document_bounds, gather_sequence
 
 ATTENTION_NAME = "context_parallel"
@@ -31,7 +32,10 @@ class ContextParallelState:
     requested: ContextParallelConfig
     original_attention: str
     hooks: list = field(default_factory=list)
-    checkpointing: bool = False  # set per forward: training with activation checkpointing
+    # Set per forward: how many decoder layers are checkpointed, and the modules inside them, whose attention keeps its
+    # results for the layer's recomputation (a layer that is not recomputed would leave them in `kept` unused).
+    checkpointed_layers: int = 0
+    recomputed: frozenset = frozenset()
     kept: dict = field(default_factory=dict)  # attention results kept for the recomputation, per attention module
     rotary: object | None = None  # odysseus: the whole row's position embeddings, gathered once per forward
     max_positions: int | None = None  # longest document the model's positions cover (None: no limit known)
@@ -156,7 +160,7 @@ def context_parallel_attention_forward(
         softmax_scale=scaling,
         sliding_window=sliding_window,
         cp_mesh=state.mesh,
-        cp_reuse=ForwardReuse(state.kept, module) if state.checkpointing else None,
+        cp_reuse=ForwardReuse(state.kept, module) if module in state.recomputed else None,
         **kwargs,
     )
     return out, None
@@ -228,7 +232,7 @@ def _fingerprint(
         len(bounds),
         bounds_checksum(bounds),
         int(module.training),
-        int(state.checkpointing),
+        state.checkpointed_layers,
         labels[0] + 2 * labels[1],
         -1 if items is None else int(items),
     )
@@ -273,9 +277,9 @@ def _pre_forward_hook(state: ContextParallelState):
     mesh = state.mesh
 
     def hook(module, args, kwargs):
-        state.checkpointing = module.training and any(
-            getattr(m, "gradient_checkpointing", False) for m in module.modules()
-        )
+        checkpointed = [layer for layer in checkpointable_layers(module) if is_checkpointed(layer)]
+        state.checkpointed_layers = len(checkpointed)
+        state.recomputed = frozenset(m for layer in checkpointed for m in layer.modules())
         state.kept.clear()  # a new forward: whatever the last one kept is stale
         if state.rotary is not None:
             state.rotary.entries.clear()

@@ -6,7 +6,9 @@ With checkpointing, a layer's input (tokens × hidden) is all that is kept of it
 which moves every saved tensor): after layer i's forward its input is copied to pinned host memory on a side CUDA
 stream, and its device memory is released once layer i+1 has run (the copy overlaps that layer's compute). In
 backward, when layer i recomputes, its input is back (it was prefetched while layer i+1 recomputed) and layer i-1's
-input starts coming back. The last layer's input is never moved: it is needed first.
+input starts coming back. The last layer's input is never moved: it is needed first. Only checkpointed layers take
+part: under partial recomputation (`recompute`) the layers that keep their activations keep their input on the device
+too, and the chain runs over the checkpointed ones.
 
 With context parallelism, the first forward also keeps each attention's output for the recomputation
 (`algorithms.reuse`), as large as the layer input; `attention_outputs=True` moves those too, in the same chain: in
@@ -25,6 +27,7 @@ import torch
 
 from .algorithms.reuse import in_backward
 from .modeling import _STATE_ATTR as _CP_STATE_ATTR
+from .recompute import checkpointable_layers, is_checkpointed
 
 _STATE_ATTR = "_activation_offload_state"
 
@@ -165,7 +168,7 @@ def _layer_forward(layer: torch.nn.Module, forward, offloader: ActivationOffload
     back when backward reaches the layer's output) or inside it (the recomputation calls it again, in backward)."""
 
     def offloaded(hidden_states: torch.Tensor, *args, **kwargs):
-        if not offloader.active:
+        if not offloader.active or not is_checkpointed(layer):  # a layer that keeps its activations keeps its input
             return forward(hidden_states, *args, **kwargs)
         if in_backward():  # checkpointed inside: this is the recomputation
             offloader.restore(layer)
@@ -180,20 +183,13 @@ def _layer_forward(layer: torch.nn.Module, forward, offloader: ActivationOffload
     return offloaded
 
 
-def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The layers transformers checkpoints (its `GradientCheckpointingLayer`s: the decoder layers)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
-
-
 def apply_activation_offload(model: torch.nn.Module, attention_outputs: bool = False) -> torch.nn.Module:
     """Offload the checkpointed decoder-layer inputs of `model` (and, with `attention_outputs`, the attention outputs
     that context parallelism keeps for the recomputation) to host memory while training with activation
     checkpointing (a no-op otherwise). Idempotent; undone by `remove_activation_offload`."""
     if getattr(model, _STATE_ATTR, None) is not None:
         return model
-    layers = checkpointed_layers(model)
+    layers = checkpointable_layers(model)
     if not layers:
         raise ValueError(
             f"context_parallel_offload_activations: {type(model).__name__} has no checkpointable decoder layers "
@@ -204,7 +200,7 @@ def apply_activation_offload(model: torch.nn.Module, attention_outputs: bool = F
         layer.forward = _layer_forward(layer, layer.forward, offloader)
 
     def pre_forward(module, args, kwargs):
-        checkpointing = module.training and any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
+        checkpointing = any(is_checkpointed(layer) for layer in layers)
         wants_hidden = kwargs.get("output_hidden_states") or getattr(
             getattr(module, "config", None), "output_hidden_states", False
         )
@@ -233,7 +229,7 @@ def remove_activation_offload(model: torch.nn.Module) -> torch.nn.Module:
         cp_state.kept = {}
     for hook in offloader.hooks:
         hook.remove()
-    for layer in checkpointed_layers(model):
+    for layer in checkpointable_layers(model):
         if "forward" in vars(layer):
             del layer.forward
     delattr(model, _STATE_ATTR)

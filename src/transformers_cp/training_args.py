@@ -85,6 +85,13 @@ class ContextParallelArguments:
             "context parallelism keeps for the recomputation (as large as the layer inputs)."
         },
     )
+    context_parallel_recompute_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "With gradient_checkpointing: checkpoint only the first N decoder layers (0 = none; unset = all); "
+            "the others keep their activations and are not recomputed in backward. Works without CP too."
+        },
+    )
 
     def __post_init__(self) -> None:
         config = self.context_parallel_config  # raises ContextParallelConfigError on a bad field
