@@ -258,28 +258,27 @@ def main() -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
         native_mesh = init_device_mesh("cuda", (world,), mesh_dim_names=("cp",))
+    meta = dict(
+        command=f"torchrun --nproc_per_node {world} {' '.join(sys.argv)}",
+        machine=f"{world}x {torch.cuda.get_device_name() if CUDA else platform.processor() or 'cpu'}",
+        torch=torch.__version__,
+        dtype=str(DTYPE),
+        head_dim=HEAD_DIM,
+        date=time.strftime("%Y-%m-%d"),
+    )
     results = []
     for seq, heads, doc_kind in itertools.product(map(int, a.seqs.split(",")), a.heads.split(","), a.docs.split(",")):
         hq, hk = map(int, heads.split(":"))
         row = bench_shape(a, device, meshes, native_mesh, seq, hq, hk, doc_kind)
         if rank == 0:
             results.append(row)
+            print_table([row], modes)
+            if a.out:  # rewritten after every shape: a run cut off by a time limit keeps what it measured
+                os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+                with open(a.out, "w") as f:
+                    json.dump({"meta": meta, "results": results}, f, indent=1)
         if CUDA:
             torch.cuda.empty_cache()
-    if rank == 0:
-        print_table(results, modes)
-    if rank == 0 and a.out:
-        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-        meta = dict(
-            command=f"torchrun --nproc_per_node {world} {' '.join(sys.argv)}",
-            machine=f"{world}x {torch.cuda.get_device_name() if CUDA else platform.processor() or 'cpu'}",
-            torch=torch.__version__,
-            dtype=str(DTYPE),
-            head_dim=HEAD_DIM,
-            date=time.strftime("%Y-%m-%d"),
-        )
-        with open(a.out, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
     dist.destroy_process_group()
 
 
