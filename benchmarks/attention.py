@@ -7,7 +7,8 @@ script runs small shapes as a smoke test.
     torchrun --nproc_per_node 2 benchmarks/attention.py --seqs 8192,32768,131072 --check \
         --out benchmarks/results/attention_2xH200.json
 
-A mode may carry options: `hybrid/u4` (Ulysses degree 4 inside the ring), `ulysses/s2` (two pipeline stages).
+A mode may carry options: `hybrid/u4` (Ulysses degree 4 inside the ring), `ulysses/s2` (two pipeline stages),
+`llama3/k8` (KV heads all-gathered 8 at a time).
 """
 
 from __future__ import annotations
@@ -248,10 +249,13 @@ def main() -> None:
     modes = a.modes.split(",")
     meshes = {}
     for m in modes:
-        # "ulysses/s4": Ulysses with at most 4 pipeline stages; "hybrid/u4": Ulysses degree 4 inside the ring.
+        # "ulysses/s4": at most 4 Ulysses pipeline stages; "hybrid/u4": Ulysses degree 4; "llama3/k8": heads_k_stride 8.
         mode, *opts = m.split("/")
         degree = next((int(o[1:]) for o in opts if o.startswith("u")), 2 if world % 2 == 0 else 1)
-        cfg = ContextParallelConfig(size=world, mode=mode, ulysses_size=degree if mode == "hybrid" else None)
+        stride = next((int(o[1:]) for o in opts if o.startswith("k")), None)
+        cfg = ContextParallelConfig(
+            size=world, mode=mode, ulysses_size=degree if mode == "hybrid" else None, heads_k_stride=stride
+        )
         meshes[m] = build_mesh(cfg)
     native_mesh = None
     if CUDA and not a.no_native:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .algorithms.llama3 import Llama3Attention
+from .algorithms.llama3 import Llama3Attention, Span, Spans
 from .algorithms.local import LocalAttention
 from .algorithms.reuse import ForwardReuse
 from .algorithms.ring import RingAttention
@@ -21,13 +21,20 @@ def window_left(sliding_window: int | None, seq_len: int) -> int | None:
     return sliding_window - 1
 
 
-def _gather_order(mesh: ContextParallelMesh, seq_len: int, device) -> torch.Tensor | None:
-    """Index that puts KV all-gathered in ring-rank order into global order (None when it already is)."""
-    layout = mesh.layout
-    pos = torch.cat([torch.arange(s, e) for r in range(layout.ring) for s, e in layout.ring_ranges(seq_len, r)])
-    if torch.equal(pos, torch.arange(seq_len)):
-        return None
-    return torch.argsort(pos).to(device)
+def _gather_spans(mesh: ContextParallelMesh, seq_len: int) -> Spans:
+    """Where each chunk of the KV all-gathered in ring-rank order belongs in the global order (adjacent chunks of one
+    rank merged)."""
+    spans: list[Span] = []
+    for rank in range(mesh.layout.ring):
+        local = 0
+        for start, end in mesh.layout.ring_ranges(seq_len, rank):
+            last = spans[-1] if spans else None
+            if last is not None and last.rank == rank and last.start + last.length == start:
+                spans[-1] = last._replace(length=last.length + end - start)
+            else:
+                spans.append(Span(rank, local, start, end - start))
+            local += end - start
+    return tuple(spans)
 
 
 def context_parallel_attention(
@@ -63,9 +70,9 @@ def context_parallel_attention(
                 f"context_parallel_heads_k_stride={stride} must divide the {k.shape[1]} key/value "
                 "heads of the model; pick a divisor of the KV head count."
             )
-        order = docs.cached(("order", layout), lambda: _gather_order(mesh, docs.seq_len, q.device))
+        spans = docs.cached(("spans", layout), lambda: _gather_spans(mesh, docs.seq_len))
         blocks = gathered_plan(docs, layout, mesh.ring_rank, left)
-        out = Llama3Attention.apply(q, k, v, blocks, order, mesh.ring_group, kernel, scale, stride, reuse)
+        out = Llama3Attention.apply(q, k, v, blocks, spans, mesh.ring_group, kernel, scale, stride, reuse)
     else:
         steps = ring_plan(docs, layout, mesh.ring_rank, left)
         out = RingAttention.apply(q, k, v, steps, mesh.ring_group, kernel, scale, reuse)
