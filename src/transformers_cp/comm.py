@@ -66,7 +66,7 @@ _WIDE_TYPES = (torch.complex128, torch.int64, torch.int32)  # 16, 8 and 4 bytes
 def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """`dst.copy_(src)` for same-dtype tensors whose last dimension is contiguous (the head rows that pack and unpack
     exchange buffers), moved as the widest element type both layouts allow: the strided copy kernel moves 16-byte
-    elements about 2.5x faster than 2-byte ones on H200 (benchmarks/results/layout_probe_H200.json). Bit-identical."""
+    elements 2.6 to 3.1 times faster than 2-byte ones on H200 (benchmarks/results/layout_probe_H200.json). Bit-identical."""
     if src.dtype == dst.dtype and src.shape == dst.shape and src.dim() and src.device.type in ("cuda", "cpu"):
         row_bytes = src.shape[-1] * src.element_size()
         for dtype in _WIDE_TYPES:
