@@ -86,17 +86,17 @@ class ContextParallelConfig:
             raise ContextParallelConfigError(
                 f"context_parallel_ulysses_size must be an integer >= 1 (got {self.ulysses_size!r})."
             )
-        for name in ("loss_chunk_size", "mlp_tile_size"):
+        counts = (  # (field, what the count is, what None means)
+            ("loss_chunk_size", "tokens; 0 = off", "auto"),
+            ("mlp_tile_size", "tokens; 0 = off", "auto"),
+            ("recompute_layers", "decoder layers to checkpoint; 0 = none", "every layer"),
+        )
+        for name, meaning, unset in counts:
             value = getattr(self, name)
             if value is not None and not _is_count(value, minimum=0):
                 raise ContextParallelConfigError(
-                    f"context_parallel_{name} must be an integer >= 0 (tokens; 0 = off) or None (auto), got {value!r}."
+                    f"context_parallel_{name} must be an integer >= 0 ({meaning}) or None ({unset}), got {value!r}."
                 )
-        if self.recompute_layers is not None and not _is_count(self.recompute_layers, minimum=0):
-            raise ContextParallelConfigError(
-                f"context_parallel_recompute_layers must be an integer >= 0 (decoder layers to checkpoint; 0 = none) "
-                f"or None (every layer), got {self.recompute_layers!r}."
-            )
         for name in ("offload_activations", "offload_attention_outputs"):
             if not isinstance(getattr(self, name), bool):
                 raise ContextParallelConfigError(
