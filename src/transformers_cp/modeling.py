@@ -32,10 +32,10 @@ class ContextParallelState:
     requested: ContextParallelConfig
     original_attention: str
     hooks: list = field(default_factory=list)
-    # Set per forward: how many decoder layers are checkpointed, and the modules inside them, whose attention keeps its
-    # results for the layer's recomputation (a layer that is not recomputed would leave them in `kept` unused).
-    checkpointed_layers: int = 0
-    recomputed: frozenset = frozenset()
+    # Each module of a decoder layer -> that layer: attention keeps its results for the recomputation only when its
+    # layer is checkpointed (a layer that is not recomputed would leave them in `kept` unused).
+    layer_of: dict = field(default_factory=dict)
+    checkpointed_layers: int = 0  # set per forward
     kept: dict = field(default_factory=dict)  # attention results kept for the recomputation, per attention module
     rotary: object | None = None  # odysseus: the whole row's position embeddings, gathered once per forward
     max_positions: int | None = None  # longest document the model's positions cover (None: no limit known)
@@ -160,10 +160,16 @@ def context_parallel_attention_forward(
         softmax_scale=scaling,
         sliding_window=sliding_window,
         cp_mesh=state.mesh,
-        cp_reuse=ForwardReuse(state.kept, module) if module in state.recomputed else None,
+        cp_reuse=ForwardReuse(state.kept, module) if _recomputed(state, module) else None,
         **kwargs,
     )
     return out, None
+
+
+def _recomputed(state: ContextParallelState, module: torch.nn.Module) -> bool:
+    """Whether `module` lies in a decoder layer that activation checkpointing recomputes in this forward."""
+    layer = state.layer_of.get(module)
+    return layer is not None and is_checkpointed(layer)
 
 
 def context_parallel_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
@@ -277,9 +283,7 @@ def _pre_forward_hook(state: ContextParallelState):
     mesh = state.mesh
 
     def hook(module, args, kwargs):
-        checkpointed = [layer for layer in checkpointable_layers(module) if is_checkpointed(layer)]
-        state.checkpointed_layers = len(checkpointed)
-        state.recomputed = frozenset(m for layer in checkpointed for m in layer.modules())
+        state.checkpointed_layers = sum(is_checkpointed(layer) for layer in set(state.layer_of.values()))
         state.kept.clear()  # a new forward: whatever the last one kept is stale
         if state.rotary is not None:
             state.rotary.entries.clear()
@@ -385,6 +389,7 @@ def apply_context_parallel(
         check_model(model, mesh.config)
     _register()
     state = ContextParallelState(mesh, config, model.config._attn_implementation, max_positions=max_positions(model))
+    state.layer_of = {module: layer for layer in checkpointable_layers(model) for module in layer.modules()}
     for module in model.modules():
         setattr(module, _STATE_ATTR, state)
     model.set_attn_implementation(ATTENTION_NAME)
