@@ -141,9 +141,9 @@ def run_one(
     """Train `steps` steps on sequences of `seq` tokens; returns timings or the failure.
 
     `savings`: the long-sequence switches (`context_parallel_loss_chunk_size`, `..._mlp_tile_size`,
-    `..._offload_activations`, `..._recompute_layers`) and `fsdp` (True: FSDP2 full sharding of the decoder layers and the root). With `comm`,
-    also the bytes sent per rank and step from the shapes (`comm_volume`) and the NCCL kernel time of one profiled
-    step."""
+    `..._offload_activations`, `..._recompute_layers`) and `fsdp` (True: FSDP2 full sharding of the decoder layers and
+    the root). With `comm`, also the bytes sent per rank and step from the shapes (`comm_volume`) and the NCCL kernel
+    time of one profiled step."""
     savings = dict(savings or {})
     fsdp = savings.pop("fsdp", False)
     progress(f"{shape} S={seq} {mode}: building the model")
