@@ -160,9 +160,7 @@ def run_one(
     cp = dict(context_parallel_size=world, context_parallel_mode=mode) if world > 1 else {}
     cp.update(savings)
     if fsdp:
-        cp.update(
-            fsdp="full_shard", fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]}
-        )
+        cp.update(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]})
     args = TrainingArguments(
         output_dir="/tmp/transformers_cp_bench", per_device_train_batch_size=1, max_steps=steps, learning_rate=1e-5,
         bf16=CUDA, use_cpu=not CUDA, gradient_checkpointing=True, logging_steps=1, save_strategy="no", report_to=[],

@@ -22,7 +22,8 @@ import time
 import torch
 import torch.distributed as dist
 import transformers
-from trainer_cases import CPTrainer, arguments, build_model, sft_dataset  # the script's directory is on sys.path
+from distributed import leave  # the script's directory is on sys.path
+from trainer_cases import CPTrainer, arguments, build_model, sft_dataset
 
 import transformers_cp
 
@@ -48,7 +49,7 @@ def command(out: str, *flags: str) -> list[str]:
 
 def run(out: str, *flags: str, timeout: float = 300.0) -> subprocess.CompletedProcess:
     """Run the job to its end; its output (both ranks, and torchrun's) is returned as text."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a native abort prints each stack
     return subprocess.run(command(out, *flags), capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -128,7 +129,7 @@ def main() -> None:
             "weights": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
         }
         torch.save(result, os.path.join(cli.out, "result.pt"))
-    dist.destroy_process_group()  # an orderly gloo teardown (see docs/reliability.md)
+    leave()
 
 
 if __name__ == "__main__":

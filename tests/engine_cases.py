@@ -39,7 +39,7 @@ OPTIM_ARGS = "momentum=0.9"
 
 ENGINES = {
     "ddp": {},
-    "fsdp2": {"fsdp": "full_shard", "fsdp_config": {"version": 2}},
+    "fsdp2": {"fsdp": True, "fsdp_config": {"version": 2}},
     "zero1": {"deepspeed": deepspeed_config(1)},
     "zero2": {"deepspeed": deepspeed_config(2)},
     "zero3_offload": {"deepspeed": deepspeed_config(3, offload=True)},

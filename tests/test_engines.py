@@ -181,6 +181,7 @@ def test_two_node_launch(references, tmp_path):
         **os.environ,
         "PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
+        "PYTHONFAULTHANDLER": "1",  # a native abort prints each stack
     }
     launches = [
         subprocess.Popen(

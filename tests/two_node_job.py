@@ -8,6 +8,7 @@ import os
 import sys
 
 import torch
+from distributed import leave
 from engine_cases import run_engine
 
 out_dir = sys.argv[1]
@@ -16,3 +17,4 @@ record = run_engine("ddp", 2, os.path.join(out_dir, "train"))
 with open(os.path.join(out_dir, f"groups_{rank}.json"), "w") as f:
     json.dump({"node": int(os.environ["GROUP_RANK"]), **record.pop("groups")}, f)
 torch.save(record, os.path.join(out_dir, f"run_{rank}.pt"))
+leave()
