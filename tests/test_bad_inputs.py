@@ -132,6 +132,17 @@ def _llama(**overrides) -> transformers.PreTrainedModel:
     return transformers.AutoModelForCausalLM.from_config(config)
 
 
+_TINY = dict(num_hidden_layers=2, hidden_size=16, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1)
+_TINY_MOE = dict(_TINY, head_dim=8, num_local_experts=2, num_experts_per_tok=1)
+
+
+def _llama_with_convolution() -> transformers.PreTrainedModel:
+    """A model whose decoder layer holds a 1-D convolution (as a custom token mixer would)."""
+    model = _llama()
+    model.model.layers[0].mixer = torch.nn.Conv1d(32, 32, 3, groups=32)
+    return model
+
+
 MODEL_CASES = [
     pytest.param(
         lambda: _llama(num_attention_heads=6, num_key_value_heads=6, hidden_size=36),
@@ -187,6 +198,33 @@ MODEL_CASES = [
         dict(size=2),
         ["attn_logit_softcapping=50.0", "attn_logit_softcapping=None"],
         id="gemma2-softcap",
+    ),
+    pytest.param(
+        lambda: _small(transformers.Lfm2Config, full_attn_idxs=[1], **_TINY),
+        dict(size=2),
+        ["layer_types: ['conv']", "sliding-window softmax attention"],
+        id="lfm2-short-convolutions",
+    ),
+    pytest.param(
+        lambda: _small(transformers.MiniMaxConfig, layer_types=["linear_attention", "full_attention"], **_TINY_MOE),
+        dict(size=2),
+        ["layer_types: ['linear_attention']"],
+        id="minimax-linear-attention",
+    ),
+    pytest.param(
+        lambda: _small(transformers.Llama4TextConfig, intermediate_size_mlp=16, **_TINY_MOE),
+        dict(size=2),
+        ["layer_types: ['chunked_attention']"],
+        id="llama4-chunked-attention",
+    ),
+    pytest.param(
+        _llama_with_convolution, dict(size=2), ["model.layers.0.mixer (Conv1d)", "convolutions"], id="conv1d"
+    ),
+    pytest.param(
+        lambda: _small(transformers.GptOssConfig, **_TINY_MOE),
+        dict(size=2),
+        ["attention sinks", "model.layers.0.self_attn.sinks"],
+        id="gpt-oss-sinks",
     ),
 ]
 
@@ -521,3 +559,21 @@ def test_matrix_size():
 def _assert_names(message: str, words: list[str]) -> None:
     for word in words:
         assert word in message, f"{word!r} not in: {message}"
+
+
+def test_mask_overlay_is_refused():
+    """A model that extends the causal mask with its own function (e.g. bidirectional image tokens) gets a clear
+    error from CP attention, not a mask silently ignored; a plain sliding-window mask passes its window on."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    from transformers_cp.modeling import MaskWindow, context_parallel_attention_forward
+
+    model = apply_context_parallel(_llama(sliding_window=5), ContextParallelConfig(size=1))
+    masks = dict(config=model.config, inputs_embeds=torch.zeros(1, 8, 32), attention_mask=None, past_key_values=None)
+    masks["position_ids"] = torch.arange(8)[None]
+    assert create_sliding_window_causal_mask(**masks) == MaskWindow(5)
+    overlay = create_causal_mask(**masks, or_mask_function=lambda batch, head, q, kv: kv == 0)
+    assert overlay == MaskWindow(None, overlay=True)
+    q = torch.zeros(1, 4, 8, 8)
+    with pytest.raises(ValueError, match="image tokens"):
+        context_parallel_attention_forward(model.model.layers[0].self_attn, q, q, q, overlay)

@@ -79,6 +79,13 @@ def test_model_logits_and_grads_match(family, mode, ulysses_size):
     run_distributed(_worker, 2, family, mode, ulysses_size)
 
 
+@pytest.mark.parametrize("mode", ["zigzag", "ulysses"])
+def test_window_comes_from_the_models_mask(mode):
+    """PhiMoE builds a sliding-window mask but passes its attention no `sliding_window`: CP takes the window from the
+    mask, as sdpa does (the window, 6, is shorter than the longest document)."""
+    run_distributed(_worker, 2, "phimoe", mode, None)
+
+
 def test_model_hybrid_four_ranks():
     run_distributed(_worker, 4, "qwen2", "hybrid", 2)
 

@@ -39,6 +39,11 @@ def tiny_config(family: str, layers: int = 2) -> transformers.PretrainedConfig:
         return transformers.LlamaConfig(num_key_value_heads=3, attention_bias=True, **common)
     if family == "mistral":  # sliding window shorter than the documents
         return transformers.MistralConfig(num_key_value_heads=2, sliding_window=6, **common)
+    if family == "phimoe":  # a sliding window its mask applies but its attention is not told of; MoE blocks
+        return transformers.PhimoeConfig(
+            num_key_value_heads=2, sliding_window=6, num_local_experts=2, router_jitter_noise=0.0,
+            input_jitter_noise=0.0, **common,
+        )  # fmt: skip
     raise ValueError(family)
 
 

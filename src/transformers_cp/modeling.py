@@ -18,6 +18,7 @@ from .algorithms.reuse import ForwardReuse
 from .attention import context_parallel_attention
 from .config import ContextParallelConfig
 from .mesh import ContextParallelMesh, build_mesh, init_distributed
+from .mixing import attention_sinks, foreign_layer_types, sequence_mixers
 from .plan import Documents
 from .recompute import checkpointable_layers, is_checkpointed
 from .sharding import document_bounds, gather_sequence
@@ -39,6 +40,20 @@ class ContextParallelState:
     kept: dict = field(default_factory=dict)  # attention results kept for the recomputation, per attention module
     rotary: object | None = None  # odysseus: the whole row's position embeddings, gathered once per forward
     max_positions: int | None = None  # longest document the model's positions cover (None: no limit known)
+
+
+@dataclass(frozen=True)
+class MaskWindow:
+    """What the model's mask function asked for, handed to attention in place of a dense mask.
+
+    `sliding_window` is HF's W for a sliding-window mask, None for a plain causal one; `overlay` marks a mask function
+    extended by the model (e.g. bidirectional attention over image tokens), which CP cannot follow. Attention takes the
+    window from here, as the eager and sdpa backends take it from their mask: some models build a sliding-window mask
+    but pass their attention no `sliding_window` (or the reverse).
+    """
+
+    sliding_window: int | None
+    overlay: bool = False
 
 
 def _state(module: torch.nn.Module) -> ContextParallelState:
@@ -149,6 +164,13 @@ def context_parallel_attention_forward(
             "leave output_attentions off (attention weights are never materialised under CP).",
         )
     state = _state(module)
+    if isinstance(attention_mask, MaskWindow):
+        if attention_mask.overlay:
+            raise _unsupported(
+                "a mask the model extends beyond causal documents (e.g. bidirectional attention over image tokens)",
+                "train on text-only inputs (no token_type_ids / image inputs) under context parallelism.",
+            )
+        sliding_window, attention_mask = attention_mask.sliding_window, None
     out = context_parallel_flash_attention_forward(
         query.transpose(1, 2),
         key.transpose(1, 2),
@@ -172,12 +194,16 @@ def _recomputed(state: ContextParallelState, module: torch.nn.Module) -> bool:
     return layer is not None and is_checkpointed(layer)
 
 
-def context_parallel_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
+def context_parallel_mask(
+    *args, attention_mask: torch.Tensor | None = None, local_size: int | None = None, use_vmap: bool = False, **kwargs
+) -> torch.Tensor | MaskWindow:
     """Mask function for the registered implementation: documents come from position_ids, so no dense mask is
-    built; a padding mask is handed to attention, which rejects it with a clear error."""
+    built, only a `MaskWindow` saying which window the model's mask has (transformers passes a sliding-window mask's
+    W as `local_size`, and sets `use_vmap` when the model adds its own mask function to the causal one); a padding
+    mask is handed to attention, which rejects it with a clear error."""
     if attention_mask is not None and not bool(attention_mask.all()):
         return attention_mask
-    return None
+    return MaskWindow(local_size, overlay=use_vmap)
 
 
 def _register() -> None:
@@ -346,6 +372,27 @@ def check_model(model: torch.nn.Module, config: ContextParallelConfig) -> None:
             raise _unsupported(f"attention dropout ({name}={getattr(text, name)})", f"set the model's {name}=0.0.")
     if getattr(text, "alibi", False) or getattr(text, "use_alibi", False):
         raise _unsupported("ALiBi position biases", "use a RoPE model.")
+    layer_kinds = foreign_layer_types(text)
+    if layer_kinds:
+        raise _unsupported(
+            f"these layer kinds ({'; '.join(layer_kinds)}): across ranks it computes exactly only causal full or "
+            "sliding-window softmax attention and blocks that act on each token alone (MLP, MoE)",
+            "use a model whose layers are all of those kinds.",
+        )
+    mixers = sequence_mixers(model)
+    if mixers:
+        more = f" and {len(mixers) - 3} more" if len(mixers) > 3 else ""
+        raise _unsupported(
+            f"modules that mix tokens outside attention ({', '.join(mixers[:3])}{more}): they would see this rank's "
+            "shard of the sequence alone",
+            "use a model without convolutions or recurrent / state-space / linear-attention layers.",
+        )
+    sinks = attention_sinks(model)
+    if sinks:
+        raise _unsupported(
+            f"attention sinks ({sinks[0]}{' and more' if len(sinks) > 1 else ''})",
+            "use a model without attention sinks.",
+        )
     if getattr(text, "attn_logit_softcapping", None):
         raise _unsupported(
             f"attention logit softcapping (attn_logit_softcapping={text.attn_logit_softcapping})",
