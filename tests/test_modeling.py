@@ -86,6 +86,12 @@ def test_window_comes_from_the_models_mask(mode):
     run_distributed(_worker, 2, "phimoe", mode, None)
 
 
+@pytest.mark.parametrize("mode", ["zigzag", "llama3", "ulysses"])
+def test_values_of_another_head_size(mode):
+    """DeepSeek-V3's latent attention: values narrower than queries and keys."""
+    run_distributed(_worker, 2, "deepseek_v3", mode, None)
+
+
 def test_model_hybrid_four_ranks():
     run_distributed(_worker, 4, "qwen2", "hybrid", 2)
 

@@ -39,6 +39,12 @@ def tiny_config(family: str, layers: int = 2) -> transformers.PretrainedConfig:
         return transformers.LlamaConfig(num_key_value_heads=3, attention_bias=True, **common)
     if family == "mistral":  # sliding window shorter than the documents
         return transformers.MistralConfig(num_key_value_heads=2, sliding_window=6, **common)
+    if family == "deepseek_v3":  # multi-head latent attention: values (8) narrower than queries and keys (6 + 10)
+        return transformers.DeepseekV3Config(
+            num_key_value_heads=4, qk_rope_head_dim=6, qk_nope_head_dim=10, v_head_dim=8, kv_lora_rank=16,
+            q_lora_rank=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+            first_k_dense_replace=1, n_group=1, topk_group=1, **common,
+        )  # fmt: skip
     if family == "phimoe":  # a sliding window its mask applies but its attention is not told of; MoE blocks
         return transformers.PhimoeConfig(
             num_key_value_heads=2, sliding_window=6, num_local_experts=2, router_jitter_noise=0.0,

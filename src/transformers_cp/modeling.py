@@ -139,10 +139,19 @@ def context_parallel_flash_attention_forward(
             "transformers_cp collator or `shard_batch`."
         )
     scale = softmax_scale if softmax_scale is not None else query_states.shape[-1] ** -0.5
-    out = context_parallel_attention(
-        query_states[0], key_states[0], value_states[0], cp_mesh, cp_documents, scale, sliding_window, cp_reuse
+    q, k, v = equal_head_dims(query_states[0], key_states[0], value_states[0])
+    out = context_parallel_attention(q, k, v, cp_mesh, cp_documents, scale, sliding_window, cp_reuse)
+    return out[..., : value_states.shape[-1]].unsqueeze(0)
+
+
+def equal_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Zero-pad q/k or v to one head size, for models whose values are narrower or wider than their queries and keys
+    (multi-head latent attention, e.g. DeepSeek-V3): the kernels and the exchanges take one size. Zeros change
+    neither the scores nor the first v-width columns of the output, which the caller keeps."""
+    width = max(q.shape[-1], v.shape[-1])
+    return tuple(
+        t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in (q, k, v)
     )
-    return out.unsqueeze(0)
 
 
 def context_parallel_attention_forward(
