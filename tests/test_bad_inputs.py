@@ -218,6 +218,21 @@ MODEL_CASES = [
         id="llama4-chunked-attention",
     ),
     pytest.param(
+        lambda: _small(
+            transformers.DeepseekV32Config,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+            kv_lora_rank=8,
+            q_lora_rank=8,
+            index_topk=16,
+            **dict(_TINY_MOE, num_key_value_heads=2),
+        ),  # fmt: skip
+        dict(size=2),
+        ["sparse attention", "index_topk=16"],
+        id="deepseek-v32-sparse-attention",
+    ),
+    pytest.param(
         _llama_with_convolution, dict(size=2), ["model.layers.0.mixer (Conv1d)", "convolutions"], id="conv1d"
     ),
     pytest.param(

@@ -1,8 +1,8 @@
 """What a model does along the sequence besides the attention that context parallelism splits.
 
 CP shards the sequence and exchanges only attention's keys and values. A layer that looks along the sequence in any
-other way (a 1-D convolution, a state-space or linear-attention recurrence, compressed or chunked attention) would run
-on this rank's shard alone, and attention sinks add a term the CP kernels do not compute: each would make the result
+other way (a 1-D convolution, a state-space or linear-attention recurrence, compressed, chunked or indexed sparse
+attention) would run on this rank's shard alone or without its pattern, and attention sinks add a term the CP kernels do not compute: each would make the result
 silently wrong, so `check_model` refuses such models, on every rank, before any process group is made.
 """
 
@@ -30,6 +30,17 @@ def foreign_layer_types(text_config) -> list[str]:
             if other:
                 found.append(f"{name}: {other}")
     return found
+
+
+SPARSE_ATTENTION_FIELDS = ("index_topk",)
+"""Config fields of sparse attention whose indexer picks, per query, which keys softmax sees (DeepSeek-V3.2 style)."""
+
+
+def sparse_attention(text_config) -> list[str]:
+    """'field=value' for each sparse-attention setting the config holds."""
+    return [
+        f"{name}={getattr(text_config, name)}" for name in SPARSE_ATTENTION_FIELDS if getattr(text_config, name, None)
+    ]
 
 
 def sequence_mixers(model: torch.nn.Module) -> list[str]:

@@ -18,7 +18,7 @@ from .algorithms.reuse import ForwardReuse
 from .attention import context_parallel_attention
 from .config import ContextParallelConfig
 from .mesh import ContextParallelMesh, build_mesh, init_distributed
-from .mixing import attention_sinks, foreign_layer_types, sequence_mixers
+from .mixing import attention_sinks, foreign_layer_types, sequence_mixers, sparse_attention
 from .plan import Documents
 from .recompute import checkpointable_layers, is_checkpointed
 from .sharding import document_bounds, gather_sequence
@@ -381,6 +381,12 @@ def check_model(model: torch.nn.Module, config: ContextParallelConfig) -> None:
             raise _unsupported(f"attention dropout ({name}={getattr(text, name)})", f"set the model's {name}=0.0.")
     if getattr(text, "alibi", False) or getattr(text, "use_alibi", False):
         raise _unsupported("ALiBi position biases", "use a RoPE model.")
+    sparse = sparse_attention(text)
+    if sparse:
+        raise _unsupported(
+            f"sparse attention whose indexer picks the keys of each query ({', '.join(sparse)})",
+            "use a model with dense (full or sliding-window) attention.",
+        )
     layer_kinds = foreign_layer_types(text)
     if layer_kinds:
         raise _unsupported(
