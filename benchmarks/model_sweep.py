@@ -4,7 +4,8 @@ same model run on each document alone: logits and every parameter gradient, for 
     python benchmarks/model_sweep.py --out benchmarks/results/model_sweep_cpu.jsonl [family ...]
 
 Each family gets a tiny random-init config (hidden 64, 4 heads over 2 KV heads, a sliding window of 8 where the
-model reads one, hybrid layer patterns kept with one layer of each kind) and one packed row of five documents
+model reads one, latent attention with values wider than its queries and keys, hybrid layer patterns kept with one
+layer of each kind) and one packed row of five documents
 (5, 1, 22, 11 and 9 tokens). A line per family and mode: `match` (worst relative error below 1e-4; a gradient that is
 zero in exact arithmetic is measured against 1e-3 of the largest one), `MISMATCH`, `rejected_at_apply` (check_model
 refused it, with its message), `forward_error`, or `build_failed` / `reference_failed` where the tiny config does not
@@ -32,7 +33,7 @@ TINY = dict(
     head_dim=16, max_position_embeddings=512, attention_dropout=0.0, hidden_dropout=0.0, dropout=0.0,
     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_experts=4,
     num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
-    first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=24,
     n_group=1, topk_group=1, sliding_window=8, use_cache=False,
 )  # fmt: skip
 
@@ -42,7 +43,10 @@ def tiny_config(model_type: str):
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
-    kw = dict(TINY, full_attn_idxs=[1, 3]) if model_type == "lfm2" else TINY  # lfm2 defaults to attention only
+    kw = dict(TINY, full_attn_idxs=[1, 3]) if model_type == "lfm2" else dict(TINY)  # lfm2 defaults to attention only
+    if hasattr(cls(), "kv_lora_rank"):  # latent attention: a key per query head, head sizes of its own
+        kw.update(num_key_value_heads=kw["num_attention_heads"])
+        del kw["head_dim"]
     config = cls(**kw)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     kinds = getattr(text, "layer_types", None)
