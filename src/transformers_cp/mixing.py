@@ -2,8 +2,9 @@
 
 CP shards the sequence and exchanges only attention's keys and values. A layer that looks along the sequence in any
 other way (a 1-D convolution, a state-space or linear-attention recurrence, compressed, chunked or indexed sparse
-attention) would run on this rank's shard alone or without its pattern, and attention sinks add a term the CP kernels do not compute: each would make the result
-silently wrong, so `check_model` refuses such models, on every rank, before any process group is made.
+attention) would run on this rank's shard alone or without its pattern, and attention sinks add a term the CP kernels
+do not compute: each would make the result silently wrong, so `check_model` refuses such models, on every rank, before
+any process group is made.
 """
 
 from __future__ import annotations
