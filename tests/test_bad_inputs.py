@@ -227,7 +227,7 @@ MODEL_CASES = [
             q_lora_rank=8,
             index_topk=16,
             **dict(_TINY_MOE, num_key_value_heads=2),
-        ),  # fmt: skip
+        ),
         dict(size=2),
         ["sparse attention", "index_topk=16"],
         id="deepseek-v32-sparse-attention",
