@@ -233,6 +233,12 @@ MODEL_CASES = [
         id="deepseek-v32-sparse-attention",
     ),
     pytest.param(
+        lambda: _small(transformers.DogeConfig, keep_window_size=4, **_TINY),
+        dict(size=2),
+        ["sparse attention", "keep_window_size=4"],
+        id="doge-dynamic-mask",
+    ),
+    pytest.param(
         _llama_with_convolution, dict(size=2), ["model.layers.0.mixer (Conv1d)", "convolutions"], id="conv1d"
     ),
     pytest.param(

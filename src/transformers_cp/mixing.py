@@ -33,8 +33,9 @@ def foreign_layer_types(text_config) -> list[str]:
     return found
 
 
-SPARSE_ATTENTION_FIELDS = ("index_topk",)
-"""Config fields of sparse attention whose indexer picks, per query, which keys softmax sees (DeepSeek-V3.2 style)."""
+SPARSE_ATTENTION_FIELDS = ("index_topk", "keep_window_size")
+"""Config fields of sparse attention that picks, per query, which keys softmax sees: an indexer's top-k
+(DeepSeek-V3.2 style) or a dynamic mask's (Doge)."""
 
 
 def sparse_attention(text_config) -> list[str]:
