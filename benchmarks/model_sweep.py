@@ -59,6 +59,9 @@ def tiny_config(model_type: str):
             config = cls(**kw)
     elif (getattr(text, "num_hidden_layers", 0) or 0) > 8:
         config = cls(**kw, num_hidden_layers=4)
+    sub = getattr(config, "text_config", None)
+    if sub is not None and not isinstance(sub, dict):  # multimodal: the language model at the tiny sizes too
+        config = cls(**kw, text_config={**kw, "model_type": sub.model_type})
     return config
 
 

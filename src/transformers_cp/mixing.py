@@ -46,9 +46,11 @@ def sparse_attention(text_config) -> list[str]:
 
 
 def sequence_mixers(model: torch.nn.Module) -> list[str]:
-    """'module (class)' for the modules of the language model that mix tokens without attention."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    inside = set((decoder or model).modules())  # not a vision or audio tower's stem
+    """'module (class)' for the modules of the language model's decoder layers that mix tokens without attention."""
+    decoder = (model.get_decoder() if hasattr(model, "get_decoder") else None) or model
+    layers = getattr(decoder, "layers", None)
+    scope = layers if isinstance(layers, torch.nn.ModuleList) else decoder
+    inside = set(scope.modules())  # the decoder layers: not a vision or audio tower, nor an embedding extension
     found = []
     for name, module in model.named_modules():
         kind = type(module).__name__

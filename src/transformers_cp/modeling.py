@@ -384,7 +384,7 @@ def check_model(model: torch.nn.Module, config: ContextParallelConfig) -> None:
     sparse = sparse_attention(text)
     if sparse:
         raise _unsupported(
-            f"sparse attention whose indexer picks the keys of each query ({', '.join(sparse)})",
+            f"sparse attention that picks the keys each query sees ({', '.join(sparse)})",
             "use a model with dense (full or sliding-window) attention.",
         )
     layer_kinds = foreign_layer_types(text)
