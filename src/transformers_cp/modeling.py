@@ -36,6 +36,7 @@ class ContextParallelState:
     # Each module of a decoder layer -> that layer: attention keeps its results for the recomputation only when its
     # layer is checkpointed (a layer that is not recomputed would leave them in `kept` unused).
     layer_of: dict = field(default_factory=dict)
+    layers: list = field(default_factory=list)  # the decoder layers, in model order
     checkpointed_layers: int = 0  # set per forward
     kept: dict = field(default_factory=dict)  # attention results kept for the recomputation, per attention module
     rotary: object | None = None  # odysseus: the whole row's position embeddings, gathered once per forward
@@ -318,7 +319,7 @@ def _pre_forward_hook(state: ContextParallelState):
     mesh = state.mesh
 
     def hook(module, args, kwargs):
-        state.checkpointed_layers = sum(is_checkpointed(layer) for layer in set(state.layer_of.values()))
+        state.checkpointed_layers = sum(is_checkpointed(layer) for layer in state.layers)
         state.kept.clear()  # a new forward: whatever the last one kept is stale
         if state.rotary is not None:
             state.rotary.entries.clear()
@@ -451,7 +452,8 @@ def apply_context_parallel(
         check_model(model, mesh.config)
     _register()
     state = ContextParallelState(mesh, config, model.config._attn_implementation, max_positions=max_positions(model))
-    state.layer_of = {module: layer for layer in checkpointable_layers(model) for module in layer.modules()}
+    state.layers = checkpointable_layers(model)
+    state.layer_of = {module: layer for layer in state.layers for module in layer.modules()}
     for module in model.modules():
         setattr(module, _STATE_ATTR, state)
     model.set_attn_implementation(ATTENTION_NAME)
