@@ -30,6 +30,18 @@ class Span(NamedTuple):
 Spans = tuple[Span, ...]
 
 
+def _move_chunks(spans: Spans, by_rank: torch.Tensor, in_order: torch.Tensor, to_order: bool) -> None:
+    """Copy each chunk between its rows in the (R, L, ...) per-rank buffer and in the (S, ...) global-order one, in
+    the direction `to_order` says."""
+    for s in spans:
+        rank_rows = by_rank[s.rank, s.local : s.local + s.length]
+        order_rows = in_order[s.start : s.start + s.length]
+        if to_order:
+            copy_rows(order_rows, rank_rows)
+        else:
+            copy_rows(rank_rows, order_rows)
+
+
 def _heads(stride_index: int, kv_stride: int, group_size: int) -> tuple[slice, slice]:
     """(q heads, kv heads) of one stride."""
     k0 = stride_index * kv_stride
@@ -43,8 +55,7 @@ def _gather(kv: torch.Tensor, group, spans: Spans):
     def finish() -> torch.Tensor:
         work.wait()
         full = torch.empty((sum(s.length for s in spans), *kv.shape[1:]), dtype=kv.dtype, device=kv.device)
-        for s in spans:
-            copy_rows(full[s.start : s.start + s.length], gathered[s.rank, s.local : s.local + s.length])
+        _move_chunks(spans, gathered, full, to_order=True)
         return full
 
     return finish
@@ -53,8 +64,7 @@ def _gather(kv: torch.Tensor, group, spans: Spans):
 def _scatter_grads(dfull: torch.Tensor, group, spans: Spans, world: int):
     """Start summing the (S, 2, h, D) KV gradients over the ranks, each keeping its own chunks' (L, 2, h, D)."""
     per_rank = torch.empty((world, dfull.shape[0] // world, *dfull.shape[1:]), dtype=dfull.dtype, device=dfull.device)
-    for s in spans:
-        copy_rows(per_rank[s.rank, s.local : s.local + s.length], dfull[s.start : s.start + s.length])
+    _move_chunks(spans, per_rank, dfull, to_order=False)
     return reduce_scatter(per_rank, group, async_op=True)
 
 
