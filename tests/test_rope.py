@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 import transformers
 from distributed import run_distributed
+from reference import assert_close
 from trainer_cases import (
     VOCAB,
     CPTrainer,
@@ -20,11 +22,14 @@ from trainer_cases import (
     arguments,
     assert_same_run,
     sft_dataset,
+    tiny_config,
     train_and_record,
 )
 
 import transformers_cp
-from transformers_cp.modeling import max_positions
+from transformers_cp import ContextParallelCollator, ContextParallelConfig, gather_sequence
+from transformers_cp.mesh import build_mesh
+from transformers_cp.modeling import apply_context_parallel, max_positions
 
 ORIGINAL = 24
 CASES = [
@@ -50,8 +55,8 @@ def rope_config(kind: str) -> transformers.PretrainedConfig:
         )
     rope = {
         "rope_type": "longrope",
-        "short_factor": [1.0, 1.0, 1.5, 2.0],
-        "long_factor": [1.0, 2.0, 4.0, 8.0],
+        "short_factor": [1.0, 1.0, 1.0, 1.0],
+        "long_factor": [3.0, 9.0, 27.0, 81.0],
         "rope_theta": 10000.0,
     }
     return transformers.Phi3Config(
@@ -92,6 +97,39 @@ def _cp_worker(rank, world, ref_dir):
         )
         expected = torch.load(os.path.join(ref_dir, f"{kind}.pt"))
         assert_same_run(train_and_record(trainer), expected, f"{kind} RoPE {mode} rank {rank}")
+    _phimoe_longrope(world)
+
+
+def _phimoe_longrope(world: int) -> None:
+    """PhiMoE's rotary module reads the positions' maximum itself (its long or short mscale), besides the decorator:
+    logits and gradients of one row whose longest document (30 tokens) passes the original length on one zigzag rank
+    only."""
+    config = tiny_config("phimoe")
+    config.rope_parameters = {
+        "rope_type": "longrope", "short_factor": [1.0, 1.0, 1.5, 2.0], "long_factor": [1.0, 2.0, 4.0, 8.0],
+        "rope_theta": 10000.0, "short_mscale": 1.0, "long_mscale": 1.3, "original_max_position_embeddings": ORIGINAL,
+    }  # fmt: skip
+    config.use_cache = False
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    ids = torch.randint(0, VOCAB, (54,), generator=torch.Generator().manual_seed(2)).tolist()
+    features = [{"input_ids": ids[a:b]} for a, b in ((0, 30), (30, 38), (38, 46), (46, 54))]
+    row = transformers.DataCollatorWithFlattening(return_tensors="pt")(features)
+    out = model(**row)
+    out.loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    mesh = build_mesh(ContextParallelConfig(size=world, mode="zigzag"), "cpu")
+    apply_context_parallel(model, mesh.config, mesh=mesh)
+    shard = ContextParallelCollator(mesh)(features)
+    inputs = {k: shard[k] for k in ("input_ids", "position_ids", "cu_seq_lens_q")}
+    logits = gather_sequence(model(**inputs).logits, mesh)[:, :54]
+    assert_close(logits, out.logits.detach(), 1e-5, "phimoe longrope logits")
+    targets = gather_sequence(shard["shift_labels"], mesh)[0, :54]
+    torch.nn.functional.cross_entropy(logits[0], targets).backward()
+    for n, p in model.named_parameters():
+        dist.all_reduce(p.grad, group=mesh.cp_group)
+        assert_close(p.grad, expected[n], 1e-5, f"phimoe longrope grad {n}")
 
 
 def test_sequence_dependent_rope_equals_the_stock_trainer(tmp_path):
