@@ -3,7 +3,9 @@ DataCollatorWithFlattening for dynamic NTK scaling (Llama) and longrope (Phi-3),
 frequencies from the largest position id of each forward (the longest document of the packed row).
 
 The documents (10-40 tokens) straddle the original length (24), so rows pick differently and the shards of one row
-would pick differently from the row. c=2, d=1, float32, rtol 1e-5.
+would pick differently from the row. c=2, d=1, float32, rtol 1e-5. At model level (logits and gradients): PhiMoE,
+whose rotary module reads the positions' maximum itself, and Gemma 3, whose one rotary module has a RoPE type per
+layer type.
 """
 
 from __future__ import annotations
@@ -97,13 +99,12 @@ def _cp_worker(rank, world, ref_dir):
         )
         expected = torch.load(os.path.join(ref_dir, f"{kind}.pt"))
         assert_same_run(train_and_record(trainer), expected, f"{kind} RoPE {mode} rank {rank}")
-    _phimoe_longrope(world)
+    for name, model in (("phimoe longrope", _phimoe_longrope()), ("gemma3 dynamic", _gemma3_dynamic())):
+        _one_row_matches_stock(model, world, name)
 
 
-def _phimoe_longrope(world: int) -> None:
-    """PhiMoE's rotary module reads the positions' maximum itself (its long or short mscale), besides the decorator:
-    logits and gradients of one row whose longest document (30 tokens) passes the original length on one zigzag rank
-    only."""
+def _phimoe_longrope() -> transformers.PreTrainedModel:
+    """PhiMoE's rotary module reads the positions' maximum itself (its long or short mscale), besides the decorator."""
     config = tiny_config("phimoe")
     config.rope_parameters = {
         "rope_type": "longrope", "short_factor": [1.0, 1.0, 1.5, 2.0], "long_factor": [1.0, 2.0, 4.0, 8.0],
@@ -111,7 +112,27 @@ def _phimoe_longrope(world: int) -> None:
     }  # fmt: skip
     config.use_cache = False
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def _gemma3_dynamic() -> transformers.PreTrainedModel:
+    """One rotary module with a RoPE type per layer type: dynamic for full attention, default for sliding windows."""
+    config = transformers.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=ORIGINAL, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"], attention_dropout=0.0, use_cache=False,
+        rope_parameters={
+            "full_attention": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def _one_row_matches_stock(model: transformers.PreTrainedModel, world: int, name: str) -> None:
+    """Logits and gradients of one row whose longest document (30 tokens) passes the original length on one zigzag
+    rank only, against the stock model on DataCollatorWithFlattening's row."""
     ids = torch.randint(0, VOCAB, (54,), generator=torch.Generator().manual_seed(2)).tolist()
     features = [{"input_ids": ids[a:b]} for a, b in ((0, 30), (30, 38), (38, 46), (46, 54))]
     row = transformers.DataCollatorWithFlattening(return_tensors="pt")(features)
@@ -124,12 +145,12 @@ def _phimoe_longrope(world: int) -> None:
     shard = ContextParallelCollator(mesh)(features)
     inputs = {k: shard[k] for k in ("input_ids", "position_ids", "cu_seq_lens_q")}
     logits = gather_sequence(model(**inputs).logits, mesh)[:, :54]
-    assert_close(logits, out.logits.detach(), 1e-5, "phimoe longrope logits")
+    assert_close(logits, out.logits.detach(), 1e-5, f"{name} logits")
     targets = gather_sequence(shard["shift_labels"], mesh)[0, :54]
     torch.nn.functional.cross_entropy(logits[0], targets).backward()
     for n, p in model.named_parameters():
         dist.all_reduce(p.grad, group=mesh.cp_group)
-        assert_close(p.grad, expected[n], 1e-5, f"phimoe longrope grad {n}")
+        assert_close(p.grad, expected[n], 1e-5, f"{name} grad {n}")
 
 
 def test_sequence_dependent_rope_equals_the_stock_trainer(tmp_path):
