@@ -1,5 +1,5 @@
 """ContextParallelCollator / shard_batch: the shards of every rank rebuild DataCollatorWithFlattening's row, with
-labels shifted once within documents and a padding tail without targets; a padding collator's pads are removed."""
+labels shifted once over the row and a padding tail without targets; a padding collator's pads are removed."""
 
 from __future__ import annotations
 

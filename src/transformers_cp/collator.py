@@ -1,9 +1,11 @@
 """`ContextParallelCollator`: packs a batch of examples into one row, as `DataCollatorWithFlattening` does, and keeps
 this rank's shard of it.
 
-It wraps the user's collator when there is one: a flattening collator's row is used as is; a padding collator's
-pads are removed (by its attention_mask) before packing. It holds only the layout and the CP rank, so it pickles into
-dataloader workers.
+It wraps the user's collator when there is one: a flattening collator's row is used as is, with the documents its
+position_ids, cu_seq_lens or seq_idx mark; a padding collator's pads are removed (by its attention_mask) before
+packing. Examples that carry their own position_ids (a dataset packed offline: they restart inside an example) keep
+them, so their documents stay apart, as in the stock Trainer, whose model finds them in the position_ids. It holds only
+the layout and the CP rank, so it pickles into dataloader workers.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from transformers import DataCollatorWithFlattening
 
 from .mesh import ContextParallelMesh
-from .sharding import EMPTY_BATCH, pack_row, shard_row
+from .sharding import DOCUMENT_MARKERS, EMPTY_BATCH, pack_row, shard_row
 
 
 class ContextParallelCollator:
@@ -49,20 +51,43 @@ class ContextParallelCollator:
         return shard_row(row, self.layout, self.cp_rank)
 
     def flatten(self, features: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
-        """The batch as one (1, T) row with position_ids restarting per example."""
+        """The batch as one (1, T) row with its documents marked: position_ids restarting per example, or per
+        document where an example carries its own position_ids."""
         if self.collator is None:
-            return self._flatten(features)
+            return self._concatenate(features)
         batch = self.collator(features)
         input_ids = torch.as_tensor(batch["input_ids"])
-        if batch.get("attention_mask") is None and batch.get("position_ids") is not None and input_ids.shape[0] == 1:
-            return batch  # already flattened
-        labels = batch.get("labels")
         mask = batch.get("attention_mask")
+        if mask is None and input_ids.shape[0] == 1 and any(batch.get(k) is not None for k in DOCUMENT_MARKERS):
+            return batch  # already flattened, its documents marked
         examples = []
         for i in range(input_ids.shape[0]):
             keep = torch.as_tensor(mask[i]).bool() if mask is not None else slice(None)
             example = {"input_ids": input_ids[i][keep]}
-            if labels is not None:
-                example["labels"] = torch.as_tensor(labels[i])[keep]
+            for key in ("labels", "position_ids"):
+                if batch.get(key) is not None:
+                    example[key] = torch.as_tensor(batch[key][i])[keep]
             examples.append(example)
-        return self._flatten(examples)
+        return self._concatenate(examples)
+
+    def _concatenate(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """Examples -> one row, as DataCollatorWithFlattening makes it (the first label of each example is -100, so
+        no target crosses from one example into the next), keeping the position_ids of examples that have them.
+        Without labels, pack_row makes them, with no target at any document's first token."""
+        row = self._flatten(examples)
+        if not any("labels" in e for e in examples):
+            del row["labels"]
+        if any(e.get("position_ids") is not None for e in examples):
+            positions = []
+            for e in examples:
+                n = len(e["input_ids"])
+                own = e.get("position_ids")
+                own = torch.arange(n) if own is None else torch.as_tensor(own).reshape(-1)
+                if own.numel() != n:
+                    raise ValueError(
+                        f"an example has {own.numel()} position_ids for {n} input_ids; give every example one "
+                        "position id per token (restarting at 0 where a document packed into it starts)."
+                    )
+                positions.append(own)
+            row["position_ids"] = torch.cat(positions)[None].to(row["input_ids"].dtype)
+        return row

@@ -21,6 +21,7 @@ from .mesh import ContextParallelMesh, build_mesh, init_distributed
 from .mixing import attention_sinks, foreign_layer_types, sequence_mixers, sparse_attention
 from .plan import Documents
 from .recompute import checkpointable_layers, is_checkpointed
+from .rope import depends_on_sequence, follow_row_positions
 from .sharding import document_bounds, gather_sequence
 
 ATTENTION_NAME = "context_parallel"
@@ -41,6 +42,7 @@ class ContextParallelState:
     kept: dict = field(default_factory=dict)  # attention results kept for the recomputation, per attention module
     rotary: object | None = None  # odysseus: the whole row's position embeddings, gathered once per forward
     max_positions: int | None = None  # longest document the model's positions cover (None: no limit known)
+    row_max_position: int | None = None  # the packed row's largest position id, set per forward (see rope.py)
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,7 @@ def _input_problem(inputs: torch.Tensor, kwargs: dict) -> int:
         mask is not None and mask.dim() == 2 and not bool(mask.all()),
         mask is not None and mask.dim() != 2,
         inputs.shape[0] != 1,
-        kwargs.get("cu_seq_lens_q") is None and kwargs.get("position_ids") is None and "cp_documents" not in kwargs,
+        kwargs.get("position_ids") is None,
     )
     return next((i + 1 for i, found in enumerate(problems) if found), 0)
 
@@ -288,8 +290,9 @@ def _fingerprint(
     return Fingerprint(agreed, problem, max_position)
 
 
-def _check_batch(module: torch.nn.Module, state: ContextParallelState, inputs, kwargs, bounds: list[int]) -> None:
-    """Every rank's input checks, decided on the CP group's gathered fingerprints so that all ranks raise together."""
+def _check_batch(module: torch.nn.Module, state: ContextParallelState, inputs, kwargs, bounds: list[int]) -> int:
+    """Every rank's input checks, decided on the CP group's gathered fingerprints so that all ranks raise together.
+    Returns the largest position id of the CP group's row."""
     problem = _input_problem(inputs, kwargs)
     mine = _fingerprint(module, state, inputs, kwargs, bounds, problem)
     everyone = gather_fingerprints(mine, state.mesh.cp_group, inputs.device)
@@ -313,6 +316,7 @@ def _check_batch(module: torch.nn.Module, state: ContextParallelState, inputs, k
             f"input_ids range from {low} to {high}, outside the model's vocabulary of {vocab} embeddings (vocab_size); "
             "use the model's own tokenizer, keep -100 in labels only, or resize_token_embeddings."
         )
+    return top
 
 
 def _pre_forward_hook(state: ContextParallelState):
@@ -329,7 +333,8 @@ def _pre_forward_hook(state: ContextParallelState):
             return None
         cu = kwargs.get("cu_seq_lens_q")
         bounds = [] if cu is None else [int(b) for b in cu.tolist()]  # read from the device once per forward
-        _check_batch(module, state, inputs, kwargs, bounds)  # before any collective, decided alike on every rank
+        # before any collective, decided alike on every rank
+        state.row_max_position = _check_batch(module, state, inputs, kwargs, bounds)
         if kwargs.get("attention_mask") is not None:
             kwargs["attention_mask"] = None  # all ones (checked): packed rows need none
         if "cp_documents" not in kwargs:
@@ -354,15 +359,25 @@ def _text_config(model: torch.nn.Module):
 
 def max_positions(model: torch.nn.Module) -> int | None:
     """The longest document the model's positions cover: max_position_embeddings, times the RoPE scaling factor
-    where the config scales RoPE beyond it (None where the config states no limit)."""
+    where the config scales RoPE beyond it; for longrope, whose max_position_embeddings is the extended length, the
+    larger of it and original_max_position_embeddings times the factor. None where the config states no limit, and
+    for dynamic NTK scaling, whose frequencies follow the sequence to any length."""
     config = _text_config(model)
     limit = getattr(config, "max_position_embeddings", None)
     if not isinstance(limit, int):
         return None
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     scalings = [p for p in rope.values() if isinstance(p, dict)] or [rope]  # per layer type, or one
-    factors = [p.get("factor") or 1 for p in scalings if p.get("rope_type", p.get("type", "default")) != "default"]
-    return int(limit * max(factors, default=1))
+    covered = [limit]
+    for p in scalings:
+        kind = p.get("rope_type", p.get("type", "default"))
+        if kind == "longrope":
+            covered.append(int(p.get("original_max_position_embeddings", limit) * (p.get("factor") or 1)))
+        elif depends_on_sequence(kind):
+            return None
+        elif kind != "default":
+            covered.append(int(limit * (p.get("factor") or 1)))
+    return max(covered)
 
 
 def check_model(model: torch.nn.Module, config: ContextParallelConfig) -> None:
@@ -460,6 +475,7 @@ def apply_context_parallel(
     if mesh.config.mode == "odysseus" and mesh.cp_group is not None:
         state.rotary = odysseus.install(model, mesh)
     state.hooks.append(model.register_forward_pre_hook(_pre_forward_hook(state), with_kwargs=True))
+    state.hooks.extend(follow_row_positions(model, lambda: state.row_max_position))
     return model
 
 

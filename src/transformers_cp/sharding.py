@@ -2,9 +2,14 @@
 `gather_sequence` rebuilds full-row outputs.
 
 The row is readied once, before sharding, so that what depends on neighbours is computed on the whole row:
-`shift_labels` (next token within a document, -100 at each document's last token, so no target is lost at a shard
-boundary) and the global document boundaries `cu_seq_lens_q` that the attention needs. The row is padded to the
-layout's multiple with a tail that is a document of its own and has no targets.
+`shift_labels` (the next token's label, as the stock loss shifts a row, so no target is lost at a shard boundary) and
+the global document boundaries `cu_seq_lens_q` that the attention needs. The row is padded to the layout's multiple
+with a tail that is a document of its own and has no targets.
+
+Documents are marked as transformers marks them: position_ids that restart (a document starts wherever they do not
+count on by one, as transformers' masks detect packed sequences), `cu_seq_lens_q`/`cu_seq_lens_k` (flash attention's)
+and `seq_idx` (the SSM kernels'; no model CP accepts reads it). Markers that disagree are an error, and a row without
+position_ids gets positions restarting at 0 per document, as `DataCollatorWithFlattening` gives them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ EMPTY_BATCH = (
     "the packed row has no tokens (every example of the batch is empty); filter empty examples out of the dataset, "
     "e.g. dataset.filter(lambda e: len(e['input_ids']) > 0)."
 )
+DOCUMENT_MARKERS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")
+"""Keys by which transformers marks the documents of a packed row (see `row_documents`)."""
 _SEQUENCE_KEYS = ("input_ids", "position_ids", "labels", "shift_labels")
 """Per-token inputs that are sharded along the row."""
 
@@ -35,12 +42,55 @@ def document_bounds(position_ids: torch.Tensor) -> list[int]:
     return [0, *starts.tolist(), pos.numel()]
 
 
-def shift_labels_within_documents(labels: torch.Tensor, bounds: list[int]) -> torch.Tensor:
-    """Next-token targets of a (1, T) row: label i+1 for token i, -100 at each document's last token."""
-    shifted = torch.full_like(labels, IGNORE_INDEX)
-    shifted[:, :-1] = labels[:, 1:]
-    shifted[:, torch.tensor(bounds[1:]) - 1] = IGNORE_INDEX
-    return shifted
+def _changes(values: torch.Tensor) -> list[int]:
+    """Boundaries [0, ..., T] of the runs of equal values in a (1, T) row (documents of `seq_idx`)."""
+    v = values.reshape(-1)
+    return [0, *((v[1:] != v[:-1]).nonzero().flatten() + 1).tolist(), v.numel()]
+
+
+def _shown(bounds: list[int]) -> str:
+    return str(bounds) if len(bounds) <= 12 else f"[{', '.join(map(str, bounds[:10]))}, ..., {bounds[-1]}]"
+
+
+def row_documents(batch: Mapping[str, torch.Tensor], length: int) -> tuple[list[int], torch.Tensor]:
+    """The document boundaries [0, ..., T] of a (1, T) row from every marker it carries (checked to agree), and its
+    position_ids (the batch's, or restarting at 0 per document where it has none). Without markers the row is one
+    document."""
+    marked: dict[str, list[int]] = {}
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        if batch.get(key) is not None:
+            bounds = [int(b) for b in torch.as_tensor(batch[key]).reshape(-1)]
+            if bounds[:1] != [0] or bounds[-1:] != [length] or any(b <= a for a, b in zip(bounds, bounds[1:])):
+                raise ValueError(
+                    f"{key}={_shown(bounds)} does not describe the documents of a packed row of {length} tokens: it "
+                    "must start at 0, strictly increase and end at the row's length; build it from the documents' "
+                    "lengths (e.g. DataCollatorWithFlattening(return_flash_attn_kwargs=True))."
+                )
+            marked[key] = bounds
+    for key, derive in (("seq_idx", _changes), ("position_ids", document_bounds)):
+        if batch.get(key) is not None:
+            values = torch.as_tensor(batch[key])
+            if values.shape[-1] != length or values.numel() != length:
+                raise ValueError(
+                    f"{key} has shape {tuple(values.shape)} but the packed row has {length} tokens; give one {key} "
+                    "entry per token."
+                )
+            marked[key] = derive(values)
+    names = list(marked)
+    for key in names[1:]:
+        if marked[key] != marked[names[0]]:
+            raise ValueError(
+                f"the batch marks its documents inconsistently: {names[0]} gives boundaries {_shown(marked[names[0]])} "
+                f"but {key} gives {_shown(marked[key])} (a document starts where position_ids do not count on by one, "
+                "where seq_idx changes, at each cu_seq_lens entry); pass markers that agree (position_ids restarting "
+                "at 0 at every document, as DataCollatorWithFlattening returns them with any of its options) or only "
+                "one of them."
+            )
+    bounds = marked[names[0]] if names else [0, length]
+    position_ids = batch.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.cat([torch.arange(b - a) for a, b in zip(bounds, bounds[1:])])
+    return bounds, torch.as_tensor(position_ids).reshape(1, length)
 
 
 def _pad(tensor: torch.Tensor, pad: int, value: int) -> torch.Tensor:
@@ -50,9 +100,11 @@ def _pad(tensor: torch.Tensor, pad: int, value: int) -> torch.Tensor:
 def pack_row(batch: Mapping[str, torch.Tensor], multiple: int, pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Ready a packed (1, T) row for sharding: `shift_labels`, `cu_seq_lens_q`, and padding to `multiple`.
 
-    `batch` is what `DataCollatorWithFlattening` returns: `input_ids`, `position_ids` restarting at 0 per document
-    (without them the row is one document) and optionally `labels` (without them every token is a target) or
-    ready-made `shift_labels`. Keys that are not per-token pass through.
+    `batch` is what `DataCollatorWithFlattening` returns, with any of its options: `input_ids`, its documents marked
+    by position_ids restarting at 0, `cu_seq_lens_q`/`_k` or `seq_idx` (see `row_documents`; without any the row is
+    one document), and optionally `labels` (shifted once over the row, as the stock loss does; without them every
+    token but each document's first is a target) or ready-made `shift_labels`. Keys that are not per-token pass
+    through.
     """
     input_ids = torch.as_tensor(batch["input_ids"])
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
@@ -69,20 +121,15 @@ def pack_row(batch: Mapping[str, torch.Tensor], multiple: int, pad_token_id: int
                 f"{key} has shape {tuple(torch.as_tensor(batch[key]).shape)} but input_ids {tuple(input_ids.shape)}; "
                 f"every example needs one {key} entry per token (-100 where there is no target)."
             )
-    position_ids = batch.get("position_ids")
-    position_ids = torch.arange(length)[None] if position_ids is None else torch.as_tensor(position_ids)
-    if batch.get("cu_seq_lens_q") is not None:
-        bounds = [int(b) for b in batch["cu_seq_lens_q"]]
-    else:
-        bounds = document_bounds(position_ids)
+    bounds, position_ids = row_documents(batch, length)
     if batch.get("labels") is not None:
         labels = torch.as_tensor(batch["labels"])
     else:
         labels = input_ids.clone()
         labels[:, bounds[:-1]] = IGNORE_INDEX  # as DataCollatorWithFlattening: a document's first token has no label
     shift_labels = batch.get("shift_labels")
-    if shift_labels is None:
-        shift_labels = shift_labels_within_documents(labels, bounds)
+    if shift_labels is None:  # as the stock loss shifts the row: -100 labels (the separator) end the examples
+        shift_labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
 
     pad = padded_length(length, Layout("contiguous", multiple, 1)) - length
     out = {k: v for k, v in batch.items() if k not in _DROPPED_KEYS}

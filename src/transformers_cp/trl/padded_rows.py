@@ -4,7 +4,8 @@ TRL's DPO calls `model(input_ids, attention_mask, labels, fused_lm_head=True)` o
 (B prompt+chosen rows, then B prompt+rejected rows) and reads per-token outputs of shape (2B, L-1). Under CP the
 model is wrapped so that such a call
   1. packs the 2B sequences as documents of one row (`pack_row`: global positions, next-token `shift_labels` within
-     each document, padding to the layout's multiple) and runs the model on this rank's shard (`shard_row`);
+     each document, as each is a row of its own without CP, padding to the layout's multiple) and runs the model on
+     this rank's shard (`shard_row`);
   2. gathers each per-token output over the CP group (`gather_sequence`, differentiable) and puts it back in the
      padded (2B, L-1) layout, zero where there is no target, as TRL's fused head returns it without CP.
 Every CP rank then holds the group's full per-sequence quantities, so any loss TRL builds from them (sums, token
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..loss import IGNORE_INDEX
 from ..mesh import ContextParallelMesh
 from ..sharding import gather_sequence, pack_row, shard_row
 
@@ -61,12 +63,15 @@ def _pack(state: _PaddedRowsState):
         # Packed on the CPU (token ids only), then this rank's shard goes to the device.
         ids_cpu, mask_cpu, labels_cpu = input_ids.cpu(), mask.cpu(), labels.cpu()
         lengths = mask_cpu.sum(dim=1).tolist()
+        bounds = torch.tensor([0, *lengths]).cumsum(0)
+        packed_labels = labels_cpu[mask_cpu][None].clone()
+        packed_labels[:, bounds[:-1]] = IGNORE_INDEX  # a sequence's first token is no one's target
         row = pack_row(
             {
                 "input_ids": ids_cpu[mask_cpu][None],
-                "labels": labels_cpu[mask_cpu][None],
+                "labels": packed_labels,
                 "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
-                "cu_seq_lens_q": torch.tensor([0, *lengths]).cumsum(0).to(torch.int32),
+                "cu_seq_lens_q": bounds.to(torch.int32),
             },
             state.mesh.layout.multiple,
             state.pad_token_id,
