@@ -59,7 +59,9 @@ def main() -> None:
     state = model._context_parallel_state
 
     def check() -> None:  # as the pre-forward hook runs it: the document bounds read from the device, then the check
-        _check_batch(model, state, batch["input_ids"], batch, batch["cu_seq_lens_q"].tolist())
+        _check_batch(
+            model, state, batch["input_ids"], batch, batch["cu_seq_lens_q"].tolist(), batch["cp_row_checksum"]
+        )
 
     def step() -> None:
         model(**batch).loss.backward()

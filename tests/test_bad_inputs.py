@@ -4,7 +4,8 @@ and the fix, and every data edge case gives the result of the run without contex
 Single-process cases check settings, models and collation (nothing there talks to other ranks). The distributed
 cases run in one spawned gloo job per world size (a module fixture) that goes through every case in turn, with a
 timeout far below the harness's: a case that deadlocked would fail them all. In the disagreement cases only one rank
-gets the bad input, and every rank must raise the same error.
+(or one data-parallel group of the c=2 × d=2 job) gets the bad input, and every rank of the job must raise the same
+error.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import os
 import re
 import tempfile
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,9 +21,9 @@ import torch.distributed as dist
 import transformers
 from distributed import run_distributed
 from reference import assert_close
-from trainer_cases import VOCAB, sft_dataset, tiny_config
+from trainer_cases import VOCAB, arguments, build_model, sft_dataset, tiny_config
 
-from transformers_cp import ContextParallelCollator, ContextParallelConfig, ContextParallelConfigError, Layout
+from transformers_cp import ContextParallelCollator, ContextParallelConfig, ContextParallelConfigError
 from transformers_cp import TrainingArguments as CPTrainingArguments
 from transformers_cp.loss import count_label_tokens, loss_scale, reduce_loss_for_logging
 from transformers_cp.mesh import build_mesh
@@ -259,14 +259,7 @@ def test_model(build, settings, words):
 
 # ---- collation -------------------------------------------------------------------------------------------------
 
-_ZIGZAG2 = SimpleNamespace(layout=Layout("zigzag", 2, 1), cp_rank=0)
-
 COLLATE_CASES = [
-    pytest.param(
-        lambda: ContextParallelCollator(_ZIGZAG2)([{"input_ids": []}, {"input_ids": []}]),
-        ["every example of the batch is empty", "dataset.filter"],
-        id="all-examples-empty",
-    ),
     pytest.param(
         lambda: pack_row({"input_ids": torch.zeros(1, 6, dtype=torch.long), "labels": torch.zeros(1, 7)}, 4),
         ["labels has shape (1, 7)", "one labels entry per token"],
@@ -298,10 +291,100 @@ _SEQUENCE = ("input_ids", "position_ids", "labels", "shift_labels")
 
 
 def _on_rank(bad: int, change):
-    """A case where CP rank `bad` alone calls the model with `change(batch, model)` instead of its batch."""
+    """A case where rank `bad` alone calls the model with `change(batch, model)` instead of its batch."""
 
     def call(model, mesh, batch):
-        return model(**(change(batch, model) if mesh.cp_rank == bad else batch))
+        return model(**(change(batch, model) if dist.get_rank() == bad else batch))
+
+    return call
+
+
+def _collate_on(ranks: set[int], examples: list[dict]):
+    """A case where the ranks in `ranks` collate `examples` instead of the batch's (sft_dataset(3, 5))."""
+
+    def call(model, mesh, batch):
+        return model(**(ContextParallelCollator(mesh)(examples) if dist.get_rank() in ranks else batch))
+
+    return call
+
+
+def _edited(edit) -> list[dict]:
+    """The batch's examples after `edit(examples)` (lengths of input_ids unchanged unless edit changes them)."""
+    examples = [{k: list(v) for k, v in e.items()} for e in sft_dataset(3, 5)]
+    edit(examples)
+    return examples
+
+
+def _label(value: int) -> list[dict]:
+    return _edited(lambda e: e[2]["labels"].__setitem__(-1, value))
+
+
+def _changed_token(examples: tuple[int, ...] = (1,)) -> list[dict]:
+    """The batch's examples with token 3 of each of `examples` changed (every length unchanged)."""
+
+    def edit(rows):
+        for i in examples:
+            rows[i]["input_ids"][3] = (rows[i]["input_ids"][3] + 1) % VOCAB
+
+    return _edited(edit)
+
+
+def _shifted_labels() -> list[dict]:
+    """One label too many in the first example, one too few in the second: the row's total is unchanged."""
+
+    def edit(examples):
+        examples[0]["labels"].append(-100)
+        examples[1]["labels"].pop()
+
+    return _edited(edit)
+
+
+_EMPTY = [{"input_ids": []}, {"input_ids": []}]
+
+
+def _trainer_tokens_differ(kind: str):
+    """A Trainer (DDP over the job) whose rank 1 reads a dataset with one token changed, lengths equal: every rank
+    must stop at the first step. `kind`: "trainer", "sft" (TRL's SFTTrainer) or "dpo" (TRL's DPO, padded rows)."""
+
+    def call(model, mesh, batch):
+        import datasets
+
+        import transformers_cp
+
+        changed = dist.get_rank() == 1
+        cp = dict(context_parallel_size=2, per_device_train_batch_size=2, max_steps=1)
+        if kind == "trainer":
+            rows = _changed_token((0, 1, 2)) if changed else sft_dataset(3, 5)
+            args = transformers_cp.TrainingArguments(**arguments(**cp))
+            trainer = transformers_cp.Trainer(model=build_model("qwen2", False), args=args, train_dataset=rows)
+        elif kind == "sft":
+            from trl_cases import tokenizer, trl_arguments
+
+            from transformers_cp.trl import SFTConfig, SFTTrainer
+
+            rows = _changed_token((0, 1, 2)) if changed else sft_dataset(3, 5)
+            trainer = SFTTrainer(
+                model=build_model("qwen2", False),
+                args=trl_arguments(SFTConfig, padding_free=True, max_length=None, **cp),
+                train_dataset=datasets.Dataset.from_list(rows),
+                processing_class=tokenizer(),
+            )
+        else:
+            from trl_cases import preference_rows, tokenizer, trl_arguments
+
+            from transformers_cp.trl import DPOConfig, DPOTrainer
+
+            rows = preference_rows(2, 0)
+            if changed:
+                rows[0]["chosen"] = rows[0]["chosen"].replace("w", "w1", 1)  # the same number of words
+            trainer = DPOTrainer(
+                model=build_model("qwen2", False),
+                ref_model=build_model("qwen2", False),
+                args=trl_arguments(DPOConfig, **cp),
+                train_dataset=datasets.Dataset.from_list(rows),
+                processing_class=tokenizer(),
+            )
+        return trainer.train()
 
     return call
 
@@ -407,7 +490,40 @@ ERROR_CASES = [
     ("shorter-shard-ulysses-4", 4, "ulysses", _on_rank(2, _shorter), ["local sequence length: ["]),
     ("moved-boundary-hybrid-4", 4, "hybrid", _on_rank(3, _moved_boundary), ["checksum of cu_seq_lens_q"]),
     ("padding-mask-zigzag-4", 4, "zigzag", _on_rank(3, _padded), ["padding in attention_mask", "CP rank(s) [3]"]),
+    # c=2 × d=2: a problem in one data-parallel group stops the other group too
+    ("padding-mask-2x2", 4, ("llama", "zigzag", 2), _on_rank(2, _padded),
+     ["padding in attention_mask", "CP rank(s) [0] of data-parallel rank 1"]),
+    ("shorter-shard-2x2", 4, ("llama", "zigzag", 2), _on_rank(1, _shorter),
+     ["context-parallel group (data-parallel rank 0)", "local sequence length: ["]),
+    # the token checksum through the Trainer (DDP), TRL's SFTTrainer and DPO's padded rows
+    ("trainer-tokens-differ", 2, "zigzag", _trainer_tokens_differ("trainer"), ["packed row (checksum of its tokens"]),
+    ("sft-tokens-differ", 2, "zigzag", _trainer_tokens_differ("sft"), ["packed row (checksum of its tokens"]),
+    ("dpo-tokens-differ", 2, "zigzag", _trainer_tokens_differ("dpo"), ["packed row (checksum of its tokens"]),
 ]  # fmt: skip
+
+# Data that only some ranks hold, for two model families on 2 processes (c=2) and on 4 (c=2 × d=2, the bad data in
+# one data-parallel group: ranks 2 and 3 are data-parallel rank 1).
+_LABEL_WORDS = ["labels range from", "below the model's 97 output classes", "or -100 (no target)"]
+for family, mode, world in (
+    ("llama", "zigzag", 2),
+    ("qwen2", "ulysses", 2),
+    ("llama", "zigzag", 4),
+    ("qwen2", "llama3", 4),
+):
+    group = {2, 3} if world == 4 else {0, 1}  # the ranks of one CP group
+    one = max(group)  # one rank of it
+    dp = " of data-parallel rank 1" if world == 4 else ""
+    spec, tag = (family, mode, 2), f"{family}-{world}"
+    ERROR_CASES += [
+        (f"label-out-of-vocab-{tag}", world, spec, _collate_on(group, _label(VOCAB)), [*_LABEL_WORDS, "to 97"]),
+        (f"negative-label-{tag}", world, spec, _collate_on(group, _label(-5)), [*_LABEL_WORDS, "from -5"]),
+        (f"tokens-differ-{tag}", world, spec, _collate_on({one}, _changed_token()),
+         ["packed row (checksum of its tokens, positions and labels): [", "same examples"]),
+        (f"labels-shifted-per-example-{tag}", world, spec, _collate_on(group, _shifted_labels()),
+         ["example 0 of the batch has", "one label per token", f"CP rank(s) [0, 1]{dp})"]),
+        (f"all-examples-empty-{tag}", world, spec, _collate_on({one}, _EMPTY),
+         ["every example of the batch is empty", "dataset.filter", f"CP rank(s) [1]{dp})"]),
+    ]  # fmt: skip
 
 
 # ---- data edge cases: the run without CP is the reference ------------------------------------------------------
@@ -484,13 +600,15 @@ def _compare(stock: tuple, cp: tuple) -> str:
 # ---- the spawned jobs ------------------------------------------------------------------------------------------
 
 
-def _model_for(mode: str, world: int, reference: bool = False):
+def _model_for(spec: str | tuple, world: int, reference: bool = False):
+    """`spec`: a mode (llama, CP over the whole job) or (family, mode, CP size)."""
+    family, mode, size = spec if isinstance(spec, tuple) else ("llama", spec, world)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sdpa")
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="sdpa")
     model.config.use_cache = False
     if reference:
         return model
-    settings = dict(size=world, mode=mode, ulysses_size=2 if mode == "hybrid" else None)
+    settings = dict(size=size, mode=mode, ulysses_size=2 if mode == "hybrid" else None)
     mesh = build_mesh(ContextParallelConfig(**settings), "cpu")
     return apply_context_parallel(model, mesh.config, mesh=mesh), mesh
 

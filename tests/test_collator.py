@@ -9,9 +9,9 @@ import pytest
 import torch
 import transformers
 from tokenizers import Tokenizer, models
-from trainer_cases import VOCAB, sft_dataset
+from trainer_cases import VOCAB, sft_dataset, tiny_config
 
-from transformers_cp import ContextParallelCollator, Layout, shard_batch
+from transformers_cp import ContextParallelCollator, ContextParallelConfig, Layout, apply_context_parallel, shard_batch
 from transformers_cp.loss import IGNORE_INDEX
 
 
@@ -81,6 +81,14 @@ def test_a_flattening_collator_is_used_as_is_and_shard_batch_agrees():
         assert torch.equal(ours[key], wrapped[key]) and torch.equal(ours[key], direct[key]), key
 
 
-def test_a_batch_that_is_not_one_row_is_rejected():
-    with pytest.raises(ValueError, match="one packed row"):
-        shard_batch({"input_ids": torch.zeros(2, 8, dtype=torch.long)}, _meshes("zigzag", 2)[0])
+def test_a_batch_that_is_not_one_row_is_rejected_by_the_model():
+    """shard_batch does not raise on this rank alone (its peers would hang): a stand-in shard without targets carries
+    the error to the model's pre-forward hook, which raises it after the ranks' gather (tests/test_bad_inputs.py)."""
+    shard = shard_batch({"input_ids": torch.zeros(2, 8, dtype=torch.long)}, _meshes("zigzag", 2)[0])
+    assert (shard["shift_labels"] == IGNORE_INDEX).all()
+    config = tiny_config("llama")
+    model = apply_context_parallel(
+        transformers.AutoModelForCausalLM.from_config(config), ContextParallelConfig(size=1)
+    )
+    with pytest.raises(ValueError, match="one packed row per step"):
+        model(**shard)

@@ -25,7 +25,7 @@ from trainer_cases import VOCAB, build_model, sft_dataset
 from transformers_cp import ContextParallelCollator, ContextParallelConfig, Layout, gather_sequence, shard_batch
 from transformers_cp.mesh import build_mesh
 from transformers_cp.modeling import apply_context_parallel, remove_context_parallel
-from transformers_cp.sharding import pack_row
+from transformers_cp.sharding import BATCH_PROBLEM, pack_row
 
 Flattening = transformers.DataCollatorWithFlattening
 FAMILY_MODES = [("llama", "zigzag"), ("qwen3", "ulysses"), ("gpt2", "llama3")]  # gpt2: learned absolute positions
@@ -178,7 +178,8 @@ def _moved(batch: dict, key: str) -> dict:
     ],
 )
 def test_inconsistent_document_markers_are_refused(batch, message):
-    """Refused in the collator, which every CP rank of a group runs on the same examples before any collective."""
+    """Refused while the row is readied (a `BatchError`, which the collator and `shard_batch` hand to the model's
+    hook, so that every rank of the job raises it)."""
     with pytest.raises(ValueError) as error:
         pack_row(batch, 4)
     for part in message:
@@ -188,5 +189,5 @@ def test_inconsistent_document_markers_are_refused(batch, message):
 def test_examples_position_ids_of_the_wrong_length_are_refused():
     features = packed_offline(5)
     features[1]["position_ids"] = features[1]["position_ids"][:-1]
-    with pytest.raises(ValueError, match="39 position_ids for 40 input_ids"):
-        ContextParallelCollator(MESHES[0])(features)
+    shard = ContextParallelCollator(MESHES[0])(features)  # a stand-in shard that carries the error to the model
+    assert "39 position_ids for 40 input_ids" in bytes(shard[BATCH_PROBLEM].tolist()).decode()

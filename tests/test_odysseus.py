@@ -2,7 +2,7 @@
 on packed documents, sliding windows, GQA with a replicated KV head, q/k norms, activation checkpointing), and Trainer
 runs (losses, eval loss, predictions, final weights) with DDP over dp ranks; checkpoints are ordinary HF weights.
 
-Jobs: 2 processes (c=2: every family and a Llama with biases whose GQA groups straddle ranks, checkpointing with mistral; Trainer c=2 d=1 llama; a save/load round trip),
+Jobs: 2 processes (c=2: every family and a Llama with biases whose GQA groups straddle ranks, LoRA on some layers, checkpointing with mistral; Trainer c=2 d=1 llama; a save/load round trip),
 4 processes (c=4: qwen2 with one KV head for four ranks; Trainer c=2 d=2 qwen3 under DDP, c=4 d=1 qwen2).
 """
 
@@ -16,7 +16,7 @@ import torch.distributed as dist
 import transformers
 from distributed import run_distributed
 from reference import assert_close
-from test_modeling import _assert_grads, _checkpoint_worker, _loss, _reference_and_cp_model
+from test_modeling import _assert_grads, _checkpoint_worker, _loss, _position_ids, _reference_and_cp_model, _targets
 from test_trainer import PREDICT_FAMILY, _stock_dp_worker
 from trainer_cases import (
     VOCAB,
@@ -32,7 +32,7 @@ from trainer_cases import (
 
 import transformers_cp
 from transformers_cp import ContextParallelConfig, Layout, apply_context_parallel, remove_context_parallel
-from transformers_cp.mesh import ContextParallelMesh
+from transformers_cp.mesh import ContextParallelMesh, build_mesh
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -52,6 +52,43 @@ def _equivalence(rank: int, world: int, family: str) -> None:
     remove_context_parallel(model)
     assert attention.q_proj(x).shape[-1] == heads * attention.head_dim, "remove_context_parallel restores q_proj"
     assert "forward" not in vars(attention), "remove_context_parallel restores the attention forward"
+
+
+def _lora(dropout: float = 0.0, **kwargs):
+    """LoRA on every projection of the second layer only (the first keeps plain linear layers), with a bias on B and
+    random B, so that the adapters change the output."""
+    import peft
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama_gqa_bias"), attn_implementation="sdpa")
+    model.config.use_cache = False
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"]
+    config = peft.LoraConfig(
+        r=4, target_modules=targets, layers_to_transform=[1], lora_dropout=dropout, init_lora_weights=False, **kwargs
+    )
+    return peft.get_peft_model(model, config)
+
+
+def _lora_equivalence(rank: int, world: int) -> None:
+    """odysseus with LoRA on some layers equals the PEFT model without CP: logits and every adapter gradient."""
+    model = _lora(lora_bias=True)
+    input_ids = torch.randint(0, VOCAB, (1, 48), generator=torch.Generator().manual_seed(1))
+    targets, position_ids = _targets(input_ids), _position_ids()
+    ref_logits = model(input_ids=input_ids, position_ids=position_ids).logits
+    _loss(ref_logits, targets).backward()
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".lora_B." in n and "o_proj" in n for n in trained), list(trained)
+    ref_grads = {n: p.grad.clone() for n, p in trained.items()}
+    model.zero_grad()
+    mesh = build_mesh(ContextParallelConfig(size=world, mode="odysseus"), "cpu")
+    apply_context_parallel(model, mesh.config, mesh=mesh)
+    shard = lambda t: mesh.layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
+    logits = model(input_ids=shard(input_ids), position_ids=shard(position_ids)).logits
+    assert_close(logits, shard(ref_logits.detach()), 1e-5, "odysseus LoRA logits")
+    _loss(logits, shard(targets)).backward()
+    for name, p in trained.items():
+        dist.all_reduce(p.grad, group=mesh.cp_group)
+        assert_close(p.grad, ref_grads[name], 1e-5, f"odysseus LoRA grad {name}")
 
 
 def _save_load(rank: int, world: int, out_dir: str) -> None:
@@ -83,6 +120,7 @@ def _job(rank: int, world: int, ref_dir: str, equivalence: list, trainer_cases: 
         name = f"{family} odysseus c={size} d={dp} rank {rank}"
         assert_same_run(result, expected, name, dp_rank=rank // size if dp > 1 else None)
     if out_dir is not None:
+        _lora_equivalence(rank, world)
         _checkpoint_worker(rank, world, "mistral", "odysseus", None)
         _save_load(rank, world, out_dir)
 
@@ -137,3 +175,18 @@ def test_fused_projections_are_a_clear_error():
     model = transformers.AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match="separate q_proj, k_proj, v_proj and o_proj"):
         apply_context_parallel(model, _fake_mesh(2).config, mesh=_fake_mesh(2))
+
+
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        pytest.param(dict(dropout=0.1), ["LoRA dropout", "lora_dropout=0.1", "lora_dropout=0.0"], id="lora-dropout"),
+        pytest.param(dict(use_dora=True), ["DoRA", "plain LoRA"], id="dora"),
+    ],
+)
+def test_lora_that_heads_cannot_split_is_a_clear_error(kwargs, words):
+    pytest.importorskip("peft")
+    with pytest.raises(ValueError) as error:
+        apply_context_parallel(_lora(**kwargs), _fake_mesh(2).config, mesh=_fake_mesh(2))
+    for word in words:
+        assert word in str(error.value), str(error.value)

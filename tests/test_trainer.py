@@ -1,6 +1,6 @@
 """transformers_cp.Trainer on c·d processes equals stock transformers.Trainer with DataCollatorWithFlattening on d
-processes: per-step losses, gradient norms, every rank's step loss, eval loss, predictions and final weights (fp32,
-relative 1e-5), with gradient accumulation 2, two examples per micro-batch, prompt tokens masked with -100, and a
+processes: per-step losses, gradient norms, every rank's step loss, eval loss, predictions, the inputs that
+compute_metrics gets with include_for_metrics=["inputs"] (whole rows) and final weights (fp32, relative 1e-5), with gradient accumulation 2, two examples per micro-batch, prompt tokens masked with -100, and a
 partial last batch (13 training and 7 eval examples).
 
 The stock references are computed once: d = 1 in this process, d = 2 in one 2-process job. Each CP job loops over

@@ -120,10 +120,27 @@ class CPTrainer(RecordingMixin, transformers_cp.Trainer):
     step_losses: list
 
 
+class MetricInputs:
+    """`compute_metrics` that keeps the inputs the evaluation loop hands it (`include_for_metrics=["inputs"]`)."""
+
+    def __init__(self) -> None:
+        self.inputs: list[torch.Tensor] = []
+
+    def __call__(self, prediction: transformers.EvalPrediction) -> dict[str, float]:
+        self.inputs.append(torch.as_tensor(prediction.inputs))
+        return {"input_tokens": float((self.inputs[-1] != -100).sum())}
+
+
 def train_and_record(trainer: transformers.Trainer, predict: bool = False) -> dict:
+    """With `predict`, also the predictions of the eval set and the inputs that compute_metrics got in evaluate and
+    predict."""
     trainer.step_losses = []
     recorder = GradientRecorder()
     trainer.add_callback(recorder)
+    metric_inputs = MetricInputs()
+    if predict:
+        trainer.args.include_for_metrics = ["inputs"]
+        trainer.compute_metrics = metric_inputs
     trainer.train()
     result = {
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
@@ -137,6 +154,7 @@ def train_and_record(trainer: transformers.Trainer, predict: bool = False) -> di
         output = trainer.predict(trainer.eval_dataset)
         result["predictions"] = torch.as_tensor(output.predictions)
         result["label_ids"] = torch.as_tensor(output.label_ids)
+        result["metric_inputs"] = metric_inputs.inputs
     return result
 
 
@@ -190,3 +208,6 @@ def assert_same_run(actual: dict, expected: dict, name: str, dp_rank: int | None
         assert torch.equal(actual["predictions"] != -100, filled), f"{name} prediction padding"
         assert_close(actual["predictions"][filled], expected["predictions"][filled], RTOL, f"{name} predictions")
         assert torch.equal(actual["label_ids"], expected["label_ids"]), f"{name} label_ids"
+        assert len(actual["metric_inputs"]) == len(expected["metric_inputs"]) == 2, name  # evaluate, predict
+        for got, want in zip(actual["metric_inputs"], expected["metric_inputs"]):
+            assert torch.equal(got, want), f"{name} compute_metrics inputs"

@@ -1,5 +1,5 @@
 """`ContextParallelCollator`: packs a batch of examples into one row, as `DataCollatorWithFlattening` does, and keeps
-this rank's shard of it.
+this rank's shard of it (with the row's checksum, see `sharding.py`).
 
 It wraps the user's collator when there is one: a flattening collator's row is used as is, with the documents its
 position_ids, cu_seq_lens or seq_idx mark; a padding collator's pads are removed (by its attention_mask) before
@@ -17,7 +17,7 @@ import torch
 from transformers import DataCollatorWithFlattening
 
 from .mesh import ContextParallelMesh
-from .sharding import DOCUMENT_MARKERS, EMPTY_BATCH, pack_row, shard_row
+from .sharding import DOCUMENT_MARKERS, EMPTY_BATCH, BatchError, build_shard, pack_row
 
 
 class ContextParallelCollator:
@@ -42,13 +42,26 @@ class ContextParallelCollator:
         self._flatten = DataCollatorWithFlattening(return_tensors="pt")
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        """This rank's shard; a batch whose data cannot be packed gives a stand-in shard whose forward raises the
+        problem on every rank (`sharding.build_shard`)."""
+        return build_shard(lambda: self._row(features), self.layout, self.cp_rank, self.pad_token_id)
+
+    def _row(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         # An empty example adds no token and no target; DataCollatorWithFlattening would still add a label for it
         # (misaligning the row's labels), so it is dropped here, before any collator sees it.
-        features = [f for f in features if len(f["input_ids"]) > 0]
-        if not features:  # raised here: the flattening collators cannot take an empty list
-            raise ValueError(EMPTY_BATCH)
-        row = pack_row(self.flatten(features), self.layout.multiple, self.pad_token_id)
-        return shard_row(row, self.layout, self.cp_rank)
+        kept = [(i, f) for i, f in enumerate(features) if len(f["input_ids"]) > 0]
+        if not kept:  # raised here: the flattening collators cannot take an empty list
+            raise BatchError(EMPTY_BATCH)
+        for i, feature in kept:
+            labels = feature.get("labels")
+            # Checked per example: flattening joins them, so a label too many in one example and one too few in the
+            # next would give a row of the right length whose targets are shifted against their tokens.
+            if labels is not None and hasattr(labels, "__len__") and len(labels) != len(feature["input_ids"]):
+                raise BatchError(
+                    f"example {i} of the batch has {len(labels)} labels for {len(feature['input_ids'])} input_ids; "
+                    "every example needs one label per token (-100 where there is no target)."
+                )
+        return pack_row(self.flatten([f for _, f in kept]), self.layout.multiple, self.pad_token_id)
 
     def flatten(self, features: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
         """The batch as one (1, T) row with its documents marked: position_ids restarting per example, or per
@@ -84,7 +97,7 @@ class ContextParallelCollator:
                 own = e.get("position_ids")
                 own = torch.arange(n) if own is None else torch.as_tensor(own).reshape(-1)
                 if own.numel() != n:
-                    raise ValueError(
+                    raise BatchError(
                         f"an example has {own.numel()} position_ids for {n} input_ids; give every example one "
                         "position id per token (restarting at 0 where a document packed into it starts)."
                     )

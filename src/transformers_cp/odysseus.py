@@ -72,12 +72,23 @@ def check_heads(num_q: int, num_kv: int, size: int) -> None:
         )
 
 
-def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Attention modules with separate q/k/v/o linear projections and a `head_dim` (Llama, Qwen2/3, Mistral, ...)."""
+def _projection(module: torch.nn.Module, name: str) -> tuple[torch.nn.Linear, list[tuple]] | None:
+    """A projection's linear layer and its LoRA (A, B) pairs: a plain `nn.Linear`, or one that peft's LoRA wraps
+    (`base_layer` plus `lora_A` / `lora_B`, whose output is base(x) + B(A(x)) · scaling); None for anything else."""
+    projection = getattr(module, name, None)
+    if isinstance(projection, torch.nn.Linear):
+        return projection, []
+    base = getattr(projection, "base_layer", None)
+    if isinstance(base, torch.nn.Linear) and hasattr(projection, "lora_A"):
+        return base, [(projection.lora_A[k], projection.lora_B[k]) for k in projection.lora_A]
+    return None
+
+
+def _named_attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     found = [
-        m
-        for m in model.modules()
-        if hasattr(m, "head_dim") and all(isinstance(getattr(m, p, None), torch.nn.Linear) for p in _PROJECTIONS)
+        (name, m)
+        for name, m in model.named_modules()
+        if hasattr(m, "head_dim") and all(isinstance(getattr(m, p, None), torch.nn.Module) for p in _PROJECTIONS)
     ]
     if not found:
         raise ValueError(
@@ -87,11 +98,48 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Attention modules with separate q/k/v/o projections and a `head_dim` (Llama, Qwen2/3, Mistral, ...)."""
+    return [m for _, m in _named_attention_modules(model)]
+
+
+def _check_projection(path: str, module: torch.nn.Module, name: str) -> None:
+    """Odysseus splits a projection by heads, through its linear layers' forwards: a plain linear layer or peft's
+    plain LoRA on one. Raise (before any collective) for what that split would compute wrongly."""
+    projection = getattr(module, name)
+    found = _projection(module, name)
+    if found is None:
+        raise ValueError(
+            f"context_parallel_mode='odysseus' splits {path}.{name} by heads, which it can do for a linear layer "
+            f"(plain, or with peft LoRA adapters), but that is a {type(projection).__name__}; use another "
+            "context_parallel_mode (e.g. 'zigzag' or 'ulysses') with this model."
+        )
+    if getattr(projection, "lora_variant", None) or any(getattr(projection, "use_dora", {}).values()):
+        raise ValueError(
+            f"context_parallel_mode='odysseus' cannot split {path}.{name} by heads: its LoRA variant (e.g. DoRA) "
+            "scales outputs by norms of the whole adapted weight, which the split does not compute; use plain LoRA "
+            "or another context_parallel_mode."
+        )
+    for adapter, dropout in getattr(projection, "lora_dropout", {}).items():
+        if getattr(dropout, "p", 0):
+            raise ValueError(
+                f"context_parallel_mode='odysseus' computes each rank's heads of {path}.{name} from its own copy of "
+                f"the row, so LoRA dropout (adapter {adapter!r}, lora_dropout={dropout.p}) would draw a mask per rank "
+                "where the model draws one for all heads; set lora_dropout=0.0 or use another context_parallel_mode."
+            )
+
+
 def check_model(model: torch.nn.Module, size: int) -> None:
     """Raise before any collective if the model's heads cannot be split over `size` ranks."""
-    for module in attention_modules(model):
+    for path, module in _named_attention_modules(model):
+        for name in _PROJECTIONS:
+            _check_projection(path, module, name)
         d = module.head_dim
-        check_heads(module.q_proj.out_features // d, module.k_proj.out_features // d, size)
+        check_heads(
+            _projection(module, "q_proj")[0].out_features // d,
+            _projection(module, "k_proj")[0].out_features // d,
+            size,
+        )
         for name in ("q_norm", "k_norm"):
             weight = getattr(getattr(module, name, None), "weight", None)
             if weight is not None and weight.numel() != d:
@@ -181,17 +229,24 @@ def _attention_forward(module: torch.nn.Module, mesh: ContextParallelMesh, rotar
 
 def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> _RotaryCache:
     """Replace the attention and projection forwards of every attention module; returns the per-forward cache that
-    the model's pre-forward hook clears."""
+    the model's pre-forward hook clears. A LoRA adapter follows its layer's split: B keeps the rows of the local heads
+    of q/k/v; on o_proj, A keeps their columns and B (whose bias, like the layer's, counts on one rank) the partial sum."""
     rotary = _RotaryCache()
+    first = mesh.cp_rank == 0
     for module in attention_modules(model):
         d = module.head_dim
-        plan = plan_heads(
-            module.q_proj.out_features // d, module.k_proj.out_features // d, d, mesh.cp_size, mesh.cp_rank
-        )
-        _replace_forward(module.q_proj, _row_projection(module.q_proj, plan.q))
-        _replace_forward(module.k_proj, _row_projection(module.k_proj, plan.kv))
-        _replace_forward(module.v_proj, _row_projection(module.v_proj, plan.kv))
-        _replace_forward(module.o_proj, _column_projection(module.o_proj, plan.q, with_bias=mesh.cp_rank == 0))
+        (q, _), (k, _) = _projection(module, "q_proj"), _projection(module, "k_proj")
+        plan = plan_heads(q.out_features // d, k.out_features // d, d, mesh.cp_size, mesh.cp_rank)
+        for name, rows in (("q_proj", plan.q), ("k_proj", plan.kv), ("v_proj", plan.kv)):
+            base, adapters = _projection(module, name)
+            _replace_forward(base, _row_projection(base, rows))
+            for _, lora_b in adapters:
+                _replace_forward(lora_b, _row_projection(lora_b, rows))
+        base, adapters = _projection(module, "o_proj")
+        _replace_forward(base, _column_projection(base, plan.q, with_bias=first))
+        for lora_a, lora_b in adapters:
+            _replace_forward(lora_a, _column_projection(lora_a, plan.q, with_bias=first))
+            _replace_forward(lora_b, _column_projection(lora_b, slice(None), with_bias=first))
         _replace_forward(module, _attention_forward(module, mesh, rotary))
     return rotary
 

@@ -10,11 +10,17 @@ Documents are marked as transformers marks them: position_ids that restart (a do
 count on by one, as transformers' masks detect packed sequences), `cu_seq_lens_q`/`cu_seq_lens_k` (flash attention's)
 and `seq_idx` (the SSM kernels'; no model CP accepts reads it). Markers that disagree are an error, and a row without
 position_ids gets positions restarting at 0 per document, as `DataCollatorWithFlattening` gives them.
+
+Two batch keys travel with every shard to the model's pre-forward hook, which pops them (see `agreement.py`):
+`cp_row_checksum`, a checksum of the whole row's tokens, positions and labels, which the CP ranks of a group must
+share; and, where the row could not be built from this rank's data (`BatchError`), `cp_batch_problem`, the error's
+text, carried by a stand-in shard so that every rank of the job raises it together instead of this rank alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import zlib
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -23,6 +29,8 @@ from .layout import Layout, padded_length
 from .loss import IGNORE_INDEX
 from .mesh import ContextParallelMesh
 
+ROW_CHECKSUM = "cp_row_checksum"
+BATCH_PROBLEM = "cp_batch_problem"
 _DROPPED_KEYS = ("cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx", "attention_mask")
 """Keys of flattening collators that `cu_seq_lens_q` replaces (an all-ones mask says nothing for a packed row)."""
 EMPTY_BATCH = (
@@ -33,6 +41,11 @@ DOCUMENT_MARKERS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")
 """Keys by which transformers marks the documents of a packed row (see `row_documents`)."""
 _SEQUENCE_KEYS = ("input_ids", "position_ids", "labels", "shift_labels")
 """Per-token inputs that are sharded along the row."""
+
+
+class BatchError(ValueError):
+    """A problem in the data of one batch. The collator and `shard_batch` hand it to the model (see the module
+    docstring) rather than raise it on this rank only, where the other ranks would wait in their next collective."""
 
 
 def document_bounds(position_ids: torch.Tensor) -> list[int]:
@@ -61,7 +74,7 @@ def row_documents(batch: Mapping[str, torch.Tensor], length: int) -> tuple[list[
         if batch.get(key) is not None:
             bounds = [int(b) for b in torch.as_tensor(batch[key]).reshape(-1)]
             if bounds[:1] != [0] or bounds[-1:] != [length] or any(b <= a for a, b in zip(bounds, bounds[1:])):
-                raise ValueError(
+                raise BatchError(
                     f"{key}={_shown(bounds)} does not describe the documents of a packed row of {length} tokens: it "
                     "must start at 0, strictly increase and end at the row's length; build it from the documents' "
                     "lengths (e.g. DataCollatorWithFlattening(return_flash_attn_kwargs=True))."
@@ -71,7 +84,7 @@ def row_documents(batch: Mapping[str, torch.Tensor], length: int) -> tuple[list[
         if batch.get(key) is not None:
             values = torch.as_tensor(batch[key])
             if values.shape[-1] != length or values.numel() != length:
-                raise ValueError(
+                raise BatchError(
                     f"{key} has shape {tuple(values.shape)} but the packed row has {length} tokens; give one {key} "
                     "entry per token."
                 )
@@ -79,7 +92,7 @@ def row_documents(batch: Mapping[str, torch.Tensor], length: int) -> tuple[list[
     names = list(marked)
     for key in names[1:]:
         if marked[key] != marked[names[0]]:
-            raise ValueError(
+            raise BatchError(
                 f"the batch marks its documents inconsistently: {names[0]} gives boundaries {_shown(marked[names[0]])} "
                 f"but {key} gives {_shown(marked[key])} (a document starts where position_ids do not count on by one, "
                 "where seq_idx changes, at each cu_seq_lens entry); pass markers that agree (position_ids restarting "
@@ -108,16 +121,16 @@ def pack_row(batch: Mapping[str, torch.Tensor], multiple: int, pad_token_id: int
     """
     input_ids = torch.as_tensor(batch["input_ids"])
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(
+        raise BatchError(
             f"context parallelism takes one packed row per step, got input_ids of shape {tuple(input_ids.shape)}; "
             "flatten the batch first (transformers_cp.ContextParallelCollator does)."
         )
     length = input_ids.shape[1]
     if length == 0:
-        raise ValueError(EMPTY_BATCH)
+        raise BatchError(EMPTY_BATCH)
     for key in ("labels", "shift_labels"):
         if batch.get(key) is not None and torch.as_tensor(batch[key]).shape != input_ids.shape:
-            raise ValueError(
+            raise BatchError(
                 f"{key} has shape {tuple(torch.as_tensor(batch[key]).shape)} but input_ids {tuple(input_ids.shape)}; "
                 f"every example needs one {key} entry per token (-100 where there is no target)."
             )
@@ -131,6 +144,8 @@ def pack_row(batch: Mapping[str, torch.Tensor], multiple: int, pad_token_id: int
     if shift_labels is None:  # as the stock loss shifts the row: -100 labels (the separator) end the examples
         shift_labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
 
+    shift_labels = torch.as_tensor(shift_labels)
+    checksum = row_checksum(input_ids, position_ids, labels, shift_labels)
     pad = padded_length(length, Layout("contiguous", multiple, 1)) - length
     out = {k: v for k, v in batch.items() if k not in _DROPPED_KEYS}
     for key, value in out.items():
@@ -140,17 +155,50 @@ def pack_row(batch: Mapping[str, torch.Tensor], multiple: int, pad_token_id: int
             and value.shape[1] == length
             and key not in _SEQUENCE_KEYS
         ):
-            raise ValueError(
+            raise BatchError(
                 f"cannot shard the per-token input {key!r}; pass only input_ids, position_ids and labels."
             )
     out.update(
         input_ids=_pad(input_ids, pad, pad_token_id),
         position_ids=torch.cat([position_ids, torch.arange(pad, dtype=position_ids.dtype)[None]], dim=1),
         labels=_pad(labels, pad, IGNORE_INDEX),
-        shift_labels=_pad(torch.as_tensor(shift_labels), pad, IGNORE_INDEX),
+        shift_labels=_pad(shift_labels, pad, IGNORE_INDEX),
         cu_seq_lens_q=torch.tensor(bounds, dtype=torch.int32),
     )
+    out[ROW_CHECKSUM] = torch.tensor([checksum])
     return out
+
+
+def row_checksum(*tensors: torch.Tensor) -> int:
+    """CRC-32 of the tensors' values as int64 (so independent of their dtype and device)."""
+    checksum = 0
+    for tensor in tensors:
+        checksum = zlib.crc32(tensor.detach().to("cpu", torch.int64).contiguous().numpy(), checksum)
+    return checksum
+
+
+def _stand_in_row(error: BatchError, multiple: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """A row of `multiple` pad tokens without targets that carries `error` to the model's pre-forward hook: every
+    step before the model (token counts, the Trainer's collectives) runs on it as on a real row."""
+    row = pack_row(
+        {"input_ids": torch.full((1, multiple), pad_token_id), "labels": torch.full((1, multiple), IGNORE_INDEX)},
+        multiple,
+        pad_token_id,
+    )
+    row[BATCH_PROBLEM] = torch.tensor(list(str(error).encode()), dtype=torch.uint8)
+    return row
+
+
+def build_shard(
+    make_row: Callable[[], Mapping[str, torch.Tensor]], layout: Layout, cp_rank: int, pad_token_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """This rank's shard of the row `make_row` readies (with `pack_row`); if that raises a `BatchError`, a stand-in
+    shard that carries it (see the module docstring)."""
+    try:
+        row = make_row()
+    except BatchError as error:
+        row = _stand_in_row(error, layout.multiple, pad_token_id)
+    return shard_row(row, layout, cp_rank)
 
 
 def shard_row(row: Mapping[str, torch.Tensor], layout: Layout, cp_rank: int) -> dict[str, torch.Tensor]:
@@ -162,8 +210,11 @@ def shard_batch(
     batch: Mapping[str, torch.Tensor], mesh: ContextParallelMesh, pad_token_id: int = 0
 ) -> dict[str, torch.Tensor]:
     """This rank's shard of a packed (1, T) row (e.g. `DataCollatorWithFlattening`'s output), ready for a model that
-    `apply_context_parallel` was called on: input_ids, position_ids, labels, shift_labels and cu_seq_lens_q."""
-    return shard_row(pack_row(batch, mesh.layout.multiple, pad_token_id), mesh.layout, mesh.cp_rank)
+    `apply_context_parallel` was called on: input_ids, position_ids, labels, shift_labels, cu_seq_lens_q and the
+    row's checksum (a batch that cannot be sharded gives a stand-in shard whose forward raises on every rank)."""
+    return build_shard(
+        lambda: pack_row(batch, mesh.layout.multiple, pad_token_id), mesh.layout, mesh.cp_rank, pad_token_id
+    )
 
 
 def gather_sequence(tensor: torch.Tensor, mesh: ContextParallelMesh, dim: int = 1) -> torch.Tensor:

@@ -7,7 +7,8 @@ With `context_parallel_size = c` on c·d processes it trains, evaluates and pred
 - data are split over the d dp ranks only (`shard_dataloader_over_dp`), for train, eval and test;
 - the collator packs each batch into one row and keeps this rank's shard (`ContextParallelCollator`);
 - the loss is normalised and scaled as `transformers_cp.loss` explains, and reported equal on every CP rank;
-- evaluation and prediction rebuild each row's loss, logits and labels over the CP group, then gather over dp ranks.
+- evaluation and prediction rebuild each row's loss, logits and labels (and the inputs that `include_for_metrics`
+  asks for) over the CP group, then gather over dp ranks.
 
 The long-sequence memory savings of the config (chunked LM-head loss, tiled MLP, activation offload: `memory.py`) are
 installed with or without CP; the chunked loss serves training and loss-only evaluation, while prediction that needs
@@ -200,6 +201,11 @@ class ContextParallelTrainerMixin:
             logits = tuple(map(full_row, logits)) if isinstance(logits, (tuple, list)) else full_row(logits)
         if labels is not None:
             labels = full_row(labels)
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if "inputs" in self.args.include_for_metrics and main_input in inputs:
+            # The evaluation loop hands compute_metrics what it reads here after this step: the whole row, as the
+            # stock run's, in place of this rank's shard.
+            inputs[main_input] = full_row(self._prepare_input(inputs[main_input]))
         return loss, logits, labels
 
     @property

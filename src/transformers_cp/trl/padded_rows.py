@@ -22,7 +22,7 @@ import torch
 
 from ..loss import IGNORE_INDEX
 from ..mesh import ContextParallelMesh
-from ..sharding import gather_sequence, pack_row, shard_row
+from ..sharding import BATCH_PROBLEM, ROW_CHECKSUM, build_shard, gather_sequence, pack_row
 
 _PER_TOKEN_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 """Per-token fields of TRL's `FusedCausalLMOutput`."""
@@ -66,23 +66,25 @@ def _pack(state: _PaddedRowsState):
         bounds = torch.tensor([0, *lengths]).cumsum(0)
         packed_labels = labels_cpu[mask_cpu][None].clone()
         packed_labels[:, bounds[:-1]] = IGNORE_INDEX  # a sequence's first token is no one's target
-        row = pack_row(
-            {
-                "input_ids": ids_cpu[mask_cpu][None],
-                "labels": packed_labels,
-                "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
-                "cu_seq_lens_q": bounds.to(torch.int32),
-            },
-            state.mesh.layout.multiple,
+        layout = state.mesh.layout
+        shard = build_shard(
+            lambda: pack_row(
+                {
+                    "input_ids": ids_cpu[mask_cpu][None],
+                    "labels": packed_labels,
+                    "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+                    "cu_seq_lens_q": bounds.to(torch.int32),
+                },
+                layout.multiple,
+                state.pad_token_id,
+            ),
+            layout,
+            state.mesh.cp_rank,
             state.pad_token_id,
         )
-        shard = shard_row(row, state.mesh.layout, state.mesh.cp_rank)
-        kwargs.update(
-            input_ids=shard["input_ids"].to(device),
-            position_ids=shard["position_ids"].to(device),
-            shift_labels=shard["shift_labels"].to(device),
-            cu_seq_lens_q=shard["cu_seq_lens_q"].to(device),  # where the Trainer puts the collator's
-        )
+        keys = ("input_ids", "position_ids", "shift_labels", "cu_seq_lens_q", ROW_CHECKSUM, BATCH_PROBLEM)
+        # cu_seq_lens_q goes where the Trainer puts the collator's; the checksum and a problem go to the CP hook
+        kwargs.update({key: shard[key].to(device) for key in keys if key in shard})
         state.masks.append(mask)
         return (), kwargs
 
