@@ -92,10 +92,6 @@ def _unpack(state: _PaddedRowsState):
             if name in _PER_TOKEN_OUTPUTS and value is not None:
                 row = gather_sequence(value, state.mesh, dim=1)[0, : int(mask.sum())]
                 fields[name] = value.new_zeros(mask.shape).masked_scatter(mask, row)[:, :-1]
-            elif name == "aux_loss" and value is not None:
-                raise ValueError(
-                    "the MoE auxiliary loss of a sequence shard is not supported under context parallelism"
-                )
             elif name != "loss":  # the fused head's loss is the shard's token mean, which TRL's DPO does not read
                 fields[name] = value
         return type(output)(**fields)
