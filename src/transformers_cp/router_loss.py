@@ -24,7 +24,9 @@ back-propagates ℓ_r = c·k·(S_r/N + coef·X_r), logs Σ_{r∈g} ℓ_r / c, an
   (`replicate_router_loss`).
 
 The model's own function stays in place and is used whenever no CP model is in its forward: the replacement is a
-dispatcher that takes the CP form only while a CP model's forward runs (set by its pre-forward hook). A model family
+dispatcher that takes the CP form only while a CP model's forward runs (set by its pre-forward hook). It is installed
+in the modeling modules of the model's classes, and in Mixtral's, whose function TRL's fused LM head calls for every
+MoE family. A model family
 whose function computes something else (its result on a probe differs from the formula above, e.g. Doge's
 product-key experts) is refused before training when its coefficient is non-zero and it outputs router logits.
 """
@@ -139,9 +141,10 @@ def _dispatcher(original):
 
 
 def _modules_of(model: torch.nn.Module) -> list:
-    """The modeling modules of the model's class hierarchy that define a `load_balancing_loss_func`."""
+    """The modeling modules that define a `load_balancing_loss_func`, over the class hierarchies of the model and its
+    submodules (a wrapper such as a PEFT model holds the causal LM whose forward calls it)."""
     modules = []
-    for cls in type(model).__mro__:
+    for cls in dict.fromkeys(c for m in model.modules() for c in type(m).__mro__):
         module = sys.modules.get(cls.__module__)
         if module is not None and hasattr(module, FUNCTION_NAME) and module not in modules:
             modules.append(module)
@@ -211,7 +214,10 @@ def install_router_loss(model: torch.nn.Module, mesh: ContextParallelMesh) -> li
     modules = _modules_of(model)
     if not modules:
         return []
-    for module in modules:
+    # TRL's fused LM head (SFT, DPO) computes every MoE family's aux loss with Mixtral's function.
+    from transformers.models.mixtral import modeling_mixtral
+
+    for module in dict.fromkeys([*modules, modeling_mixtral]):
         if not hasattr(getattr(module, FUNCTION_NAME), _ORIGINAL_ATTR):
             setattr(module, FUNCTION_NAME, _dispatcher(getattr(module, FUNCTION_NAME)))
     state = RouterLossState(mesh, tokens=[])

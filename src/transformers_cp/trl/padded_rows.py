@@ -8,7 +8,8 @@ model is wrapped so that such a call
   2. gathers each per-token output over the CP group (`gather_sequence`, differentiable) and puts it back in the
      padded (2B, L-1) layout, zero where there is no target, as TRL's fused head returns it without CP.
 Every CP rank then holds the group's full per-sequence quantities, so any loss TRL builds from them (sums, token
-counts, length normalisation, sorting across pairs) and every metric is the one of a run without CP. `loss.py` says
+counts, length normalisation, sorting across pairs) and every metric is the one of a run without CP. An MoE model's
+`aux_loss` passes through: it is already the whole row's (`router_loss.replicate_router_loss`). `loss.py` says
 how the gradient of such a replicated loss is scaled.
 """
 
