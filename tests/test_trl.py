@@ -7,7 +7,9 @@ DPO cases (loss type, reference): sigmoid and IPO (length-normalised) with a sep
 (length-normalised) with precomputed reference log-probs, sigmoid and IPO with LoRA (the reference is the policy
 without its adapter). TRL's DPO has no padding-free mode (it is disabled in trl 1.16), so the reference is its padded
 mode. SFT cases: padding-free, packing, LoRA, against TRL's SFTTrainer with padding_free=True. One DPO case also
-runs with c = 2 on 4 processes against TRL on 2 (data parallelism).
+runs with c = 2 on 4 processes against TRL on 2 (data parallelism). MoE models (Mixtral, Qwen2-MoE) with the router
+load-balancing loss: one DPO case with LoRA (TRL adds router_aux_loss_coef · aux_loss, from the padded batch without
+its pads) and two SFT cases (TRL turns the aux loss on by itself; with and without average_tokens_across_devices).
 """
 
 from __future__ import annotations
@@ -29,9 +31,18 @@ DPO_CASES = [
     {"loss_type": "sigmoid_norm", "ref": "precompute", "mode": "zigzag"},
     {"loss_type": "sigmoid", "ref": "lora", "mode": "llama3"},
     {"loss_type": "ipo", "ref": "lora", "mode": "ulysses"},
+    {"loss_type": "sigmoid", "ref": "lora", "mode": "zigzag", "family": "qwen2_moe"},  # with the router aux loss
 ]
 DP2_CASE = {"loss_type": "sigmoid", "ref": "model", "mode": "zigzag"}  # c=2 × d=2 against TRL on d=2
-SFT_CASES = [{"mode": "zigzag"}, {"mode": "ring", "packing": True}, {"mode": "zigzag", "lora": True}]
+SFT_CASES = [
+    {"mode": "zigzag"},
+    {"mode": "ring", "packing": True},
+    {"mode": "zigzag", "lora": True},
+    # MoE: TRL turns the router aux loss on by itself (with and without tokens averaged across devices); TRL's fused
+    # head computes it with Mixtral's function for every family, so Qwen2-MoE runs first in the job
+    {"mode": "zigzag", "family": "qwen2_moe", "average_tokens": False},
+    {"mode": "ulysses", "family": "mixtral"},
+]
 
 
 def _cp(case: dict) -> dict:
@@ -44,10 +55,11 @@ def _worker(rank, world, out_dir, dpo_cases, sft_cases):
     import transformers_cp.trl as cp_trl
 
     for i, case in enumerate(dpo_cases):
-        result = run_dpo(cp_trl.DPOTrainer, cp_trl.DPOConfig, os.path.join(out_dir, f"cp_data_{i}"), case, **_cp(case))
+        data_dir = os.path.join(out_dir, f"cp_data_{i}")
+        result = run_dpo(cp_trl.DPOTrainer, cp_trl.DPOConfig, data_dir, case, case.get("family", "llama"), **_cp(case))
         torch.save(result, os.path.join(out_dir, f"dpo_{i}_rank{rank}.pt"))
     for i, case in enumerate(sft_cases):
-        result = run_sft(cp_trl.SFTTrainer, cp_trl.SFTConfig, case, **_cp(case))
+        result = run_sft(cp_trl.SFTTrainer, cp_trl.SFTConfig, case, case.get("family", "llama"), **_cp(case))
         torch.save(result, os.path.join(out_dir, f"sft_{i}_rank{rank}.pt"))
 
 
@@ -84,12 +96,15 @@ def cp_runs(tmp_path_factory):
     return out_dir
 
 
-@pytest.mark.parametrize("index", range(len(DPO_CASES)), ids=[f"{c['loss_type']}-{c['ref']}" for c in DPO_CASES])
+@pytest.mark.parametrize(
+    "index", range(len(DPO_CASES)), ids=[f"{c['loss_type']}-{c['ref']}-{c.get('family', 'llama')}" for c in DPO_CASES]
+)
 def test_dpo_matches_trl(cp_runs, tmp_path, index):
     import trl
     from trl_cases import assert_same_run, run_dpo
 
-    expected = run_dpo(trl.DPOTrainer, trl.DPOConfig, str(tmp_path), DPO_CASES[index])
+    case = DPO_CASES[index]
+    expected = run_dpo(trl.DPOTrainer, trl.DPOConfig, str(tmp_path), case, case.get("family", "llama"))
     for rank in range(2):
         actual = torch.load(os.path.join(cp_runs, f"dpo_{index}_rank{rank}.pt"))
         assert_same_run(actual, expected, f"dpo {DPO_CASES[index]} rank {rank}")
@@ -100,7 +115,7 @@ def test_sft_matches_trl(cp_runs, index):
     import trl
     from trl_cases import assert_same_run, run_sft
 
-    expected = run_sft(trl.SFTTrainer, trl.SFTConfig, SFT_CASES[index])
+    expected = run_sft(trl.SFTTrainer, trl.SFTConfig, SFT_CASES[index], SFT_CASES[index].get("family", "llama"))
     for rank in range(2):
         actual = torch.load(os.path.join(cp_runs, f"sft_{index}_rank{rank}.pt"))
         assert_same_run(actual, expected, f"sft {SFT_CASES[index]} rank {rank}")

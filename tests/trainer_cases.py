@@ -50,6 +50,16 @@ def tiny_config(family: str, layers: int = 2) -> transformers.PretrainedConfig:
             num_key_value_heads=2, sliding_window=6, num_local_experts=2, router_jitter_noise=0.0,
             input_jitter_noise=0.0, **common,
         )  # fmt: skip
+    if family == "mixtral":  # MoE with the router load-balancing loss in its loss (coefficient large enough to matter)
+        return transformers.MixtralConfig(
+            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.0,
+            output_router_logits=True, router_aux_loss_coef=0.3, **common,
+        )  # fmt: skip
+    if family == "qwen2_moe":  # MoE with shared experts and the router load-balancing loss
+        return transformers.Qwen2MoeConfig(
+            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+            shared_expert_intermediate_size=24, output_router_logits=True, router_aux_loss_coef=0.3, **common,
+        )  # fmt: skip
     raise ValueError(family)
 
 

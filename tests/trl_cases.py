@@ -90,6 +90,7 @@ def run_sft(trainer_class, config_class, case: dict, family: str = "llama", **cp
         padding_free=True,
         packing=case.get("packing", False),
         max_length=64 if case.get("packing") else None,
+        average_tokens_across_devices=case.get("average_tokens", True),
         **cp,
     )
     trainer = trainer_class(

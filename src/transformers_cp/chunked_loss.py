@@ -9,7 +9,8 @@ on exactly the operations the model runs (head, optional final soft-capping in t
 cross-entropy with ignore index -100), so the values and gradients are those of the model's own loss.
 
 `apply_chunked_loss(model)` makes a Hugging Face causal LM return this loss whenever it is called with `labels` or
-`shift_labels`: the same value as its own loss (sum over tokens / `num_items_in_batch`, or the token mean), so any
+`shift_labels`: the same value as its own loss (sum over tokens / `num_items_in_batch`, or the token mean, plus
+`coef · aux_loss` for an MoE model that outputs its router load-balancing loss, as its forward adds it), so any
 trainer, and transformers_cp's loss scaling (`loss.py`), works unchanged on top.
 """
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .loss import IGNORE_INDEX, causal_lm_loss
+from .router_loss import aux_loss_coefficient
 
 # Auto chunking keeps one chunk's logits at this many elements (1 GiB in float32) and turns on when a micro-batch's
 # logits would be larger than one chunk.
@@ -193,6 +195,9 @@ def apply_chunked_loss(model: torch.nn.Module, chunk_size: int | None = None) ->
                 "chunked loss cannot replace its loss; set context_parallel_loss_chunk_size=0."
             )
         loss = causal_lm_loss(ce_sum, labels, kwargs.get("num_items_in_batch"))
+        aux_loss = output.get("aux_loss")
+        if torch.is_tensor(aux_loss):  # the model adds its router loss only with labels, which were held back
+            loss = loss + aux_loss_coefficient(model) * aux_loss.to(loss.device)
         fields = {k: v for k, v in output.items() if k not in ("loss", "logits")}
         return type(output)(loss=loss, **fields)
 

@@ -20,6 +20,9 @@ group (`gather_sequence`, whose backward keeps this rank's slice) and every rank
 graph of rank r reaches L_g only through its own tokens, so it back-propagates ℓ_r = c·L_g (`loss_scale(mesh,
 across_dp=False)` when L_g carries no dp factor): grad = 1/(c·d) Σ_g Σ_{r∈g} c·∇_r L_g = (1/d) Σ_g ∇L_g. The value
 reported for logging is ℓ_r / c = L_g.
+
+An MoE model's router load-balancing loss, a function of sums over the whole row, enters both forms as
+`router_loss.py` derives: a shard's share of it in the token sum, the whole row's in a replicated loss.
 """
 
 from __future__ import annotations

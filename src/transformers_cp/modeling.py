@@ -32,6 +32,7 @@ from .mixing import attention_sinks, foreign_layer_types, sequence_mixers, spars
 from .plan import Documents
 from .recompute import checkpointable_layers, is_checkpointed
 from .rope import depends_on_sequence, follow_row_positions
+from .router_loss import check_router_loss, install_router_loss, remove_router_loss
 from .sharding import BATCH_PROBLEM, ROW_CHECKSUM, document_bounds, gather_sequence
 
 ATTENTION_NAME = "context_parallel"
@@ -504,6 +505,7 @@ def check_model(model: torch.nn.Module, config: ContextParallelConfig) -> None:
         check_heads(heads, config.ulysses_degree)
     if config.mode == "odysseus":
         odysseus.check_model(model, config.size)
+    check_router_loss(model)
     if config.mode == "llama3" and kv_heads is not None and kv_heads % config.kv_stride(kv_heads):
         raise ValueError(
             f"context_parallel_heads_k_stride={config.heads_k_stride} must divide the model's {kv_heads} key/value "
@@ -545,6 +547,7 @@ def apply_context_parallel(
         state.rotary = odysseus.install(model, mesh)
     state.hooks.append(model.register_forward_pre_hook(_pre_forward_hook(state), with_kwargs=True))
     state.hooks.extend(follow_row_positions(model, lambda: state.row_max_position))
+    state.hooks.extend(install_router_loss(model, mesh))  # after the hook above: the row's MoE aux loss
     return model
 
 
@@ -556,6 +559,7 @@ def remove_context_parallel(model: torch.nn.Module) -> torch.nn.Module:
     for hook in state.hooks:
         hook.remove()
     odysseus.uninstall(model)
+    remove_router_loss(model)
     for module in model.modules():
         if getattr(module, _STATE_ATTR, None) is state:
             delattr(module, _STATE_ATTR)

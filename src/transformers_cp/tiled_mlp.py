@@ -14,6 +14,12 @@ caller's single `mlp(x)` fires them once in forward. Engines that gather paramet
 (FSDP2 on the decoder layer, the usual unit) have them gathered for the whole layer in forward and again for its
 backward, which is when the tiles recompute. Parameters partitioned per submodule by DeepSpeed ZeRO-3 are rejected
 with a clear error: their gathering hooks would not run for the recomputation.
+
+Submodules inside the MLP that transformers' output recorders watch (the router of an MoE block, whose logits the
+model's load-balancing loss reads) would record once per tile, and without gradient inside the autograd Function. So
+the tiles run under a private collector; what they record is joined over the tiles into one tensor per call, returned
+by the Function as extra outputs (backward takes their gradients into each tile's recomputation), and recorded once
+in the model's outputs, as without tiling: the aux loss sees the same values and trains the router the same way.
 """
 
 from __future__ import annotations
@@ -30,44 +36,132 @@ def _tiles(length: int, tile: int) -> list[tuple[int, int]]:
     return [(start, min(start + tile, length)) for start in range(0, length, tile)]
 
 
-def _forward_tiles(forward, x: torch.Tensor, tile: int) -> torch.Tensor:
-    """forward over x's sequence tiles, filled into one output: never the tiles and their concatenation at once."""
-    out = None
-    for start, end in _tiles(x.shape[1], tile):
-        part = forward(x[:, start:end])
+def _collector():
+    """transformers' active output collector (the lists its output recorders append to in this forward), or None."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # a transformers without output recorders records nothing inside the MLP
+        return None
+    return _active_collector
+
+
+def _join(parts: list[torch.Tensor], batch: int, lengths: list[int]) -> torch.Tensor:
+    """One recorded output of the whole sequence from the tiles' (B, t, ...) or flattened (B·t, ...) ones."""
+    first = parts[0]
+    if first.dim() >= 2 and tuple(first.shape[:2]) == (batch, lengths[0]):
+        return torch.cat(parts, dim=1)
+    if first.shape[0] == batch * lengths[0]:
+        joined = torch.cat([p.reshape(batch, n, *p.shape[1:]) for p, n in zip(parts, lengths)], dim=1)
+        return joined.reshape(batch * sum(lengths), *first.shape[1:])
+    raise ValueError(
+        f"context_parallel_mlp_tile_size: the MLP records an output of shape {tuple(first.shape)} (an output recorder "
+        "of the model, e.g. router logits) that does not follow its tokens, so its tiles cannot be joined; set "
+        "context_parallel_mlp_tile_size=0."
+    )
+
+
+def _split(whole: torch.Tensor, like: torch.Tensor, batch: int, seq: int, start: int, end: int) -> torch.Tensor:
+    """Inverse of `_join` for the tile [start, end): its part of a whole-sequence recorded output."""
+    if like.dim() >= 2 and tuple(like.shape[:2]) == (batch, end - start):
+        return whole[:, start:end]
+    return whole.reshape(batch, seq, *whole.shape[1:])[:, start:end].reshape(like.shape)
+
+
+class _Recording:
+    """Runs a forward under a private collector with the keys of the active one: what the model's output recorders
+    record inside the MLP (router logits of MoE blocks) is kept per call instead of going to the model's outputs."""
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self.keys = keys
+        self.order: list[str] = []  # the key of each output recorded in a tile, in recording order
+
+    def __call__(self, forward, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if not self.keys:
+            return forward(x), []
+        collector = _collector()
+        private = {key: [] for key in self.keys}
+        token = collector.set(private)
+        try:
+            out = forward(x)
+        finally:
+            collector.reset(token)
+        order = [key for key in self.keys for _ in private[key]]
+        if self.order and order != self.order:
+            raise ValueError(
+                "context_parallel_mlp_tile_size: the MLP records different outputs in different tiles; set "
+                "context_parallel_mlp_tile_size=0."
+            )
+        self.order = order
+        return out, [t for key in self.keys for t in private[key]]
+
+
+def _recording() -> _Recording:
+    collector = _collector()
+    active = collector.get() if collector is not None else None
+    return _Recording(tuple(k for k, v in (active or {}).items() if isinstance(v, list)))
+
+
+def _forward_tiles(forward, x: torch.Tensor, tile: int, record: _Recording) -> tuple[torch.Tensor, list]:
+    """forward over x's sequence tiles, filled into one output (never the tiles and their concatenation at once), and
+    each recorded output joined over the tiles."""
+    out, recorded = None, []
+    spans = _tiles(x.shape[1], tile)
+    for start, end in spans:
+        part, parts = record(forward, x[:, start:end])
         if out is None:
             out = part.new_empty(part.shape[0], x.shape[1], *part.shape[2:])
+            recorded = [[] for _ in parts]
         out[:, start:end] = part
-    return out
+        for i, p in enumerate(parts):
+            recorded[i].append(p)
+    lengths = [end - start for start, end in spans]
+    return out, [_join(parts, x.shape[0], lengths) for parts in recorded]
 
 
 class TiledMLPFunction(torch.autograd.Function):
-    """out = cat_t forward(x[:, t]); backward recomputes each tile and returns the parameters' summed gradients."""
+    """out = cat_t forward(x[:, t]), and the outputs the model records inside the MLP (router logits) joined over the
+    tiles; backward recomputes each tile and returns the parameters' summed gradients."""
 
     @staticmethod
-    def forward(ctx, forward, tile: int, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-        ctx.forward, ctx.tile = forward, tile
+    def forward(ctx, forward, tile: int, record: _Recording, x: torch.Tensor, *params: torch.Tensor):
+        ctx.forward, ctx.tile, ctx.record = forward, tile, record
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, *params)
-        return _forward_tiles(forward, x, tile)
+        out, recorded = _forward_tiles(forward, x, tile, record)
+        ctx.mark_non_differentiable(*[t for t in recorded if not t.is_floating_point()])
+        return (out, *recorded)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, grad_out: torch.Tensor | None, *grad_recorded: torch.Tensor | None):
         x, *params = ctx.saved_tensors
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[2] else None
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[3] else None
         sums: list[torch.Tensor | None] = [None] * len(params)
-        for start, end in _tiles(x.shape[1], ctx.tile):
+        batch, seq = x.shape[0], x.shape[1]
+        for start, end in _tiles(seq, ctx.tile):
             with torch.enable_grad():
                 x_tile = x[:, start:end].detach().requires_grad_(grad_x is not None)
-                out = ctx.forward(x_tile)
+                out, parts = ctx.record(ctx.forward, x_tile)
+            outputs, grads_in = [], []
+            if grad_out is not None:
+                outputs.append(out)
+                grads_in.append(grad_out[:, start:end])
+            for part, grad in zip(parts, grad_recorded):
+                if grad is not None and part.requires_grad:
+                    outputs.append(part)
+                    grads_in.append(_split(grad, part, batch, seq, start, end))
             inputs = ([x_tile] if grad_x is not None else []) + params
-            grads = list(torch.autograd.grad(out, inputs, grad_out[:, start:end], allow_unused=True))
+            if outputs:
+                grads = list(torch.autograd.grad(outputs, inputs, grads_in, allow_unused=True))
+            else:
+                grads = [None] * len(inputs)
             if grad_x is not None:
-                grad_x[:, start:end] = grads.pop(0)
+                grad = grads.pop(0)
+                grad_x[:, start:end] = 0 if grad is None else grad
             for i, grad in enumerate(grads):
                 if grad is not None:
                     sums[i] = grad.float() if sums[i] is None else sums[i].add_(grad)
         grad_params = [None if s is None else s.to(p.dtype) for s, p in zip(sums, params)]
-        return (None, None, grad_x, *grad_params)
+        return (None, None, None, grad_x, *grad_params)
 
 
 def _tiled_forward(mlp: torch.nn.Module, forward, tile_size: int | None):
@@ -76,15 +170,23 @@ def _tiled_forward(mlp: torch.nn.Module, forward, tile_size: int | None):
         tile = tile_size if tile_size is not None else (AUTO_TILE_TOKENS if tokens > AUTO_MIN_TOKENS else 0)
         if args or kwargs or not tile or tokens <= tile:
             return forward(x, *args, **kwargs)
+        record = _recording()
         if not torch.is_grad_enabled():  # e.g. the first forward of reentrant checkpointing: tiles, no backward
-            return _forward_tiles(forward, x, tile)
-        params = [p for p in mlp.parameters() if p.requires_grad]
-        if any(hasattr(p, "ds_id") for p in params):
-            raise ValueError(
-                "context_parallel_mlp_tile_size: the MLP's parameters are partitioned by DeepSpeed ZeRO-3, whose "
-                "gathering hooks do not run for a tile's recomputation; set context_parallel_mlp_tile_size=0."
-            )
-        return TiledMLPFunction.apply(forward, tile, x, *params)
+            out, recorded = _forward_tiles(forward, x, tile, record)
+        else:
+            params = [p for p in mlp.parameters() if p.requires_grad]
+            if any(hasattr(p, "ds_id") for p in params):
+                raise ValueError(
+                    "context_parallel_mlp_tile_size: the MLP's parameters are partitioned by DeepSpeed ZeRO-3, whose "
+                    "gathering hooks do not run for a tile's recomputation; set context_parallel_mlp_tile_size=0."
+                )
+            out, *recorded = TiledMLPFunction.apply(forward, tile, record, x, *params)
+        # Recorded once per MLP call, over the whole sequence, with the gradient path through the Function.
+        if recorded:
+            active = _collector().get()
+            for key, tensor in zip(record.order, recorded):
+                active[key].append(tensor)
+        return out
 
     return tiled
 

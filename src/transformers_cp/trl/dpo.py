@@ -11,6 +11,10 @@ DDP averages gradients over all c·d ranks, so rank r back-propagates ℓ_r = c�
 TRL's loss is a mean over this rank's pairs, with no factor for the dp ranks): the gradient is
 1/(c·d) Σ_g Σ_{r∈g} c·∇_r L_g = (1/d) Σ_g ∇L_g, the one of the run without CP on d ranks. Metrics that TRL gathers
 over processes are gathered over the dp ranks only, since the CP ranks of a group hold the same values.
+
+An MoE policy's router load-balancing loss (TRL adds `router_aux_loss_coef · aux_loss`) is part of L_g: the model
+returns the whole row's A_g on every CP rank, its gradient through this rank's tokens (`router_loss.py`), over the
+real tokens of the 2B sequences, which is what the stock model computes from the padded batch and its attention mask.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import trl
 
 from ..loss import loss_scale
 from ..modeling import apply_context_parallel
+from ..router_loss import check_router_loss, replicate_router_loss
 from ..sampler import shard_dataloader_over_dp
 from ..trainer import ContextParallelTrainerMixin
 from .padded_rows import shard_padded_rows
@@ -32,15 +37,14 @@ class DPOTrainer(ContextParallelTrainerMixin, trl.DPOTrainer):
     logits_needed_for_loss = True  # per-token log-probs come from the logits
 
     def _check_context_parallel_trainer(self) -> None:
-        if getattr(self, "aux_loss_enabled", False):
-            raise ValueError(
-                "the MoE router auxiliary loss is not supported with context_parallel_size > 1; set "
-                "router_aux_loss_coef=0.0 in DPOConfig."
-            )
+        # TRL turns the router logits on per call and takes its own coefficient: check the model's aux loss with them.
+        enabled = getattr(self, "aux_loss_enabled", False)
+        check_router_loss(self.model, coef=getattr(self, "router_aux_loss_coef", 0.0), enabled=enabled)
 
     def _setup_context_parallel_data(self) -> None:
         pad_token_id = self._tokenizer.pad_token_id or 0
         shard_padded_rows(self.model, self.cp_mesh, pad_token_id)
+        replicate_router_loss(self.model)  # TRL adds coef · aux_loss to the replicated loss L_g
         if self.ref_model is not None:
             ref_model = self.accelerator.unwrap_model(self.ref_model)
             apply_context_parallel(ref_model, self.cp_mesh.config, mesh=self.cp_mesh)

@@ -9,7 +9,8 @@ model is wrapped so that such a call
   2. gathers each per-token output over the CP group (`gather_sequence`, differentiable) and puts it back in the
      padded (2B, L-1) layout, zero where there is no target, as TRL's fused head returns it without CP.
 Every CP rank then holds the group's full per-sequence quantities, so any loss TRL builds from them (sums, token
-counts, length normalisation, sorting across pairs) and every metric is the one of a run without CP. `loss.py` says
+counts, length normalisation, sorting across pairs) and every metric is the one of a run without CP. An MoE model's
+`aux_loss` passes through: it is already the whole row's (`router_loss.replicate_router_loss`). `loss.py` says
 how the gradient of such a replicated loss is scaled.
 """
 
@@ -99,10 +100,6 @@ def _unpack(state: _PaddedRowsState):
             if name in _PER_TOKEN_OUTPUTS and value is not None:
                 row = gather_sequence(value, state.mesh, dim=1)[0, : int(mask.sum())]
                 fields[name] = value.new_zeros(mask.shape).masked_scatter(mask, row)[:, :-1]
-            elif name == "aux_loss" and value is not None:
-                raise ValueError(
-                    "the MoE auxiliary loss of a sequence shard is not supported under context parallelism"
-                )
             elif name != "loss":  # the fused head's loss is the shard's token mean, which TRL's DPO does not read
                 fields[name] = value
         return type(output)(**fields)
