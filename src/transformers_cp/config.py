@@ -179,8 +179,8 @@ class ContextParallelConfig:
         if self.mode == "hybrid":
             if self.ulysses_size is None:
                 raise ContextParallelConfigError(
-                    "context_parallel_mode='hybrid' without context_parallel_ulysses_size takes the Ulysses degree from "
-                    "the model's attention heads: pass the model (apply_context_parallel(model, config), or the "
+                    "context_parallel_mode='hybrid' without context_parallel_ulysses_size takes the Ulysses degree "
+                    "from the model's attention heads: pass the model (apply_context_parallel(model, config), or the "
                     "Trainer) or set context_parallel_ulysses_size."
                 )
             return self.ulysses_size

@@ -3,8 +3,9 @@
 The model's attention is switched to the registered implementation `"context_parallel"` (with a mask function that
 builds no dense mask), whatever it was loaded with, so no flash-attn is needed. The CP settings live on the model's
 modules, and the model gets its own copy of its config (transformers reads the attention implementation from the
-config, which models made from one config object share), so two models in one process keep their own. A forward pre-hook turns the batch's document boundaries into a
-`Documents` object once per forward (every layer reuses it) and rejects inputs CP cannot honour.
+config, which models made from one config object share), so two models in one process keep their own. A forward
+pre-hook turns the batch's document boundaries into a `Documents` object once per forward (every layer reuses it) and
+rejects inputs CP cannot honour.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ class ContextParallelTrainerMixin:
     """
 
     cp_mesh: ContextParallelMesh | None = None
+    _context_parallel_set_up: bool = False
     # The chunked LM-head loss returns no logits; trainers that score the logits themselves (TRL's) turn it off.
     logits_needed_for_loss: bool = False
 
@@ -60,8 +61,9 @@ class ContextParallelTrainerMixin:
 
     def _setup_context_parallel(self) -> None:
         """Build the mesh and apply CP to the model, once (a subclass may need it before its own `__init__` ends)."""
-        if self.cp_mesh is not None:
+        if self._context_parallel_set_up:
             return
+        self._context_parallel_set_up = True
         self._warn_fsdp_without_fsdp()
         if dist.is_initialized():
             settle_gloo_workers_at_exit()
@@ -91,9 +93,9 @@ class ContextParallelTrainerMixin:
         self._log_context_parallel_setup()
 
     def _warn_fsdp_without_fsdp(self) -> None:
-        """accelerate builds FSDP only for accelerator devices: CPU processes asked for FSDP train with DDP (one process:
-        unsharded). A warning, not an error: DDP averages the same gradients over the same processes as FSDP, so losses
-        and weights are those FSDP gives (up to reduction order); only each process's memory differs."""
+        """accelerate builds FSDP only for accelerator devices: CPU processes asked for FSDP train with DDP (one
+        process: unsharded). A warning, not an error: DDP averages the same gradients over the same processes as FSDP,
+        so losses and weights are those FSDP gives (up to reduction order); only each process's memory differs."""
         requested = bool(self.args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
         if not requested or self.is_fsdp_enabled or self.args.device.type != "cpu" or self.args.process_index != 0:
             return
@@ -128,7 +130,8 @@ class ContextParallelTrainerMixin:
             lines = [
                 f"mode {config.mode} on the {config.layout} layout",
                 f"{layout} over {self.args.world_size} processes",
-                f"attention kernel '{kernel}' (context_parallel_backend={config.backend}, {dtype}, head size {head_dim})",
+                f"attention kernel '{kernel}' (context_parallel_backend={config.backend}, {dtype}, "
+                f"head size {head_dim})",
             ]
         lines.append(f"memory savings: {', '.join(self._memory_savings_on(model))}")
         logger.info("Context parallelism: " + "; ".join(lines))
