@@ -145,15 +145,9 @@ def record_to_example(record: dict, tokenizer, where: str) -> dict:
 
 
 def check_engine(args: transformers.TrainingArguments) -> None:
-    """Refuse `--fsdp` on CPU: accelerate enables FSDP only on accelerator devices and would train the CPU processes
-    under DDP instead, with every parameter on every process. For ZeRO-3, start DeepSpeed's communication layer
-    before the model is built: transformers builds it inside `deepspeed.zero.Init`, which reads the world size from
-    that layer, and accelerate starts it only for accelerator processes (on CPU zero.Init would see one process)."""
-    if args.fsdp and args.device.type == "cpu":
-        raise ValueError(
-            "--fsdp needs GPUs: on CPU accelerate runs the processes under DDP (every parameter on every process). "
-            "Drop --fsdp to train with DDP on CPU (the same results), or run on GPUs."
-        )
+    """For ZeRO-3, start DeepSpeed's communication layer before the model is built: transformers builds it inside
+    `deepspeed.zero.Init`, which reads the world size from that layer, and accelerate starts it only for accelerator
+    processes (on CPU zero.Init would see one process). (`--fsdp` on CPU: the Trainer warns that it runs DDP.)"""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():

@@ -47,9 +47,6 @@ CONFIG_CASES = [
     pytest.param(dict(mode="llama3", heads_k_stride=0), 1, ["context_parallel_heads_k_stride"], id="stride-zero"),
     pytest.param(dict(mode="llama3", heads_k_stride=1.5), 1, ["context_parallel_heads_k_stride"], id="stride-float"),
     pytest.param(
-        dict(mode="hybrid", size=4), 4, ["context_parallel_ulysses_size", "Ulysses degree"], id="hybrid-no-degree"
-    ),
-    pytest.param(
         dict(mode="hybrid", size=4, ulysses_size=3), 4, ["ulysses_size=3", "divisor of 4"], id="hybrid-indivisible"
     ),
     pytest.param(dict(mode="hybrid", size=2, ulysses_size=4), 2, ["ulysses_size=4", "divide"], id="hybrid-too-large"),
@@ -87,8 +84,6 @@ def test_config(kwargs, world, words):
 
 
 ARGUMENT_CASES = [
-    pytest.param(dict(context_parallel_size=3), "4", ["context_parallel_size=3", "processes (4)"], id="size-vs-world"),
-    pytest.param(dict(context_parallel_size=2), None, ["context_parallel_size=2", "torchrun"], id="no-launcher"),
     pytest.param(
         dict(label_smoothing_factor=0.1), "2", ["label_smoothing_factor=0.1", "set it to 0"], id="label-smoothing"
     ),
@@ -104,10 +99,7 @@ ARGUMENT_CASES = [
 
 @pytest.mark.parametrize("kwargs,world,words", ARGUMENT_CASES)
 def test_training_arguments(tmp_path, monkeypatch, kwargs, world, words):
-    if world is None:
-        monkeypatch.delenv("WORLD_SIZE", raising=False)
-    else:
-        monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("WORLD_SIZE", world)
     if kwargs.get("parallelism_config") == "cp":
         from accelerate import ParallelismConfig
 

@@ -1,6 +1,6 @@
 """examples/train.py, the README's main job: resume from the newest complete checkpoint continues at the saved step
 with the uninterrupted run's losses and weights; text records train as their token ids; the tokenizer is saved with
-the model; empty or malformed data, `--fsdp` on CPU and a resume without checkpoints are clear errors; ZeRO-3 builds
+the model; empty or malformed data and a resume without checkpoints are clear errors; ZeRO-3 builds
 the model inside `zero.Init` over the whole job (2 gloo processes, CP=2)."""
 
 from __future__ import annotations
@@ -99,8 +99,6 @@ def test_bad_data_names_the_file_and_the_fix(tmp_path, lines, tokenizer, message
 
 def test_settings_refused_before_training(tmp_path):
     train = example()
-    with pytest.raises(ValueError, match="--fsdp needs GPUs: on CPU accelerate runs the processes under DDP"):
-        train.main(["--output_dir", str(tmp_path), "--fsdp", *TINY])
     with pytest.raises(ValueError, match=r"--resume_from_checkpoint last: .* holds no complete checkpoint-<step>"):
         train.main(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "last", *TINY])
     path = write_jsonl(str(tmp_path / "one.jsonl"), [{"input_ids": [1, 2, 3]}])

@@ -58,7 +58,6 @@ def test_length_must_be_a_multiple():
         (dict(mode="ringo"), "context_parallel_mode"),
         (dict(backend="cuda"), "context_parallel_backend"),
         (dict(heads_k_stride=0), "context_parallel_heads_k_stride"),
-        (dict(mode="hybrid"), "context_parallel_ulysses_size"),
         (dict(mode="hybrid", size=4, ulysses_size=3), "context_parallel_ulysses_size"),
         (dict(mode="zigzag", ulysses_size=2), "context_parallel_ulysses_size"),
     ],
@@ -81,3 +80,29 @@ def test_degrees():
     assert (cfg.ring_size, cfg.ulysses_degree, cfg.layout) == (1, 4, "contiguous")
     assert ContextParallelConfig(mode="llama3").kv_stride(8) == 4
     assert ContextParallelConfig(mode="llama3", heads_k_stride=2).kv_stride(8) == 2
+
+
+@pytest.mark.parametrize(
+    "size, heads, per_node, degree",
+    [
+        (4, 4, None, 4),  # all of the CP group when the heads allow it
+        (4, 4, 2, 2),  # ... but a Ulysses group stays inside a node of 2 processes
+        (8, 12, 8, 4),  # the largest divisor of both the size and the heads
+        (4, 6, 8, 2),
+        (8, 28, 8, 4),  # Qwen2.5-7B's 28 query heads (4 KV heads) on 8 CP ranks
+        (4, 3, 4, 1),  # no common divisor: Ulysses 1, a zigzag ring of 4
+        (16, 16, 8, 8),  # CP over two nodes of 8: Ulysses within a node, ring across
+        (6, 12, 4, 2),  # 6 CP ranks on nodes of 4: a Ulysses group of 3 or 6 would cross a node boundary
+    ],
+)
+def test_hybrid_ulysses_degree_is_chosen(size, heads, per_node, degree):
+    config = ContextParallelConfig(size=size, mode="hybrid").with_auto_ulysses_size(heads, per_node)
+    assert (config.ulysses_degree, config.ring_size) == (degree, size // degree)
+    given = ContextParallelConfig(size=size, mode="hybrid", ulysses_size=1)
+    assert given.with_auto_ulysses_size(heads, per_node) is given  # a degree the user set is kept
+
+
+def test_hybrid_without_a_degree_needs_the_model():
+    config = ContextParallelConfig(size=4, mode="hybrid")  # valid: the degree is chosen once the model is known
+    with pytest.raises(ContextParallelConfigError, match="takes the Ulysses degree from the model's attention heads"):
+        Layout.from_config(config)

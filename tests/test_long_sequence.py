@@ -43,6 +43,7 @@ from transformers_cp.memory import apply_memory_savings
 from transformers_cp.offload import activation_offloader, apply_activation_offload
 from transformers_cp.recompute import apply_partial_recompute, remove_partial_recompute
 from transformers_cp.tiled_mlp import apply_tiled_mlp
+from transformers_cp.training_args import CHECKPOINTING_FLAG
 
 # Small chunks and tiles so that every row spans several of them, with ragged last ones.
 SAVINGS = dict(context_parallel_loss_chunk_size=7, context_parallel_mlp_tile_size=5)
@@ -247,7 +248,7 @@ def test_settings_are_validated(tmp_path):
         ContextParallelConfig(offload_activations="yes")
     with pytest.raises(ContextParallelConfigError, match="context_parallel_offload_activations=True"):
         ContextParallelConfig(offload_attention_outputs=True)
-    with pytest.raises(ContextParallelConfigError, match="gradient_checkpointing=True"):
+    with pytest.raises(ContextParallelConfigError, match=f"{CHECKPOINTING_FLAG}=True"):
         TrainingArguments(output_dir=str(tmp_path), context_parallel_offload_activations=True, use_cpu=True)
     args = TrainingArguments(
         output_dir=str(tmp_path), use_cpu=True, context_parallel_mlp_tile_size=0, context_parallel_recompute_layers=0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,7 +14,12 @@ from trainer_cases import VOCAB, tiny_config
 
 from transformers_cp import ContextParallelConfig
 from transformers_cp.mesh import build_mesh
-from transformers_cp.modeling import ATTENTION_NAME, apply_context_parallel, remove_context_parallel
+from transformers_cp.modeling import (
+    ATTENTION_NAME,
+    apply_context_parallel,
+    context_parallel_mesh,
+    remove_context_parallel,
+)
 
 SEQ = 48
 DOC_LENGTHS = [5, 1, 22, 11, 9]
@@ -47,8 +54,12 @@ def _reference_and_cp_model(world, family, mode, ulysses_size):
     _loss(ref_logits, targets).backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    mesh = build_mesh(ContextParallelConfig(size=world, mode=mode, ulysses_size=ulysses_size), "cpu")
-    apply_context_parallel(model, mesh.config, mesh=mesh)
+    config = ContextParallelConfig(size=world, mode=mode, ulysses_size=ulysses_size)
+    if mode == "hybrid" and ulysses_size is None:  # the degree is chosen from the model, which builds the mesh
+        mesh = context_parallel_mesh(apply_context_parallel(model, config))
+    else:
+        mesh = build_mesh(config, "cpu")
+        apply_context_parallel(model, mesh.config, mesh=mesh)
     shard = lambda t: mesh.layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
     inputs = dict(input_ids=shard(input_ids), position_ids=shard(position_ids))
     return model, mesh, shard, inputs, shard(targets), ref_logits.detach(), ref_grads
@@ -92,8 +103,64 @@ def test_values_of_another_head_size(mode):
     run_distributed(_worker, 2, "deepseek_v3", mode, None)
 
 
+# hybrid without a Ulysses degree on 4 ranks: (family, processes per node, the degree chosen). qwen2: 4 query heads over
+# 1 KV head (replicated), llama_gqa_bias: 6 query heads over 3 KV heads, llama: 4 heads.
+AUTO_HYBRID = [("qwen2", "2", 2), ("llama_gqa_bias", "4", 2), ("llama", "4", 4)]
+
+
+def _hybrid_worker(rank, world):
+    _worker(rank, world, "qwen2", "hybrid", 2)
+    for family, per_node, degree in AUTO_HYBRID:
+        os.environ["LOCAL_WORLD_SIZE"] = per_node  # as torchrun sets it on nodes of that many processes
+        model, mesh, shard, inputs, targets, ref_logits, ref_grads = _reference_and_cp_model(
+            world, family, "hybrid", None
+        )
+        assert (mesh.config.ulysses_size, mesh.layout.ulysses, mesh.layout.ring) == (degree, degree, world // degree)
+        logits = model(**inputs).logits
+        assert_close(logits, shard(ref_logits), 1e-5, f"{family} auto hybrid logits")
+        _loss(logits, targets).backward()
+        _assert_grads(model, mesh, ref_grads, f"{family} auto hybrid")
+
+
 def test_model_hybrid_four_ranks():
-    run_distributed(_worker, 4, "qwen2", "hybrid", 2)
+    """hybrid with a given Ulysses degree, and without one: the largest that divides the CP size and the heads and
+    stays within a node is chosen from the model."""
+    run_distributed(_hybrid_worker, 4)
+
+
+def _shared_config_worker(rank, world):
+    """Models made from one config object share it (transformers does not copy it); CP applied to one leaves the others
+    on their own attention, and removing it gives the model its config back."""
+    input_ids = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    full = dict(input_ids=input_ids, position_ids=_position_ids())
+    for family in ("llama", "qwen3"):
+        config = tiny_config(family)
+        config.use_cache = False
+        torch.manual_seed(0)
+        cp_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        other = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        assert cp_model.config is other.config is config
+        with torch.no_grad():
+            cp_before, other_before = cp_model(**full).logits, other(**full).logits
+        mesh = build_mesh(ContextParallelConfig(size=world, mode="zigzag"), "cpu")
+        apply_context_parallel(cp_model, mesh.config, mesh=mesh)
+        assert config._attn_implementation == other.config._attn_implementation == "sdpa"
+        assert cp_model.config._attn_implementation == ATTENTION_NAME
+        shards = {k: mesh.layout.shard(v, mesh.cp_rank, dim=1) for k, v in full.items()}
+        with torch.no_grad():
+            other_after = other(**full).logits  # raised before: the shared config named the CP attention
+            cp_after = cp_model(**shards).logits
+        assert torch.equal(other_after, other_before), f"{family}: the other model changed"
+        assert_close(cp_after, mesh.layout.shard(cp_before, mesh.cp_rank, dim=1), 1e-5, f"{family} CP model logits")
+        remove_context_parallel(cp_model)
+        holders = [m for m in cp_model.modules() if isinstance(vars(m).get("config"), transformers.PretrainedConfig)]
+        assert len(holders) > 2 and all(m.config is config for m in holders), f"{family}: config not given back"
+        with torch.no_grad():
+            assert torch.equal(cp_model(**full).logits, cp_before), f"{family}: after remove"
+
+
+def test_models_sharing_a_config_keep_their_own_attention():
+    run_distributed(_shared_config_worker, 2)
 
 
 def _count_kernel_calls():

@@ -13,8 +13,11 @@ several (family, mode) cases so that processes start once. Combinations (family,
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -27,9 +30,11 @@ from trainer_cases import (
     arguments,
     assert_same_run,
     build_model,
+    cp_trainer,
     run_cp,
     run_stock,
     sft_dataset,
+    train_and_record,
 )
 
 import transformers_cp
@@ -87,7 +92,7 @@ def references(tmp_path_factory) -> str:
     return out_dir
 
 
-def _cp_worker(rank, world, ref_dir, cases):
+def _cp_worker(rank, world, ref_dir, cases, checks=()):
     for size, family, mode, ulysses_size in cases:
         dp = world // size
         average_tokens = _average_tokens(family, dp)
@@ -96,14 +101,71 @@ def _cp_worker(rank, world, ref_dir, cases):
         result = run_cp(family, size, mode, ulysses_size, predict, average_tokens_across_devices=average_tokens)
         expected = torch.load(os.path.join(ref_dir, f"dp{dp}_{family}.pt"))
         assert_same_run(result, expected, name, dp_rank=rank // size if dp > 1 else None)
+    for check in checks:  # in the same processes
+        check(rank, world, ref_dir)
+
+
+@contextlib.contextmanager
+def _library_logs() -> Iterator[list[str]]:
+    """The messages transformers_cp logs (through transformers' logging, at INFO) while open."""
+    logger = logging.getLogger("transformers.transformers_cp")
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _size_beyond_the_job(rank, world, ref_dir):
+    """Arguments for 4 CP ranks build on 2 processes; the Trainer raises on every rank, before any group is made."""
+    args = transformers_cp.TrainingArguments(**arguments(context_parallel_size=2 * world))
+    with pytest.raises(transformers_cp.ContextParallelConfigError) as error:
+        CPTrainer(model=build_model("llama", reference=False), args=args, train_dataset=sft_dataset(4, 0))
+    assert f"context_parallel_size={2 * world} must divide the number of processes ({world})" in str(error.value)
+
+
+def _fsdp_on_cpu(rank, world, ref_dir):
+    """fsdp on CPU processes trains with DDP, says so, and gives the run without CP (and without FSDP)."""
+    with _library_logs() as messages:
+        trainer = cp_trainer("llama", world, "zigzag", fsdp=True)
+    assert not trainer.is_fsdp_enabled
+    warned = [m for m in messages if "fsdp is set" in m and "trains with DDP" in m]
+    setup = [m for m in messages if m.startswith("Context parallelism:")]
+    assert (len(warned), len(setup)) == ((1, 1) if rank == 0 else (0, 0)), messages  # once, on the main process
+    if setup:
+        for words in ("mode zigzag", f"{world} CP ranks × 1 data-parallel", "attention kernel 'math'", "chunked LM"):
+            assert words in setup[0], setup[0]
+    expected = torch.load(os.path.join(ref_dir, "dp1_llama.pt"))
+    assert_same_run(train_and_record(trainer), expected, f"fsdp on CPU rank {rank}")
+
+
+def _auto_hybrid(rank, world, ref_dir):
+    """hybrid without a Ulysses degree on nodes of 2 processes: Ulysses 2 × ring 2, chosen from the model, logged."""
+    os.environ["LOCAL_WORLD_SIZE"] = "2"  # as torchrun sets it on nodes of 2 processes
+    with _library_logs() as messages:
+        trainer = cp_trainer("llama", world, "hybrid")
+    assert (trainer.cp_mesh.layout.ulysses, trainer.cp_mesh.layout.ring) == (2, 2)
+    if rank == 0:
+        assert any("Ulysses degree 2 × ring degree 2" in m for m in messages), messages
+        assert any("(Ulysses 2 × ring 2)" in m for m in messages if m.startswith("Context parallelism:")), messages
+    else:
+        assert not messages, messages
+    expected = torch.load(os.path.join(ref_dir, "dp1_llama.pt"))
+    assert_same_run(train_and_record(trainer), expected, f"auto hybrid rank {rank}")
 
 
 def test_cp2_dp1_every_family_and_mode(references):
-    run_distributed(_cp_worker, 2, references, CP2_DP1)
+    run_distributed(_cp_worker, 2, references, CP2_DP1, (_size_beyond_the_job, _fsdp_on_cpu))
 
 
 def test_cp4_dp1_and_cp2_dp2(references):
-    run_distributed(_cp_worker, 4, references, CP4_DP1 + CP2_DP2)
+    run_distributed(_cp_worker, 4, references, CP4_DP1 + CP2_DP2, (_auto_hybrid,))
 
 
 def test_cp4_dp2(references):
@@ -189,6 +251,4 @@ def test_size_one_is_the_stock_trainer():
         eval_dataset=sft_dataset(7, 1),
     )
     assert trainer.cp_mesh is None and isinstance(trainer.data_collator, transformers.DataCollatorWithFlattening)
-    from trainer_cases import train_and_record
-
     assert_same_run(train_and_record(trainer), run_stock("llama"), "size 1")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import transformers
+from trainer_cases import sft_dataset, tiny_config
 
-from transformers_cp import ContextParallelConfig, ContextParallelConfigError, TrainingArguments
+from transformers_cp import ContextParallelConfig, ContextParallelConfigError, Trainer, TrainingArguments
+from transformers_cp.training_args import CHECKPOINTING_FLAG
 
 FLAGS = [
     "--context_parallel_size",
@@ -70,9 +73,8 @@ def test_defaults_turn_context_parallelism_off(tmp_path):
     "settings,words",
     [
         (dict(context_parallel_size=0), ["context_parallel_size", ">= 1"]),
-        (dict(context_parallel_size=3), ["context_parallel_size=3", "divide", "processes (4)"]),
         (dict(context_parallel_size=2, context_parallel_mode="rings"), ["context_parallel_mode='rings'", "zigzag"]),
-        (dict(context_parallel_size=2, context_parallel_mode="hybrid"), ["context_parallel_ulysses_size"]),
+        (dict(context_parallel_size=4, context_parallel_mode="hybrid", context_parallel_ulysses_size=3), ["divisor"]),
         (dict(context_parallel_size=4, context_parallel_ulysses_size=2), ["only used with", "hybrid"]),
         (dict(context_parallel_size=2, context_parallel_backend="cuda"), ["context_parallel_backend='cuda'"]),
         (dict(context_parallel_size=2, context_parallel_heads_k_stride=0), ["context_parallel_heads_k_stride"]),
@@ -86,10 +88,33 @@ def test_bad_settings_raise_clear_errors(tmp_path, monkeypatch, settings, words)
         assert word in str(error.value)
 
 
-def test_size_without_a_launcher_says_how_to_launch(tmp_path, monkeypatch):
+def test_arguments_are_made_and_saved_in_one_process_the_trainer_checks_the_size(tmp_path, monkeypatch):
+    """Arguments for a larger job build, save and load in a single process (a login node, a notebook); the Trainer
+    built from them there says how to launch."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with pytest.raises(ContextParallelConfigError, match="torchrun"):
-        TrainingArguments(output_dir=str(tmp_path), context_parallel_size=2)
+    args = TrainingArguments(output_dir=str(tmp_path), context_parallel_size=4, context_parallel_mode="hybrid")
+    saved = json.loads(args.to_json_string())
+    assert (saved["context_parallel_size"], saved["context_parallel_ulysses_size"]) == (4, None)
+    (parsed,) = transformers.HfArgumentParser(TrainingArguments).parse_dict(saved)
+    assert parsed.context_parallel_config == args.context_parallel_config
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"))
+    with pytest.raises(ContextParallelConfigError) as error:
+        Trainer(model=model, args=args, train_dataset=sft_dataset(4, 0))
+    for words in ("context_parallel_size=4", "number of processes (1)", "WORLD_SIZE is not set", "torchrun"):
+        assert words in str(error.value)
+
+
+def test_offload_error_names_the_checkpointing_flag_of_this_transformers(tmp_path):
+    """The message names the flag the installed transformers takes (activation_checkpointing from 5.24, where
+    gradient_checkpointing is a deprecated alias), and setting it as told passes without a deprecation warning."""
+    with pytest.raises(ContextParallelConfigError) as error:
+        TrainingArguments(output_dir=str(tmp_path), context_parallel_offload_activations=True)
+    assert f"set {CHECKPOINTING_FLAG}=True" in str(error.value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        TrainingArguments(
+            output_dir=str(tmp_path), context_parallel_offload_activations=True, **{CHECKPOINTING_FLAG: True}
+        )
 
 
 def test_unknown_mode_flag_is_rejected_by_the_parser(tmp_path, capsys):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 MODES = ("ring", "zigzag", "llama3", "ulysses", "hybrid", "odysseus")
 BACKENDS = ("auto", "torch", "flash_attn")
@@ -29,7 +29,9 @@ class ContextParallelConfig:
             between sequence and head shards), `hybrid` (Ulysses inside groups of `ulysses_size`, zigzag ring across)
             or `odysseus` (attention projections split by heads over the group around an all-gather / reduce-scatter
             of the sequence, MLP on the sequence shard; see `odysseus.py`).
-        ulysses_size: for `hybrid`, the Ulysses degree; `size // ulysses_size` is the ring degree.
+        ulysses_size: for `hybrid`, the Ulysses degree; `size // ulysses_size` is the ring degree. `None` chooses the
+            largest degree that divides `size` and the model's attention heads and keeps each Ulysses group inside
+            one node, when the model is known (`apply_context_parallel`, the Trainer).
         heads_k_stride: for `llama3`, how many KV heads are all-gathered at a time (must divide the KV heads);
             `None` gathers half of them at a time, so that the second gather overlaps the first half's attention.
         backend: local attention kernel: `torch` (PyTorch's fused ops, exact math on CPU), `flash_attn`
@@ -107,12 +109,9 @@ class ContextParallelConfig:
                 "context_parallel_offload_attention_outputs=True needs context_parallel_offload_activations=True."
             )
         if self.mode == "hybrid":
-            if self.ulysses_size is None:
-                raise ContextParallelConfigError(
-                    "context_parallel_mode='hybrid' needs context_parallel_ulysses_size >= 1 (the Ulysses degree; "
-                    "the rest of context_parallel_size is the ring degree)."
-                )
-            if self.size is not None and self.size % self.ulysses_size != 0:
+            # Without a Ulysses degree, the largest that the model's heads and one node allow is chosen where the model
+            # is known (`with_auto_ulysses_size`).
+            if self.ulysses_size is not None and self.size is not None and self.size % self.ulysses_size != 0:
                 raise ContextParallelConfigError(
                     f"context_parallel_ulysses_size={self.ulysses_size} must divide context_parallel_size="
                     f"{self.size}; pick a divisor of {self.size}."
@@ -144,6 +143,17 @@ class ContextParallelConfig:
         fields["size"] = size
         return ContextParallelConfig(**fields)
 
+    def with_auto_ulysses_size(self, heads: int, per_node: int | None) -> ContextParallelConfig:
+        """For `hybrid` without a Ulysses degree: the config with the largest degree that divides the (resolved) size
+        and the `heads` query heads (Ulysses splits query heads; fewer KV heads are replicated as far as needed, so
+        they set no limit) and divides the `per_node` processes per node (CP ranks are adjacent, so each Ulysses
+        group, whose all-to-all moves the most bytes, then stays inside one node). Other configs are returned as is."""
+        if self.mode != "hybrid" or self.ulysses_size is not None:
+            return self
+        assert self.size is not None, "resolve the config against the world size first"
+        fits = [d for d in range(1, self.size + 1) if self.size % d == 0 and heads % d == 0]
+        return replace(self, ulysses_size=max(d for d in fits if per_node is None or per_node % d == 0))
+
     def kv_stride(self, kv_heads: int) -> int:
         """KV heads per llama3 all-gather for a model with `kv_heads` KV heads."""
         if self.heads_k_stride is not None:
@@ -157,7 +167,7 @@ class ContextParallelConfig:
         if self.mode == "ulysses":
             return 1
         if self.mode == "hybrid":
-            return self.size // self.ulysses_size
+            return self.size // self.ulysses_degree
         return self.size
 
     @property
@@ -167,6 +177,12 @@ class ContextParallelConfig:
         if self.mode == "ulysses":
             return self.size
         if self.mode == "hybrid":
+            if self.ulysses_size is None:
+                raise ContextParallelConfigError(
+                    "context_parallel_mode='hybrid' without context_parallel_ulysses_size takes the Ulysses degree "
+                    "from the model's attention heads: pass the model (apply_context_parallel(model, config), or the "
+                    "Trainer) or set context_parallel_ulysses_size."
+                )
             return self.ulysses_size
         return 1
 

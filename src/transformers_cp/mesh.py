@@ -7,14 +7,16 @@ Ulysses ranks innermost, because the all-to-all moves the most bytes.
 
 from __future__ import annotations
 
+import atexit
 import os
+import time
 import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .config import ContextParallelConfig
+from .config import ContextParallelConfig, ContextParallelConfigError
 from .layout import Layout
 
 
@@ -60,6 +62,24 @@ def init_distributed(device_type: str | None = None) -> None:
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
 
 
+def job_config(config: ContextParallelConfig) -> ContextParallelConfig:
+    """`config` resolved against this job's processes (the default group's size; 1 without one).
+
+    Every rank computes the same answer from its own state, so a size that does not fit raises the same error on all
+    ranks before any group is made or any collective runs."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    try:
+        return config.resolved(world)
+    except ContextParallelConfigError as error:
+        if dist.is_initialized():
+            raise
+        if "WORLD_SIZE" not in os.environ:
+            hint = "WORLD_SIZE is not set: launch with torchrun or accelerate launch"
+        else:
+            hint = "no process group is started: call torch.distributed.init_process_group first"
+        raise ContextParallelConfigError(f"{error} ({hint})") from None
+
+
 def node_size() -> int | None:
     """Processes per node, from torchrun / accelerate (LOCAL_WORLD_SIZE) or the DeepSpeed launcher (LOCAL_SIZE)."""
     value = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE"))
@@ -92,13 +112,14 @@ def build_mesh(config: ContextParallelConfig, device_type: str | None = None) ->
     the same clear error on all ranks instead of hanging in group creation.
     """
     device_type = device_type or default_device_type()
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    config = config.resolved(world)
+    config = job_config(config)
     layout = Layout.from_config(config)
+    world = dist.get_world_size() if dist.is_initialized() else 1
     cp, dp = config.size, world // config.size
     if world == 1:
         return ContextParallelMesh(config, layout, None, None, None, None, None, 0, 0, 1)
     check_node_placement(cp, world, node_size())
+    settle_gloo_workers_at_exit()
 
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -119,3 +140,54 @@ def build_mesh(config: ContextParallelConfig, device_type: str | None = None) ->
         dp_rank=coords[0],
         dp_size=dp,
     )
+
+
+_GLOO_WORKER = "pt_gloo_runloop"  # the name torch gives the worker threads of a gloo process group
+
+
+def _gloo_workers_busy(tasks: str) -> bool:
+    """Whether a gloo worker thread of this process is running or waiting to run (Linux: /proc)."""
+    for tid in os.listdir(tasks):
+        try:
+            with open(f"{tasks}/{tid}/comm") as comm:
+                if comm.read().strip() != _GLOO_WORKER:
+                    continue
+            with open(f"{tasks}/{tid}/stat") as stat:
+                state = stat.read().rsplit(")", 1)[1].split()[0]
+        except OSError:  # the thread ended meanwhile
+            continue
+        if state == "R":
+            return True
+    return False
+
+
+def _settle_gloo_workers(timeout: float = 2.0, poll: float = 0.002) -> None:
+    """Give gloo's worker threads the GIL until they are idle, before the interpreter finalises.
+
+    A gloo worker thread completes a collective, wakes the caller, and only then drops its reference to the work and
+    its tensors. A tensor that Python also knew needs the GIL to be released; once the main thread has started
+    finalising the interpreter, a thread that asks for the GIL is ended with pthread_exit, whose unwinding through a
+    C++ destructor aborts the process ("terminate called without an active exception"). A script that ends right
+    after its last collective (a Trainer's last all-gather of its flos, say) loses that race now and then. Here,
+    while the interpreter is still whole, the main thread sleeps (releasing the GIL) until no worker has been
+    running or runnable at two polls in a row: a worker waiting for the GIL gets it during the sleep, and one that
+    the OS has not scheduled yet shows as runnable. No collective is issued, so a failing job cannot hang here.
+    """
+    tasks = f"/proc/{os.getpid()}/task"
+    if not os.path.isdir(tasks):
+        return
+    deadline, quiet = time.monotonic() + timeout, 0
+    while quiet < 2 and time.monotonic() < deadline:
+        time.sleep(poll)
+        quiet = 0 if _gloo_workers_busy(tasks) else quiet + 1
+
+
+_SETTLE_REGISTERED = False
+
+
+def settle_gloo_workers_at_exit() -> None:
+    """Register `_settle_gloo_workers` to run at interpreter exit (once per process)."""
+    global _SETTLE_REGISTERED
+    if not _SETTLE_REGISTERED:
+        atexit.register(_settle_gloo_workers)
+        _SETTLE_REGISTERED = True

@@ -2,16 +2,20 @@
 
 The model's attention is switched to the registered implementation `"context_parallel"` (with a mask function that
 builds no dense mask), whatever it was loaded with, so no flash-attn is needed. The CP settings live on the model's
-modules, so two models in one process keep their own. A forward pre-hook turns the batch's document boundaries into a
-`Documents` object once per forward (every layer reuses it) and rejects inputs CP cannot honour.
+modules, and the model gets its own copy of its config (transformers reads the attention implementation from the
+config, which models made from one config object share), so two models in one process keep their own. A forward
+pre-hook turns the batch's document boundaries into a `Documents` object once per forward (every layer reuses it) and
+rejects inputs CP cannot honour.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import transformers
 
 from . import odysseus
 from .agreement import (
@@ -25,9 +29,9 @@ from .agreement import (
 )
 from .algorithms.reuse import ForwardReuse
 from .attention import context_parallel_attention
-from .config import ContextParallelConfig
+from .config import ContextParallelConfig, ContextParallelConfigError
 from .loss import IGNORE_INDEX
-from .mesh import ContextParallelMesh, build_mesh, init_distributed
+from .mesh import ContextParallelMesh, build_mesh, init_distributed, job_config, node_size
 from .mixing import attention_sinks, foreign_layer_types, sequence_mixers, sparse_attention
 from .plan import Documents
 from .recompute import checkpointable_layers, is_checkpointed
@@ -37,13 +41,15 @@ from .sharding import BATCH_PROBLEM, ROW_CHECKSUM, document_bounds, gather_seque
 
 ATTENTION_NAME = "context_parallel"
 _STATE_ATTR = "_context_parallel_state"
+logger = transformers.utils.logging.get_logger(f"transformers.{__name__}")  # shown as transformers' own logs are
 
 
 @dataclass
 class ContextParallelState:
     mesh: ContextParallelMesh
     requested: ContextParallelConfig
-    original_attention: str
+    # (module, attribute, config) for every config the model's modules held before CP gave the model its own copy
+    original_configs: list = field(default_factory=list)
     hooks: list = field(default_factory=list)
     # Each module of a decoder layer -> that layer: attention keeps its results for the recomputation only when its
     # layer is checkpointed (a layer that is not recomputed would leave them in `kept` unused).
@@ -513,6 +519,47 @@ def check_model(model: torch.nn.Module, config: ContextParallelConfig) -> None:
         )
 
 
+def model_config(model: torch.nn.Module, config: ContextParallelConfig) -> ContextParallelConfig:
+    """`config` as it runs on `model` in this job: the size resolved against the processes (`job_config`, which
+    raises the same error on every rank) and, for `hybrid` without a Ulysses degree, the largest degree the model's
+    attention heads and one node allow (`with_auto_ulysses_size`), logged on the main process."""
+    config = job_config(config)
+    if config.mode != "hybrid" or config.ulysses_size is not None:
+        return config
+    heads = getattr(_text_config(model), "num_attention_heads", None)
+    if not isinstance(heads, int):
+        raise ContextParallelConfigError(
+            f"context_parallel_mode='hybrid' takes its Ulysses degree from the model's attention heads, but "
+            f"{type(model).__name__}'s config states none (num_attention_heads); set context_parallel_ulysses_size."
+        )
+    per_node = node_size()
+    chosen = config.with_auto_ulysses_size(heads, per_node)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        node = f" and the {per_node} processes per node" if per_node is not None else ""
+        logger.info(
+            f"context_parallel_mode='hybrid': Ulysses degree {chosen.ulysses_size} × ring degree {chosen.ring_size}, "
+            f"the largest Ulysses degree dividing context_parallel_size={config.size}, the model's {heads} attention "
+            f"heads{node} (set context_parallel_ulysses_size to choose another)."
+        )
+    return chosen
+
+
+def _own_config(model: torch.nn.Module) -> list:
+    """Give `model` a copy of its config, held by every module that held the config or one of its sub-configs (the
+    attention modules keep `self.config`); returns (module, attribute, original) to put back on removal."""
+    copies: dict = {}
+    copy.deepcopy(model.config, copies)  # `copies` maps id(original) -> copy for the config and all it holds
+    originals = [
+        (module, name, value)
+        for module in model.modules()
+        for name, value in vars(module).items()
+        if isinstance(value, transformers.PretrainedConfig) and id(value) in copies
+    ]
+    for module, name, value in originals:
+        setattr(module, name, copies[id(value)])
+    return originals
+
+
 def apply_context_parallel(
     model: torch.nn.Module,
     config: ContextParallelConfig | None = None,
@@ -531,17 +578,18 @@ def apply_context_parallel(
         remove_context_parallel(model)
     if mesh is None:
         init_distributed()
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        check_model(model, config.resolved(world))  # before build_mesh makes the CP groups
-        mesh = build_mesh(config)
+        resolved = model_config(model, config)
+        check_model(model, resolved)  # before build_mesh makes the CP groups
+        mesh = build_mesh(resolved)
     else:
         check_model(model, mesh.config)
     _register()
-    state = ContextParallelState(mesh, config, model.config._attn_implementation, max_positions=max_positions(model))
+    state = ContextParallelState(mesh, config, max_positions=max_positions(model))
     state.layers = checkpointable_layers(model)
     state.layer_of = {module: layer for layer in state.layers for module in layer.modules()}
     for module in model.modules():
         setattr(module, _STATE_ATTR, state)
+    state.original_configs = _own_config(model)  # so that other models of the same config keep their attention
     model.set_attn_implementation(ATTENTION_NAME)
     if mesh.config.mode == "odysseus" and mesh.cp_group is not None:
         state.rotary = odysseus.install(model, mesh)
@@ -552,7 +600,8 @@ def apply_context_parallel(
 
 
 def remove_context_parallel(model: torch.nn.Module) -> torch.nn.Module:
-    """Restore the attention implementation the model had before `apply_context_parallel`."""
+    """Restore the attention implementation the model had before `apply_context_parallel`, by giving its modules back
+    the config objects they held then."""
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         return model
@@ -563,7 +612,8 @@ def remove_context_parallel(model: torch.nn.Module) -> torch.nn.Module:
     for module in model.modules():
         if getattr(module, _STATE_ATTR, None) is state:
             delattr(module, _STATE_ATTR)
-    model.set_attn_implementation(state.original_attention)
+    for module, name, original in state.original_configs:
+        setattr(module, name, original)
     return model
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,12 +32,17 @@ from transformers.data.data_collator import default_data_collator
 from .chunked_loss import chunked_loss_state
 from .collator import ContextParallelCollator
 from .engines import is_deepspeed_engine, scope_checkpoint_loads
+from .kernels import kernel_class
 from .loss import count_label_tokens, loss_scale, reduce_loss_for_logging
 from .memory import apply_memory_savings
-from .mesh import ContextParallelMesh, build_mesh
-from .modeling import apply_context_parallel, check_model
+from .mesh import ContextParallelMesh, build_mesh, job_config, settle_gloo_workers_at_exit
+from .modeling import apply_context_parallel, check_model, model_config
+from .offload import activation_offloader
 from .sampler import shard_dataloader_over_dp
 from .sharding import gather_sequence
+from .tiled_mlp import decoder_mlps
+
+logger = transformers.utils.logging.get_logger(f"transformers.{__name__}")  # shown as the Trainer's own set-up logs
 
 
 class ContextParallelTrainerMixin:
@@ -46,6 +52,7 @@ class ContextParallelTrainerMixin:
     """
 
     cp_mesh: ContextParallelMesh | None = None
+    _context_parallel_set_up: bool = False
     # The chunked LM-head loss returns no logits; trainers that score the logits themselves (TRL's) turn it off.
     logits_needed_for_loss: bool = False
 
@@ -55,12 +62,19 @@ class ContextParallelTrainerMixin:
 
     def _setup_context_parallel(self) -> None:
         """Build the mesh and apply CP to the model, once (a subclass may need it before its own `__init__` ends)."""
-        if self.cp_mesh is not None:
+        if self._context_parallel_set_up:
             return
+        self._context_parallel_set_up = True
+        self._warn_fsdp_without_fsdp()
+        if dist.is_initialized():
+            settle_gloo_workers_at_exit()
         if self.model is not None:
             self._install_memory_savings(self.model)
         config = getattr(self.args, "context_parallel_config", None)
-        if config is None or not config.enabled:
+        if config is None:
+            return
+        if not config.enabled:
+            self._log_context_parallel_setup()
             return
         world = dist.get_world_size() if dist.is_initialized() else 1
         if self.accelerator.num_processes != world:
@@ -69,11 +83,78 @@ class ContextParallelTrainerMixin:
                 "would not be reduced across ranks; on CPU pass use_cpu=True (--use_cpu) to TrainingArguments."
             )
         self._check_context_parallel_trainer()
+        # The size against the job's processes (checked here, not in TrainingArguments, so that arguments can be made
+        # in a single process) and the hybrid Ulysses degree for this model, alike on every rank before any group.
+        config = job_config(config) if self.model is None else model_config(self.model, config)
         if self.model is not None:
-            check_model(self.model, config.resolved(world))  # before build_mesh makes the CP groups
+            check_model(self.model, config)  # before build_mesh makes the CP groups
         self.cp_mesh = build_mesh(config, self.args.device.type)
         apply_context_parallel(self.model, self.cp_mesh.config, mesh=self.cp_mesh)
         self._setup_context_parallel_data()
+        self._log_context_parallel_setup()
+
+    def _warn_fsdp_without_fsdp(self) -> None:
+        """accelerate builds FSDP only for accelerator devices: CPU processes asked for FSDP train with DDP (one
+        process: unsharded). A warning, not an error: DDP averages the same gradients over the same processes as FSDP,
+        so losses and weights are those FSDP gives (up to reduction order); only each process's memory differs."""
+        requested = bool(self.args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        if not requested or self.is_fsdp_enabled or self.args.device.type != "cpu" or self.args.process_index != 0:
+            return
+        engine = "DDP" if self.args.world_size > 1 else "one process, unsharded"
+        logger.warning(
+            f"fsdp is set, but accelerate runs FSDP only on accelerators and these processes run on CPU: this run "
+            f"trains with {engine}. Losses and weights are those FSDP would give (both average the same gradients "
+            "over all processes); only memory differs, as every process holds the whole model and optimizer state. "
+            "Run on GPUs to shard the model, or leave fsdp unset on CPU."
+        )
+
+    def _log_context_parallel_setup(self) -> None:
+        """Say once, on the main process, what context parallelism set up: the mode, the c×d layout (and for hybrid
+        the Ulysses×ring degrees), the attention kernel that will run and which memory savings are on."""
+        if self.args.process_index != 0 or self.model is None:
+            return
+        model = self.model
+        lines = ["off (context_parallel_size=1)"]
+        if self.cp_mesh is not None:
+            config = self.cp_mesh.config
+            layout = f"{config.size} CP ranks × {self.cp_mesh.dp_size} data-parallel"
+            if config.mode == "hybrid":
+                layout += f" (Ulysses {config.ulysses_degree} × ring {config.ring_size})"
+            text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+            heads = getattr(text, "num_attention_heads", None) or 1
+            head_dim = getattr(text, "head_dim", None) or getattr(text, "hidden_size", 0) // heads
+            dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else model.dtype
+            try:
+                kernel = kernel_class(config.backend, self.args.device.type == "cuda", dtype, head_dim).name
+            except ImportError as error:
+                kernel = f"none ({error})"
+            lines = [
+                f"mode {config.mode} on the {config.layout} layout",
+                f"{layout} over {self.args.world_size} processes",
+                f"attention kernel '{kernel}' (context_parallel_backend={config.backend}, {dtype}, "
+                f"head size {head_dim})",
+            ]
+        lines.append(f"memory savings: {', '.join(self._memory_savings_on(model))}")
+        logger.info("Context parallelism: " + "; ".join(lines))
+
+    def _memory_savings_on(self, model: torch.nn.Module) -> list[str]:
+        """Which of the config's memory savings the model got (see `_install_memory_savings`)."""
+        config = self.args.context_parallel_config
+        chunked = chunked_loss_state(model)
+        tiled = config.mlp_tile_size != 0 and (config.mlp_tile_size is not None or bool(decoder_mlps(model)))
+        offloader = activation_offloader(model)
+        on = []
+        if chunked is not None:
+            size = chunked.chunk_size
+            on.append(f"chunked LM-head loss ({f'{size}-token chunks' if size else 'auto: above 2^28 logits'})")
+        if tiled:
+            size = config.mlp_tile_size
+            on.append(f"tiled MLP ({f'{size}-token tiles' if size else 'auto: above 32768 tokens'})")
+        if offloader is not None:
+            on.append("activation offload" + (" with attention outputs" if config.offload_attention_outputs else ""))
+        if config.recompute_layers is not None:
+            on.append(f"recomputation of the first {config.recompute_layers} decoder layers only")
+        return on or ["none"]
 
     def _install_memory_savings(self, model: torch.nn.Module) -> None:
         """The config's memory savings (`memory.py`), with no chunked loss where the trainer needs the logits."""

@@ -2,20 +2,29 @@
 `ContextParallelConfig`. The fields and their checks live in `ContextParallelArguments`, a dataclass mixin that any
 `transformers.TrainingArguments` subclass can take (TRL's configs do, in `transformers_cp.trl`).
 
-Everything is validated at construction, on every rank and before any process group exists, so a bad setting fails
-with the same clear message everywhere instead of hanging in a collective.
+Every field is validated at construction, on every rank and before any process group exists, so a bad setting fails
+with the same clear message everywhere instead of hanging in a collective. The size is checked against the number of
+processes where the Trainer (or the mesh) is built, so arguments can be made and saved in a single process (a login
+node, a notebook, a config tool).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 
 import transformers
 
 from .config import BACKENDS, DEFAULT_MODE, MODES, ContextParallelConfig, ContextParallelConfigError
 from .engines import check_engine_support
+
+# transformers 5.24 renamed `gradient_checkpointing` to `activation_checkpointing` (the old name is a deprecated alias);
+# messages name the flag the installed version takes.
+CHECKPOINTING_FLAG = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    else "gradient_checkpointing"
+)
 
 
 @dataclass
@@ -73,7 +82,7 @@ class ContextParallelArguments:
     context_parallel_offload_activations: bool = field(
         default=False,
         metadata={
-            "help": "With gradient_checkpointing: keep each decoder layer's checkpointed input in pinned host memory "
+            "help": f"With {CHECKPOINTING_FLAG}: keep each decoder layer's checkpointed input in pinned host memory "
             "until backward, copied on a side stream. Works without CP too."
         },
     )
@@ -88,26 +97,22 @@ class ContextParallelArguments:
     context_parallel_recompute_layers: int | None = field(
         default=None,
         metadata={
-            "help": "With gradient_checkpointing: checkpoint only the first N decoder layers (0 = none; unset = all); "
+            "help": f"With {CHECKPOINTING_FLAG}: checkpoint only the first N decoder layers (0 = none; unset = all); "
             "the others keep their activations and are not recomputed in backward. Works without CP too."
         },
     )
 
     def __post_init__(self) -> None:
         config = self.context_parallel_config  # raises ContextParallelConfigError on a bad field
-        checkpointing = self.gradient_checkpointing or getattr(self, "activation_checkpointing", False)
+        checkpointing = getattr(self, "gradient_checkpointing", False) or getattr(
+            self, "activation_checkpointing", False
+        )
         if config.offload_activations and not checkpointing:
             raise ContextParallelConfigError(
                 "context_parallel_offload_activations=True offloads the inputs of checkpointed layers; set "
-                "gradient_checkpointing=True too."
+                f"{CHECKPOINTING_FLAG}=True too."
             )
-        world_size = os.environ.get("WORLD_SIZE")
         if config.enabled:
-            try:
-                config.resolved(int(world_size) if world_size else 1)
-            except ContextParallelConfigError as error:
-                hint = "" if world_size else " (WORLD_SIZE is not set: launch with torchrun or accelerate launch)"
-                raise ContextParallelConfigError(f"{error}{hint}") from None
             self._check_context_parallel_support()
         super().__post_init__()  # this starts the process group: every check above comes first
 

@@ -9,16 +9,15 @@ from .flash_attn import FlashAttnKernel, is_flash_attn_available
 from .math import MathKernel
 from .torch_fused import TorchKernel
 
-__all__ = ["AttentionKernel", "Segments", "select_kernel", "is_flash_attn_available"]
+__all__ = ["AttentionKernel", "Segments", "kernel_class", "select_kernel", "is_flash_attn_available"]
 
 
-def _fused_ok(q: torch.Tensor) -> bool:
-    d = q.shape[-1]
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
+def _fused_ok(is_cuda: bool, dtype: torch.dtype, head_dim: int) -> bool:
+    return is_cuda and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
 
 
-def select_kernel(backend: str, q: torch.Tensor) -> AttentionKernel:
-    """The kernel for `backend` ('auto' | 'torch' | 'flash_attn') and these inputs.
+def kernel_class(backend: str, is_cuda: bool, dtype: torch.dtype, head_dim: int) -> type[AttentionKernel]:
+    """The kernel class for `backend` ('auto' | 'torch' | 'flash_attn') and inputs of this device, dtype and head size.
 
     Fused kernels need CUDA half precision; float32 inputs and CPU run the exact math kernel, so that the float32
     equivalence that the tests check holds on every device.
@@ -29,7 +28,12 @@ def select_kernel(backend: str, q: torch.Tensor) -> AttentionKernel:
                 "context_parallel_backend='flash_attn' needs flash-attn on a CUDA machine "
                 "(`pip install flash-attn --no-build-isolation`, after torch); or set context_parallel_backend='torch'."
             )
-        return FlashAttnKernel() if _fused_ok(q) else MathKernel()
-    if backend == "auto" and is_flash_attn_available() and _fused_ok(q):
-        return FlashAttnKernel()
-    return TorchKernel() if _fused_ok(q) else MathKernel()
+        return FlashAttnKernel if _fused_ok(is_cuda, dtype, head_dim) else MathKernel
+    if backend == "auto" and is_flash_attn_available() and _fused_ok(is_cuda, dtype, head_dim):
+        return FlashAttnKernel
+    return TorchKernel if _fused_ok(is_cuda, dtype, head_dim) else MathKernel
+
+
+def select_kernel(backend: str, q: torch.Tensor) -> AttentionKernel:
+    """The kernel for `backend` and these inputs (see `kernel_class`)."""
+    return kernel_class(backend, q.is_cuda, q.dtype, q.shape[-1])()
