@@ -36,12 +36,14 @@ from .mesh import ContextParallelMesh, build_mesh
 from .modeling import apply_context_parallel, check_model
 from .sampler import shard_dataloader_over_dp
 from .sharding import gather_sequence
+from .training_args import arguments_config
 
 
 class ContextParallelTrainerMixin:
     """Context parallelism for a `transformers.Trainer` subclass: `class T(ContextParallelTrainerMixin, SFTTrainer)`.
 
-    Reads `args.context_parallel_config` (transformers_cp's `TrainingArguments`); `cp_mesh` is None while it is off.
+    Reads the `context_parallel_*` fields of `args` (transformers_cp's `TrainingArguments`, or transformers' own with
+    the upstream patch); `cp_mesh` is None while it is off.
     """
 
     cp_mesh: ContextParallelMesh | None = None
@@ -58,7 +60,7 @@ class ContextParallelTrainerMixin:
             return
         if self.model is not None:
             self._install_memory_savings(self.model)
-        config = getattr(self.args, "context_parallel_config", None)
+        config = arguments_config(self.args)
         if config is None or not config.enabled:
             return
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -76,7 +78,7 @@ class ContextParallelTrainerMixin:
 
     def _install_memory_savings(self, model: torch.nn.Module) -> None:
         """The config's memory savings (`memory.py`), with no chunked loss where the trainer needs the logits."""
-        config = getattr(self.args, "context_parallel_config", None)
+        config = arguments_config(self.args)
         if config is None:
             return
         if self.logits_needed_for_loss and config.loss_chunk_size != 0:
