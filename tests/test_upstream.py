@@ -3,7 +3,8 @@ its `context_parallel_*` fields are transformers_cp's (names, types, defaults, h
 transformers_cp unimported while they are at their defaults, a clear ImportError names `pip install transformers_cp`
 when one is set without it, and `transformers.Trainer(args=transformers.TrainingArguments(context_parallel_size=2))`
 under torchrun (2 CPU processes, gloo) trains as the stock Trainer without CP on one process: logged losses, gradient
-norms, every optimizer step's gradients, eval loss and final weights (fp32, relative 1e-5), for two families and modes.
+norms, every optimizer step's gradients, eval loss and final weights (fp32, relative 1e-5), for two families and modes;
+transformers_cp's own Trainer keeps doing so on the patched transformers (a third family and mode).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def test_stock_trainer_hands_over_and_trains_as_without_cp(patched, tmp_path):
         timeout=300,
     )
     assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
-    for family, mode in CASES:
+    for family, mode, _ in CASES:
         actual = torch.load(tmp_path / f"{family}.pt")
         expected = run_stock(family)  # transformers as installed, one process, DataCollatorWithFlattening
         name = f"{family} {mode}"

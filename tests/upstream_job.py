@@ -4,7 +4,7 @@
     torchrun --standalone --nproc_per_node 2 tests/upstream_job.py OUT
 
 Each case trains `transformers.Trainer(args=transformers.TrainingArguments(context_parallel_size=2, ...))` on a tiny
-model of trainer_cases (no transformers_cp class named) and, on rank 0, saves to OUT/<family>.pt the logged losses and
+model of trainer_cases (no transformers_cp class named; one case uses transformers_cp's own classes) and, on rank 0, saves to OUT/<family>.pt the logged losses and
 gradient norms, the gradients of every optimizer step, the eval loss and the final weights. Before that, every rank
 checks that the patched arguments refuse a conflicting setting, and that a Trainer subclass whose overrides the
 hand-over would skip is refused, both before any collective.
@@ -22,7 +22,9 @@ from trainer_cases import GradientRecorder, arguments, build_model, sft_dataset
 
 import transformers_cp
 
-CASES = [("llama", "zigzag"), ("qwen2", "ulysses")]
+# (family, mode, whose Trainer and TrainingArguments): transformers_cp's own classes must keep working on the patched
+# transformers (they set themselves up; the hand-over leaves them alone).
+CASES = [("llama", "zigzag", transformers), ("qwen2", "ulysses", transformers), ("qwen3", "llama3", transformers_cp)]
 
 
 def expect_error(build, *words: str) -> None:
@@ -49,9 +51,9 @@ def check_refusals(out: str) -> None:
     expect_error(lambda: OwnLossTrainer(model=build_model("llama", reference=False), args=args), *words)
 
 
-def train(out: str, family: str, mode: str) -> dict:
-    args = transformers.TrainingArguments(**arguments(out, context_parallel_size=2, context_parallel_mode=mode))
-    trainer = transformers.Trainer(
+def train(out: str, family: str, mode: str, classes) -> dict:
+    args = classes.TrainingArguments(**arguments(out, context_parallel_size=2, context_parallel_mode=mode))
+    trainer = classes.Trainer(
         model=build_model(family, reference=False),
         args=args,
         train_dataset=sft_dataset(13, 0),
@@ -74,8 +76,8 @@ def train(out: str, family: str, mode: str) -> dict:
 def main(out: str) -> None:
     assert transformers.__file__.startswith(os.environ["PATCHED_TRANSFORMERS"]), transformers.__file__
     check_refusals(out)
-    for family, mode in CASES:
-        result = train(out, family, mode)
+    for family, mode, classes in CASES:
+        result = train(out, family, mode, classes)
         if int(os.environ["RANK"]) == 0:
             torch.save(result, os.path.join(out, f"{family}.pt"))
     leave()
