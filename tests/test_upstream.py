@@ -1,10 +1,11 @@
-"""upstream/transformers.patch (docs/upstream.md) on a copy of the installed transformers: it applies with `patch -p1`,
-its `context_parallel_*` fields are transformers_cp's (names, types, defaults, help), the stock Trainer stays stock and
-transformers_cp unimported while they are at their defaults, a clear ImportError names `pip install transformers_cp`
-when one is set without it, and `transformers.Trainer(args=transformers.TrainingArguments(context_parallel_size=2))`
-under torchrun (2 CPU processes, gloo) trains as the stock Trainer without CP on one process: logged losses, gradient
-norms, every optimizer step's gradients, eval loss and final weights (fp32, relative 1e-5), for two families and modes;
-transformers_cp's own Trainer keeps doing so on the patched transformers (a third family and mode).
+"""upstream/transformers.patch (docs/upstream.md) on a copy of the installed transformers: it applies with `patch -p1`;
+its `context_parallel_*` fields are transformers_cp's (names, types, defaults, help); while they are at their defaults
+the stock Trainer stays stock and transformers_cp unimported, and any of them set hands the Trainer over; with
+transformers_cp missing, setting one raises an ImportError naming `pip install transformers_cp`; and
+`transformers.Trainer(args=transformers.TrainingArguments(context_parallel_size=2))` under torchrun (2 CPU processes,
+gloo) trains as the stock Trainer without CP on one process: logged losses, gradient norms, every optimizer step's
+gradients, eval loss and final weights (fp32, relative 1e-5), for two families and modes; transformers_cp's own Trainer
+keeps doing so on the patched transformers (a third family and mode).
 """
 
 from __future__ import annotations
@@ -68,6 +69,15 @@ config = transformers.LlamaConfig(vocab_size=11, hidden_size=8, intermediate_siz
 trainer = transformers.Trainer(model=transformers.LlamaForCausalLM(config), args=args)
 assert type(trainer) is transformers.Trainer, type(trainer)
 assert not [name for name in sys.modules if name.startswith("transformers_cp")], "transformers_cp was imported"
+
+# A field other than the size (a memory saving that works without CP) hands over too, with no mesh.
+args = transformers.TrainingArguments(output_dir=sys.argv[1], use_cpu=True, report_to=[],
+                                      context_parallel_loss_chunk_size=16)
+trainer = transformers.Trainer(model=transformers.LlamaForCausalLM(config), args=args)
+from transformers_cp import ContextParallelTrainerMixin
+from transformers_cp.chunked_loss import chunked_loss_state
+assert isinstance(trainer, ContextParallelTrainerMixin) and trainer.cp_mesh is None, type(trainer)
+assert chunked_loss_state(trainer.model) is not None, "the chunked loss was not installed"
 
 import typing
 from transformers_cp.training_args import ContextParallelArguments
