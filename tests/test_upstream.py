@@ -90,6 +90,7 @@ assert theirs == ours, f"the patch's fields differ from transformers_cp's:\\n{th
 for name in [name for name in sys.modules if name.startswith("transformers_cp")]:
     del sys.modules[name]
 sys.modules["transformers_cp"] = None  # as if not installed
+transformers.utils.import_utils.is_transformers_cp_available.cache_clear()  # it was found above
 try:
     transformers.TrainingArguments(output_dir=sys.argv[1], use_cpu=True, context_parallel_size=2)
 except ImportError as error:
