@@ -1,11 +1,13 @@
 from setuptools import find_packages, setup
 
+# flash-attn is no extra: it builds only without build isolation, against the installed torch
+# (`pip install flash-attn --no-build-isolation`, docs/quickstart.md).
 extras = {
-    "flash": ["flash-attn>=2.6", "ring-flash-attn>=0.1.4"],
     "deepspeed": ["deepspeed>=0.16"],
     "trl": ["trl>=1.16", "peft>=0.17"],
     # tests/test_engines.py runs ZeRO on CPU; tests/test_trl.py runs TRL's trainers
     "test": ["pytest>=8", "pytest-timeout", "deepspeed>=0.16", "trl>=1.16", "peft>=0.17"],
+    "bench": ["matplotlib"],  # benchmarks/plot.py and plot_memory.py
     "dev": ["pytest>=8", "pytest-timeout", "ruff>=0.6", "matplotlib"],
 }
 

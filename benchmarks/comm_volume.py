@@ -66,7 +66,9 @@ def step_summary(mode: str, config: dict, n_params: int, seq: int, cp: int, dtyp
 
 class CollectiveCounter:
     """Adds up the bytes this rank sends through transformers_cp's collectives (counted as ring algorithms send them)
-    while active. The per-forward gathers of position ids and position embeddings are not counted (not per layer)."""
+    while active. Every all-to-all (Ulysses' pipelined exchanges and the hybrid mode's autograd all-to-all alike) is
+    a `comm.Exchange`, every ring step a `RingComm.start`. The per-forward gathers of position ids and position
+    embeddings are not counted (not per layer)."""
 
     def __init__(self) -> None:
         self.bytes = 0
@@ -76,8 +78,8 @@ class CollectiveCounter:
 
         from transformers_cp import comm
 
-        self._saved = comm.all_gather, comm.reduce_scatter, comm._all_to_all, comm.RingComm.start
-        all_gather, reduce_scatter, all_to_all, ring_start = self._saved
+        self._saved = comm.all_gather, comm.reduce_scatter, comm.Exchange.__init__, comm.RingComm.start
+        all_gather, reduce_scatter, exchange_init, ring_start = self._saved
 
         def size(x, group=None) -> tuple[int, int]:
             return x.numel() * x.element_size(), dist.get_world_size(group)
@@ -92,27 +94,23 @@ class CollectiveCounter:
             self.bytes += (world - 1) * n // world
             return reduce_scatter(x, group, async_op)
 
-        def counted_all_to_all(x, group):
-            n, world = size(x, group)
-            self.bytes += (world - 1) * n // world
-            return all_to_all(x, group)
+        def counted_exchange(exchange, send, group):
+            n, world = size(send, group)
+            self.bytes += (world - 1) * n // world  # the slice for this rank itself stays
+            return exchange_init(exchange, send, group)
 
         def counted_ring_start(ring, send):
             self.bytes += send.numel() * send.element_size()
             return ring_start(ring, send)
 
-        comm.all_gather, comm.reduce_scatter, comm._all_to_all = (
-            counted_all_gather,
-            counted_reduce_scatter,
-            counted_all_to_all,
-        )
-        comm.RingComm.start = counted_ring_start
+        comm.all_gather, comm.reduce_scatter = counted_all_gather, counted_reduce_scatter
+        comm.Exchange.__init__, comm.RingComm.start = counted_exchange, counted_ring_start
         return self
 
     def __exit__(self, *exc) -> None:
         from transformers_cp import comm
 
-        comm.all_gather, comm.reduce_scatter, comm._all_to_all, comm.RingComm.start = self._saved
+        comm.all_gather, comm.reduce_scatter, comm.Exchange.__init__, comm.RingComm.start = self._saved
 
 
 def measure(config: dict, seq: int) -> None:

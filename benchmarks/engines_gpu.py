@@ -5,8 +5,8 @@ For each setting the driver launches two torchrun jobs on this machine:
 - reference: the stock `transformers.Trainer` with `DataCollatorWithFlattening` on 1 GPU under the same DeepSpeed
   config (the same global batch; with one process ZeRO partitions nothing, but the bf16 engine, its fp32 master
   weights, optimizer, offload and gradient clipping are the same code);
-- CP: `transformers_cp.Trainer` with `context_parallel_size=2` on 2 GPUs (d = 1), which per DESIGN.md §4 equals the
-  stock run on 1 process.
+- CP: `transformers_cp.Trainer` with `context_parallel_size=2` on 2 GPUs (d = 1), which equals the stock run on 1 process
+  (README: same losses and weights as the stock Trainer on d processes).
 It writes one JSON with both loss sequences, the largest relative loss difference and the largest relative weight
 difference (max |w_cp - w_ref| / max |w_ref| over each tensor, the worst tensor reported) per setting.
 

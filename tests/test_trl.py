@@ -115,7 +115,7 @@ def test_import_is_lazy_and_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "trl", None)  # as if trl were not installed
     monkeypatch.delitem(sys.modules, "transformers_cp.trl", raising=False)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else object())
-    with pytest.raises(ImportError, match=r"pip install transformers_cp\[trl\]"):
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[trl\]"\` in the transformers_cp checkout'):
         importlib.import_module("transformers_cp.trl")
 
 

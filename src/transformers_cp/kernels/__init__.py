@@ -27,7 +27,7 @@ def select_kernel(backend: str, q: torch.Tensor) -> AttentionKernel:
         if not is_flash_attn_available():
             raise ImportError(
                 "context_parallel_backend='flash_attn' needs flash-attn on a CUDA machine "
-                "(`pip install transformers_cp[flash]`); or set context_parallel_backend='torch'."
+                "(`pip install flash-attn --no-build-isolation`, after torch); or set context_parallel_backend='torch'."
             )
         return FlashAttnKernel() if _fused_ok(q) else MathKernel()
     if backend == "auto" and is_flash_attn_available() and _fused_ok(q):

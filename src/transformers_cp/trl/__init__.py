@@ -1,5 +1,6 @@
 """TRL's trainers with context parallelism: `SFTTrainer`, `DPOTrainer` and their configs `SFTConfig`, `DPOConfig`
-(TRL's, plus the `context_parallel_*` fields). Needs `trl` (`pip install transformers_cp[trl]`); supported: trl 1.16.
+(TRL's, plus the `context_parallel_*` fields). Needs `trl` (`pip install -e ".[trl]"` in the checkout); supported:
+trl 1.16.
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ import importlib.util
 
 if importlib.util.find_spec("trl") is None:
     raise ImportError(
-        "transformers_cp.trl needs the `trl` package, which is not installed; run `pip install transformers_cp[trl]` "
-        "(or `pip install trl`)."
+        'transformers_cp.trl needs the `trl` package, which is not installed; run `pip install -e ".[trl]"` in the '
+        "transformers_cp checkout (or `pip install 'trl>=1.16' 'peft>=0.17'`)."
     )
 
 from importlib.metadata import version as _version  # noqa: E402
@@ -20,7 +21,7 @@ from packaging.version import Version  # noqa: E402
 if Version(_version("trl")) < Version("1.16"):
     raise ImportError(
         f"transformers_cp.trl needs trl >= 1.16 (its fused LM head and DPO internals), found {_version('trl')}; run "
-        "`pip install -U transformers_cp[trl]`."
+        "`pip install -U 'trl>=1.16'`."
     )
 
 _EXPORTS = {"SFTConfig": "config", "DPOConfig": "config", "SFTTrainer": "sft", "DPOTrainer": "dpo"}
