@@ -10,7 +10,8 @@ checkout under test, whichever Python a launcher starts). A command fails the te
 
 Parts of `a && b` chains that an earlier command already ran successfully (the README and the quickstart repeat the
 install and the main job) are not run again. A command that is neither run successfully nor listed fails, and so
-does a SKIPPED entry that no document holds any more. Runs every command, so it takes minutes on 2 cores; leave it out
+does a SKIPPED entry that no document holds any more. Commands run in the order of the documents (README first),
+as a reader runs them: a later one may use what an earlier one made (a resume, a plot after its extra's install). Runs every command, so it takes minutes on 2 cores; leave it out
 locally with `--ignore tests/test_docs.py`.
 """
 
@@ -39,14 +40,7 @@ SKIPPED: dict[str, str] = {
     'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q tests': (
         "the test suite itself: CI runs exactly this command (.ci/run)"
     ),
-    'pip install -e ".[flash]"': f"{GPU}: builds flash-attn against a CUDA torch",
-    "torchrun --nproc_per_node 8 examples/train.py --output_dir out --model /path/to/local/model \\": (
-        f"{GPU}: 8 processes, a local model"
-    ),
-    "--data train.jsonl \\": "a line of the quickstart's example above",
-    "--context_parallel_size 4 \\": "a line of the quickstart's example above",
-    "--context_parallel_mode hybrid --context_parallel_ulysses_size 2 --per_device_train_batch_size 8 "
-    "--gradient_accumulation_steps 4 --activation_checkpointing": "a line of the quickstart's example above",
+    "pip install flash-attn --no-build-isolation": f"{GPU}: builds flash-attn's CUDA kernels",
     "torchrun --nnodes 2 --node-rank $NODE_RANK --nproc-per-node 8 --master-addr $MASTER --master-port 29500 "
     "examples/train.py --output_dir out --bf16 --context_parallel_size 8 --fsdp --fsdp_config '{\"version\": 2}'": (
         f"{GPU}: two nodes of 8"
@@ -56,7 +50,7 @@ SKIPPED: dict[str, str] = {
         f"{GPU}: two nodes of 8"
     ),
     "deepspeed --hostfile hostfile --master_addr $MASTER --master_port 29500 examples/train.py --output_dir out --bf16 "
-    "--context_parallel_size 8 --deepspeed ds_zero3_offload.json": f"{GPU}: two nodes of 8, a hostfile",
+    "--context_parallel_size 8 --deepspeed examples/ds_zero3_offload.json": f"{GPU}: two nodes of 8, a hostfile",
     "torchrun --nnodes 2 --node-rank {0,1} --nproc-per-node 2": (
         "not a command: the prose describes the two launches of tests/test_engines.py's two-node test"
     ),
@@ -70,7 +64,12 @@ SKIPPED: dict[str, str] = {
 @dataclass(frozen=True)
 class Command:
     key: str  # the command on one line: continuations joined, comments dropped, spaces collapsed
-    where: str  # file:line
+    file: str  # relative to the repository
+    line: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
 
     @property
     def parts(self) -> list[str]:
@@ -102,7 +101,7 @@ def _block_commands(block: str, name: str, first_line: int) -> list[Command]:
         if code.endswith("\\") and code == line.rstrip():
             pending.append(code[:-1])
             continue
-        commands.append(Command(" ".join(" ".join([*pending, code]).split()), f"{name}:{start}"))
+        commands.append(Command(" ".join(" ".join([*pending, code]).split()), name, start))
         pending, start = [], 0
     return commands
 
@@ -121,8 +120,8 @@ def documented_commands() -> list[Command]:
         for span in re.finditer(r"(?<!`)`([^`]+)`(?!`)", prose):
             if INLINE_COMMAND.match(span.group(1)):
                 line = prose.count("\n", 0, span.start()) + 1
-                commands.append(Command(" ".join(span.group(1).split()), f"{name}:{line}"))
-    return commands
+                commands.append(Command(" ".join(span.group(1).split()), name, line))
+    return sorted(commands, key=lambda command: (DOCUMENTS.index(ROOT / command.file), command.line))
 
 
 COMMANDS = documented_commands()
