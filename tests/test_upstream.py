@@ -20,7 +20,9 @@ import pytest
 import torch
 import transformers
 from reference import assert_close
-from trainer_cases import RTOL, run_stock
+from trainer_cases import RTOL, build_model, run_stock
+
+from transformers_cp import enable_context_parallel
 
 TESTS = Path(__file__).resolve().parent
 PATCH = TESTS.parent / "upstream" / "transformers.patch"
@@ -141,3 +143,11 @@ def test_stock_trainer_hands_over_and_trains_as_without_cp(patched, tmp_path):
         assert actual["weights"].keys() == expected["weights"].keys(), name
         for key, value in expected["weights"].items():
             assert_close(actual["weights"][key], value, RTOL, f"{name} weight {key}")
+
+
+def test_arguments_without_the_fields_are_refused(tmp_path):
+    """Without the patch, transformers' arguments have no context_parallel_* fields to hand over."""
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    trainer = transformers.Trainer(model=build_model("llama", reference=False), args=args)
+    with pytest.raises(TypeError, match="no context_parallel_\\* fields.*transformers_cp.TrainingArguments"):
+        enable_context_parallel(trainer)
