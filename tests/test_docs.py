@@ -12,7 +12,7 @@ Parts of `a && b` chains that an earlier command already ran successfully (the R
 install and the main job) are not run again. A command that is neither run successfully nor listed fails, and so
 does a SKIPPED entry that no document holds any more. Commands run in the order of the documents (README first),
 as a reader runs them: a later one may use what an earlier one made (a resume, a plot after its extra's install). Runs every command, so it takes minutes on 2 cores; leave it out
-locally with `--ignore tests/test_docs.py`.
+locally with `-m "not slow"` or `--ignore tests/test_docs.py`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SHELL_BLOCKS = {"bash", "sh", "shell", "console"}
 INLINE_COMMAND = re.compile(r"(?:pip|python|torchrun|accelerate launch|deepspeed)\s+\S")
 TIMEOUT = 600.0
+pytestmark = pytest.mark.slow
 
 GPU = "needs CUDA GPUs"
 # Command (as `Command.key` writes it) -> why the test does not run it.
@@ -145,6 +146,24 @@ def machine(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         "VIRTUAL_ENV": str(environment),
     }
     return root, env
+
+
+def test_blocks_are_read_as_bash_reads_them():
+    """A comment after `\\` ends the command there (the `\\` escapes a blank), so the lines after it are commands of
+    their own: how the quickstart once broke."""
+    block = (
+        "# a comment line\n"
+        "pip install -e .   # trailing comment\n"
+        "\n"
+        "torchrun a.py --x 1 \\\n"
+        "    --y '#not a comment' \\   # a comment after the backslash\n"
+        "    --z 3\n"
+    )
+    assert [(c.key, c.line) for c in _block_commands(block, "doc.md", 10)] == [
+        ("pip install -e .", 11),
+        ("torchrun a.py --x 1 --y '#not a comment' \\", 13),
+        ("--z 3", 15),
+    ]
 
 
 def test_skipped_commands_are_documented():
