@@ -151,3 +151,14 @@ def test_arguments_without_the_fields_are_refused(tmp_path):
     trainer = transformers.Trainer(model=build_model("llama", reference=False), args=args)
     with pytest.raises(TypeError, match="no context_parallel_\\* fields.*transformers_cp.TrainingArguments"):
         enable_context_parallel(trainer)
+
+
+def test_trl_trainers_are_pointed_to_transformers_cp_trl():
+    """TRL's trainers override what the mixin overrides: the refusal names transformers_cp.trl (the torchrun job checks
+    the refusal of a user's subclass, raised on every rank)."""
+    trl = pytest.importorskip("trl")
+    from transformers_cp.integration import _check_overrides
+
+    for trainer_class in (trl.SFTTrainer, trl.DPOTrainer):
+        with pytest.raises(ValueError, match=f"{trainer_class.__name__} defines compute_loss.*transformers_cp.trl"):
+            _check_overrides(trainer_class)

@@ -72,11 +72,14 @@ def _check_overrides(cls: type) -> None:
             return
         clashes = sorted(_MIXIN_NAMES.intersection(vars(klass)))
         if clashes:
+            if cls.__module__.split(".")[0] == "trl":
+                fix = "use transformers_cp.trl's trainers (SFTTrainer, DPOTrainer) with its configs instead of TRL's"
+            else:
+                fix = f"derive {cls.__name__} from transformers_cp.Trainer instead of transformers.Trainer"
             raise ContextParallelConfigError(
                 f"{cls.__name__} defines {', '.join(clashes)} (in {klass.__qualname__}), which context parallelism "
-                f"overrides too, so transformers' Trainer cannot hand it over without skipping that code. Derive "
-                f"{cls.__name__} from transformers_cp.Trainer instead of transformers.Trainer (for TRL's trainers use "
-                "transformers_cp.trl.SFTTrainer or DPOTrainer), or set context_parallel_size=1."
+                f"overrides too, so transformers' Trainer cannot hand it over without skipping that code: {fix}, or "
+                "leave the context_parallel_* arguments at their defaults."
             )
 
 
