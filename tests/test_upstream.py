@@ -42,7 +42,7 @@ def patched(tmp_path_factory) -> Path:
         ["patch", "-p1", "--forward", "--batch", "-i", str(PATCH)], cwd=tree, capture_output=True, text=True
     )
     assert job.returncode == 0, (
-        f"upstream/transformers.patch does not apply to transformers {transformers.__version__} (regenerate it as "
+        f"upstream/transformers.patch does not apply to transformers {transformers.__version__} (remake it as "
         f"docs/upstream.md says):\n{job.stdout}{job.stderr}"
     )
     return tree / "src"
@@ -87,7 +87,8 @@ types = typing.get_type_hints(ContextParallelArguments)  # ours are strings (pos
 ours = {f.name: (types[f.name], f.default, f.metadata["help"]) for f in dataclasses.fields(ContextParallelArguments)}
 theirs = {f.name: (f.type, f.default, f.metadata["help"]) for f in dataclasses.fields(transformers.TrainingArguments)
           if f.name.startswith("context_parallel_")}
-assert theirs == ours, f"the patch's fields differ from transformers_cp's:\\n{theirs}\\n{ours}"
+assert theirs == ours, (f"the patch's fields differ from transformers_cp's (python upstream/regenerate_patch.py):"
+                        f"\\n{theirs}\\n{ours}")
 
 for name in [name for name in sys.modules if name.startswith("transformers_cp")]:
     del sys.modules[name]
