@@ -105,7 +105,7 @@ def test_arguments_are_made_and_saved_in_one_process_the_trainer_checks_the_size
 
 
 def test_offload_error_names_the_checkpointing_flag_of_this_transformers(tmp_path):
-    """The message names the flag the installed transformers takes (activation_checkpointing from 5.24, where
+    """The message names the flag the installed transformers takes (activation_checkpointing from 5.23, where
     gradient_checkpointing is a deprecated alias), and setting it as told passes without a deprecation warning."""
     with pytest.raises(ContextParallelConfigError) as error:
         TrainingArguments(output_dir=str(tmp_path), context_parallel_offload_activations=True)

@@ -19,6 +19,7 @@ _EXPORTS = {
     "context_parallel_attention": "attention",
     "apply_context_parallel": "modeling",
     "remove_context_parallel": "modeling",
+    "enable_context_parallel": "integration",
     "context_parallel_mesh": "modeling",
     "Trainer": "trainer",
     "ContextParallelTrainerMixin": "trainer",
@@ -48,6 +49,7 @@ __all__ = [
     "context_parallel_loss",
     "context_parallel_mesh",
     "count_label_tokens",
+    "enable_context_parallel",
     "gather_sequence",
     "reduce_loss_for_logging",
     "remove_context_parallel",
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
     from .attention import context_parallel_attention
     from .collator import ContextParallelCollator
     from .config import ContextParallelConfig, ContextParallelConfigError
+    from .integration import enable_context_parallel
     from .layout import Layout
     from .loss import context_parallel_loss, count_label_tokens, reduce_loss_for_logging
     from .mesh import ContextParallelMesh, build_mesh

@@ -41,6 +41,7 @@ from .offload import activation_offloader
 from .sampler import shard_dataloader_over_dp
 from .sharding import gather_sequence
 from .tiled_mlp import decoder_mlps
+from .training_args import arguments_config
 
 logger = transformers.utils.logging.get_logger(f"transformers.{__name__}")  # shown as the Trainer's own set-up logs
 
@@ -48,7 +49,8 @@ logger = transformers.utils.logging.get_logger(f"transformers.{__name__}")  # sh
 class ContextParallelTrainerMixin:
     """Context parallelism for a `transformers.Trainer` subclass: `class T(ContextParallelTrainerMixin, SFTTrainer)`.
 
-    Reads `args.context_parallel_config` (transformers_cp's `TrainingArguments`); `cp_mesh` is None while it is off.
+    Reads the `context_parallel_*` fields of `args` (transformers_cp's `TrainingArguments`, or transformers' own with
+    the upstream patch); `cp_mesh` is None while it is off.
     """
 
     cp_mesh: ContextParallelMesh | None = None
@@ -70,7 +72,7 @@ class ContextParallelTrainerMixin:
             settle_gloo_workers_at_exit()
         if self.model is not None:
             self._install_memory_savings(self.model)
-        config = getattr(self.args, "context_parallel_config", None)
+        config = arguments_config(self.args)
         if config is None:
             return
         if not config.enabled:
@@ -139,7 +141,7 @@ class ContextParallelTrainerMixin:
 
     def _memory_savings_on(self, model: torch.nn.Module) -> list[str]:
         """Which of the config's memory savings the model got (see `_install_memory_savings`)."""
-        config = self.args.context_parallel_config
+        config = arguments_config(self.args)
         chunked = chunked_loss_state(model)
         tiled = config.mlp_tile_size != 0 and (config.mlp_tile_size is not None or bool(decoder_mlps(model)))
         offloader = activation_offloader(model)
@@ -158,7 +160,7 @@ class ContextParallelTrainerMixin:
 
     def _install_memory_savings(self, model: torch.nn.Module) -> None:
         """The config's memory savings (`memory.py`), with no chunked loss where the trainer needs the logits."""
-        config = getattr(self.args, "context_parallel_config", None)
+        config = arguments_config(self.args)
         if config is None:
             return
         if self.logits_needed_for_loss and config.loss_chunk_size != 0:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import transformers
 
 from .config import BACKENDS, DEFAULT_MODE, MODES, ContextParallelConfig, ContextParallelConfigError
 from .engines import check_engine_support
 
-# transformers 5.24 renamed `gradient_checkpointing` to `activation_checkpointing` (the old name is a deprecated alias);
+# transformers 5.23 renamed `gradient_checkpointing` to `activation_checkpointing` (the old name is a deprecated alias);
 # messages name the flag the installed version takes.
 CHECKPOINTING_FLAG = (
     "activation_checkpointing"
@@ -103,43 +104,59 @@ class ContextParallelArguments:
     )
 
     def __post_init__(self) -> None:
-        config = self.context_parallel_config  # raises ContextParallelConfigError on a bad field
-        checkpointing = getattr(self, "gradient_checkpointing", False) or getattr(
-            self, "activation_checkpointing", False
-        )
-        if config.offload_activations and not checkpointing:
-            raise ContextParallelConfigError(
-                "context_parallel_offload_activations=True offloads the inputs of checkpointed layers; set "
-                f"{CHECKPOINTING_FLAG}=True too."
-            )
-        if config.enabled:
-            self._check_context_parallel_support()
-        super().__post_init__()  # this starts the process group: every check above comes first
-
-    def _check_context_parallel_support(self) -> None:
-        """Reject the settings that context parallelism cannot honour exactly."""
-        check_engine_support(self)
-        if self.label_smoothing_factor:
-            raise ContextParallelConfigError(
-                f"label_smoothing_factor={self.label_smoothing_factor} is not supported with context_parallel_size > 1 "
-                "(the label smoother shifts labels itself, which a sequence shard cannot); set it to 0."
-            )
-        if self.train_sampling_strategy == "batch_rebalance":
-            raise ContextParallelConfigError(
-                "train_sampling_strategy='batch_rebalance' is not supported with context_parallel_size > 1 (it splits "
-                "batches over all processes itself); use 'random', 'sequential' or 'group_by_length'."
-            )
-        if getattr(self, "neftune_noise_alpha", None):
-            raise ContextParallelConfigError(
-                f"neftune_noise_alpha={self.neftune_noise_alpha} is not supported with context_parallel_size > 1 (its "
-                "noise is scaled by the sequence length, which a rank sees only a shard of); leave it unset."
-            )
+        check_arguments(self)
+        super().__post_init__()  # this starts the process group: every check comes first
 
     @property
     def context_parallel_config(self) -> ContextParallelConfig:
         """The `ContextParallelConfig` these arguments describe (validated on construction)."""
-        names = (f.name for f in dataclasses.fields(ContextParallelConfig))
-        return ContextParallelConfig(**{name: getattr(self, f"context_parallel_{name}") for name in names})
+        return arguments_config(self)
+
+
+def arguments_config(args: Any) -> ContextParallelConfig | None:
+    """The `ContextParallelConfig` that the `context_parallel_*` fields of `args` describe: those of this module's
+    arguments, or of transformers' own `TrainingArguments` with the upstream patch (`integration.py`); None for
+    arguments without the fields."""
+    if not hasattr(args, "context_parallel_size"):
+        return None
+    names = (f.name for f in dataclasses.fields(ContextParallelConfig))
+    return ContextParallelConfig(**{name: getattr(args, f"context_parallel_{name}") for name in names})
+
+
+def check_arguments(args: Any) -> None:
+    """Every check of the `context_parallel_*` settings of `args` (training arguments that have the fields), raising
+    `ContextParallelConfigError`: pure, so that it runs on every rank before any process group exists. The size is
+    checked against the job where the Trainer or the mesh is built (`mesh.job_config`), so that arguments can be made
+    and saved in a single process."""
+    config = arguments_config(args)  # raises ContextParallelConfigError on a bad field
+    checkpointing = getattr(args, "gradient_checkpointing", False) or getattr(args, "activation_checkpointing", False)
+    if config.offload_activations and not checkpointing:
+        raise ContextParallelConfigError(
+            "context_parallel_offload_activations=True offloads the inputs of checkpointed layers; set "
+            f"{CHECKPOINTING_FLAG}=True too."
+        )
+    if config.enabled:
+        _check_support(args)
+
+
+def _check_support(args: Any) -> None:
+    """Reject the settings that context parallelism cannot honour exactly."""
+    check_engine_support(args)
+    if args.label_smoothing_factor:
+        raise ContextParallelConfigError(
+            f"label_smoothing_factor={args.label_smoothing_factor} is not supported with context_parallel_size > 1 "
+            "(the label smoother shifts labels itself, which a sequence shard cannot); set it to 0."
+        )
+    if args.train_sampling_strategy == "batch_rebalance":
+        raise ContextParallelConfigError(
+            "train_sampling_strategy='batch_rebalance' is not supported with context_parallel_size > 1 (it splits "
+            "batches over all processes itself); use 'random', 'sequential' or 'group_by_length'."
+        )
+    if getattr(args, "neftune_noise_alpha", None):
+        raise ContextParallelConfigError(
+            f"neftune_noise_alpha={args.neftune_noise_alpha} is not supported with context_parallel_size > 1 (its "
+            "noise is scaled by the sequence length, which a rank sees only a shard of); leave it unset."
+        )
 
 
 @dataclass
