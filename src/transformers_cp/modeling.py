@@ -23,7 +23,7 @@ from .mesh import ContextParallelMesh, build_mesh, init_distributed
 from .model_checks import check_model, model_config
 from .model_info import max_positions
 from .plan import Documents
-from .recompute import checkpointable_layers, is_checkpointed
+from .recompute import checkpointable_layers
 from .rope import follow_row_positions
 from .router_loss import install_router_loss, remove_router_loss
 from .sharding import BATCH_PROBLEM, ROW_CHECKSUM
@@ -34,10 +34,7 @@ def _pre_forward_hook(state: ContextParallelState):
     mesh = state.mesh
 
     def hook(module, args, kwargs):
-        state.checkpointed_layers = sum(is_checkpointed(layer) for layer in state.layers)
-        state.kept.clear()  # a new forward: whatever the last one kept is stale
-        if state.rotary is not None:
-            state.rotary.entries.clear()
+        state.new_forward()
         checksum, marked = kwargs.pop(ROW_CHECKSUM, None), kwargs.pop(BATCH_PROBLEM, None)  # not for the model
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         inputs = input_ids if input_ids is not None else kwargs.get("inputs_embeds")

@@ -34,6 +34,14 @@ class ContextParallelState:
     max_positions: int | None = None  # longest document the model's positions cover (None: no limit known)
     row_max_position: int | None = None  # the packed row's largest position id, set per forward (see rope.py)
 
+    def new_forward(self) -> None:
+        """Reset what one forward sets: the checkpointed layers are counted again, kept results and the gathered
+        rotary rows of the last forward are stale."""
+        self.checkpointed_layers = sum(is_checkpointed(layer) for layer in self.layers)
+        self.kept.clear()
+        if self.rotary is not None:
+            self.rotary.clear()
+
     def recomputed(self, module: torch.nn.Module) -> bool:
         """Whether `module` lies in a decoder layer that activation checkpointing recomputes in this forward."""
         layer = self.layer_of.get(module)
