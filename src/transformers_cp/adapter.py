@@ -98,7 +98,7 @@ def context_parallel_attention_forward(
         )
     docs = _documents(kwargs, query.shape[2], mesh.cp_size)
     # odysseus attends whole rows (its heads' share of them); the other modes get this rank's shard
-    local = docs.seq_len // (1 if mesh.config.mode == "odysseus" else mesh.cp_size)
+    local = docs.seq_len // (1 if mesh.config.whole_rows else mesh.cp_size)
     if query.shape[2] != local:
         raise ValueError(
             f"this rank holds {query.shape[2]} tokens, but a packed row of {docs.seq_len} tokens over "

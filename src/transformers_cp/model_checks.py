@@ -136,10 +136,10 @@ def check_model(model: torch.nn.Module, config: ContextParallelConfig) -> None:
         from .algorithms.ulysses import check_heads
 
         check_heads(heads, config.ulysses_degree)
-    if config.mode == "odysseus":
+    if config.whole_rows:
         odysseus.check_model(model, config.size)
     check_router_loss(model)
-    if config.mode == "llama3" and kv_heads is not None and kv_heads % config.kv_stride(kv_heads):
+    if config.gathers_keys and kv_heads is not None and kv_heads % config.kv_stride(kv_heads):
         raise ValueError(
             f"context_parallel_heads_k_stride={config.heads_k_stride} must divide the model's {kv_heads} key/value "
             f"heads; pick one of {[d for d in range(1, kv_heads + 1) if kv_heads % d == 0]}."
@@ -151,7 +151,7 @@ def model_config(model: torch.nn.Module, config: ContextParallelConfig) -> Conte
     raises the same error on every rank) and, for `hybrid` without a Ulysses degree, the largest degree the model's
     attention heads and one node allow (`with_auto_ulysses_size`), logged on the main process."""
     config = job_config(config)
-    if config.mode != "hybrid" or config.ulysses_size is not None:
+    if not config.picks_ulysses_degree:
         return config
     heads = getattr(text_config(model), "num_attention_heads", None)
     if not isinstance(heads, int):

@@ -105,7 +105,7 @@ def apply_context_parallel(
         setattr(module, STATE_ATTR, state)
     state.original_configs = _own_config(model)  # so that other models of the same config keep their attention
     model.set_attn_implementation(ATTENTION_NAME)
-    if mesh.config.mode == "odysseus" and mesh.cp_group is not None:
+    if mesh.config.whole_rows and mesh.cp_group is not None:
         state.rotary = odysseus.install(model, mesh)
     state.hooks.append(model.register_forward_pre_hook(_pre_forward_hook(state), with_kwargs=True))
     state.hooks.extend(follow_row_positions(model, lambda: state.row_max_position))

@@ -122,7 +122,7 @@ class ContextParallelTrainerMixin:
         if self.cp_mesh is not None:
             config = self.cp_mesh.config
             layout = f"{config.size} CP ranks × {self.cp_mesh.dp_size} data-parallel"
-            if config.mode == "hybrid":
+            if config.combines_ulysses_and_ring:
                 layout += f" (Ulysses {config.ulysses_degree} × ring {config.ring_size})"
             text = text_config(model)
             heads = getattr(text, "num_attention_heads", None) or 1
