@@ -18,8 +18,9 @@ import transformers
 from attention import CUDA, timed  # benchmarks/attention.py: the same timing protocol
 
 from transformers_cp import ContextParallelCollator, ContextParallelConfig, apply_context_parallel
+from transformers_cp.batch_checks import check_batch
 from transformers_cp.mesh import build_mesh, init_distributed
-from transformers_cp.modeling import _check_batch
+from transformers_cp.state import find_state
 
 
 def main() -> None:
@@ -56,12 +57,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     examples = [{"input_ids": torch.randint(0, 32000, (per_doc,), generator=g).tolist()} for _ in range(cli.documents)]
     batch = {k: v.to(device) for k, v in ContextParallelCollator(mesh)(examples).items()}
-    state = model._context_parallel_state
+    state = find_state(model)
 
     def check() -> None:  # as the pre-forward hook runs it: the document bounds read from the device, then the check
-        _check_batch(
-            model, state, batch["input_ids"], batch, batch["cu_seq_lens_q"].tolist(), batch["cp_row_checksum"]
-        )
+        check_batch(model, state, batch["input_ids"], batch, batch["cu_seq_lens_q"].tolist(), batch["cp_row_checksum"])
 
     def step() -> None:
         model(**batch).loss.backward()

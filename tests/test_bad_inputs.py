@@ -27,7 +27,8 @@ from transformers_cp import ContextParallelCollator, ContextParallelConfig, Cont
 from transformers_cp import TrainingArguments as CPTrainingArguments
 from transformers_cp.loss import count_label_tokens, loss_scale, reduce_loss_for_logging
 from transformers_cp.mesh import build_mesh
-from transformers_cp.modeling import apply_context_parallel, check_model
+from transformers_cp.model_checks import check_model
+from transformers_cp.modeling import apply_context_parallel
 from transformers_cp.sharding import pack_row
 
 RTOL = 1e-5
@@ -697,7 +698,7 @@ def test_mask_overlay_is_refused():
     error from CP attention, not a mask silently ignored; a plain sliding-window mask passes its window on."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-    from transformers_cp.modeling import MaskWindow, context_parallel_attention_forward
+    from transformers_cp.adapter import MaskWindow, context_parallel_attention_forward
 
     model = apply_context_parallel(_llama(sliding_window=5), ContextParallelConfig(size=1))
     masks = dict(config=model.config, inputs_embeds=torch.zeros(1, 8, 32), attention_mask=None, past_key_values=None)

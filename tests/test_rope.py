@@ -31,7 +31,8 @@ from trainer_cases import (
 import transformers_cp
 from transformers_cp import ContextParallelCollator, ContextParallelConfig, gather_sequence
 from transformers_cp.mesh import build_mesh
-from transformers_cp.modeling import apply_context_parallel, max_positions
+from transformers_cp.model_info import max_positions
+from transformers_cp.modeling import apply_context_parallel
 
 ORIGINAL = 24
 CASES = [

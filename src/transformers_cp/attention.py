@@ -61,15 +61,10 @@ def context_parallel_attention(
         return UlyssesAttention.apply(q, k, v, local_segments(docs, left), mesh.ulysses_group, kernel, scale, reuse)
     if layout.ulysses > 1:
         q, k, v = scatter_heads(q, k, v, mesh.ulysses_group, layout.chunks_per_rank)
-    if layout.ring == 1 or config.mode == "odysseus":  # the whole row is here (Ulysses, odysseus, or one rank)
+    if layout.ring == 1 or config.whole_rows:  # the whole row is here (Ulysses, odysseus, or one rank)
         out = LocalAttention.apply(q, k, v, local_segments(docs, left), kernel, scale, reuse)
-    elif config.mode == "llama3":
-        stride = config.kv_stride(k.shape[1])
-        if k.shape[1] % stride:
-            raise ValueError(
-                f"context_parallel_heads_k_stride={stride} must divide the {k.shape[1]} key/value "
-                "heads of the model; pick a divisor of the KV head count."
-            )
+    elif config.gathers_keys:
+        stride = config.kv_stride(k.shape[1])  # divides the KV heads: `model_checks.check_model`
         spans = docs.cached(("spans", layout), lambda: _gather_spans(mesh, docs.seq_len))
         blocks = gathered_plan(docs, layout, mesh.ring_rank, left)
         out = Llama3Attention.apply(q, k, v, blocks, spans, mesh.ring_group, kernel, scale, stride, reuse)

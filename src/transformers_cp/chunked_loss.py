@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .loss import IGNORE_INDEX, causal_lm_loss
+from .model_info import text_config
 from .router_loss import aux_loss_coefficient
 
 # Auto chunking keeps one chunk's logits at this many elements (1 GiB in float32) and turns on when a micro-batch's
@@ -128,17 +129,12 @@ class ChunkedLossState:
         return per_chunk if tokens > per_chunk else 0
 
 
-def _text_config(model: torch.nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def chunked_loss_supported(model: torch.nn.Module) -> str | None:
     """None if the chunked loss reproduces `model`'s loss, else why not."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear):
         return f"{type(model).__name__} has no linear output embedding (lm_head)"
-    config = _text_config(model)
+    config = text_config(model)
     for name in _UNSUPPORTED_SCALING:
         if getattr(config, name, None) not in (None, 1, 1.0):
             return f"{type(model).__name__} scales its logits (config.{name}={getattr(config, name)})"
@@ -159,7 +155,7 @@ def apply_chunked_loss(model: torch.nn.Module, chunk_size: int | None = None) ->
         existing.chunk_size = chunk_size
         return model
     head = model.get_output_embeddings()
-    config = _text_config(model)
+    config = text_config(model)
     state = ChunkedLossState(
         chunk_size, head.out_features, getattr(config, "final_logit_softcapping", None), head.forward
     )

@@ -148,7 +148,7 @@ class ContextParallelConfig:
         and the `heads` query heads (Ulysses splits query heads; fewer KV heads are replicated as far as needed, so
         they set no limit) and divides the `per_node` processes per node (CP ranks are adjacent, so each Ulysses
         group, whose all-to-all moves the most bytes, then stays inside one node). Other configs are returned as is."""
-        if self.mode != "hybrid" or self.ulysses_size is not None:
+        if not self.picks_ulysses_degree:
             return self
         assert self.size is not None, "resolve the config against the world size first"
         fits = [d for d in range(1, self.size + 1) if self.size % d == 0 and heads % d == 0]
@@ -185,6 +185,26 @@ class ContextParallelConfig:
                 )
             return self.ulysses_size
         return 1
+
+    @property
+    def whole_rows(self) -> bool:
+        """Whether each rank attends whole rows with its share of the heads (odysseus) instead of its sequence shard."""
+        return self.mode == "odysseus"
+
+    @property
+    def gathers_keys(self) -> bool:
+        """Whether the ring dimension all-gathers keys and values in KV-head strides (llama3) instead of passing them."""
+        return self.mode == "llama3"
+
+    @property
+    def combines_ulysses_and_ring(self) -> bool:
+        """Whether the mode splits CP into a Ulysses degree and a ring degree (hybrid)."""
+        return self.mode == "hybrid"
+
+    @property
+    def picks_ulysses_degree(self) -> bool:
+        """Whether the Ulysses degree is left to the model's heads (`with_auto_ulysses_size`)."""
+        return self.mode == "hybrid" and self.ulysses_size is None
 
     @property
     def layout(self) -> str:

@@ -183,7 +183,7 @@ def _column_projection(linear: torch.nn.Linear, cols: slice, with_bias: bool):
     return forward
 
 
-class _RotaryCache:
+class RotaryCache:
     """The whole row's (cos, sin), gathered once per forward: every layer receives the same position embeddings."""
 
     def __init__(self) -> None:
@@ -199,8 +199,12 @@ class _RotaryCache:
             self.entries[id(embeddings[0])] = entry
         return entry[1]
 
+    def clear(self) -> None:
+        """Forget the last forward's rows (a new forward gathers its own)."""
+        self.entries.clear()
 
-def _attention_forward(module: torch.nn.Module, mesh: ContextParallelMesh, rotary: _RotaryCache):
+
+def _attention_forward(module: torch.nn.Module, mesh: ContextParallelMesh, rotary: RotaryCache):
     original = module.forward
     signature = inspect.signature(original)
     group = mesh.cp_group
@@ -227,11 +231,11 @@ def _attention_forward(module: torch.nn.Module, mesh: ContextParallelMesh, rotar
     return forward
 
 
-def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> _RotaryCache:
+def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> RotaryCache:
     """Replace the attention and projection forwards of every attention module; returns the per-forward cache that
     the model's pre-forward hook clears. A LoRA adapter follows its layer's split: B keeps the rows of the local heads
     of q/k/v; on o_proj, A keeps their columns and B (whose bias, like the layer's, counts on one rank) the partial sum."""
-    rotary = _RotaryCache()
+    rotary = RotaryCache()
     first = mesh.cp_rank == 0
     for module in attention_modules(model):
         d = module.head_dim

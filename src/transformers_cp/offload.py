@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .algorithms.reuse import in_backward
-from .modeling import _STATE_ATTR as _CP_STATE_ATTR
 from .recompute import checkpointable_layers, is_checkpointed
+from .state import find_state
 
 _STATE_ATTR = "_activation_offload_state"
 
@@ -205,7 +205,7 @@ def apply_activation_offload(model: torch.nn.Module, attention_outputs: bool = F
             getattr(module, "config", None), "output_hidden_states", False
         )
         offloader.begin_forward(checkpointing and torch.is_grad_enabled() and not wants_hidden)
-        cp_state = getattr(module, _CP_STATE_ATTR, None)  # context parallelism may be applied after this
+        cp_state = find_state(module)  # context parallelism may be applied after this
         if attention_outputs and cp_state is not None and not isinstance(cp_state.kept, _OffloadingStore):
             cp_state.kept = _OffloadingStore(offloader)
 
@@ -224,7 +224,7 @@ def remove_activation_offload(model: torch.nn.Module) -> torch.nn.Module:
     if offloader is None:
         return model
     offloader.begin_forward(False)
-    cp_state = getattr(model, _CP_STATE_ATTR, None)
+    cp_state = find_state(model)
     if cp_state is not None and isinstance(cp_state.kept, _OffloadingStore):
         cp_state.kept = {}
     for hook in offloader.hooks:

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from .mesh import ContextParallelMesh
+from .model_info import text_config
 
 FUNCTION_NAME = "load_balancing_loss_func"
 _COEF_NAMES = ("router_aux_loss_coef", "aux_loss_coef")
@@ -176,14 +177,9 @@ def is_standard(function) -> bool:
     return True
 
 
-def _text_config(model: torch.nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def aux_loss_coefficient(model: torch.nn.Module) -> float:
     """The coefficient the model's forward multiplies its `aux_loss` by (0.0 where it has none)."""
-    for source in (model, _text_config(model), model.config):
+    for source in (model, text_config(model), model.config):
         for name in _COEF_NAMES:
             value = getattr(source, name, None)
             if isinstance(value, (int, float)):
@@ -195,7 +191,7 @@ def check_router_loss(model: torch.nn.Module, coef: float | None = None, enabled
     """Refuse a model whose router aux loss is on (`coef`, `enabled`: the model's own settings unless given) and is
     not the standard formula, which CP computes exactly over sequence shards. Talks to no other rank."""
     coef = aux_loss_coefficient(model) if coef is None else coef
-    enabled = bool(getattr(_text_config(model), "output_router_logits", False)) if enabled is None else enabled
+    enabled = bool(getattr(text_config(model), "output_router_logits", False)) if enabled is None else enabled
     if not coef or not enabled:
         return
     for module in _modules_of(model):

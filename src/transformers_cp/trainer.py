@@ -36,7 +36,9 @@ from .kernels import kernel_class
 from .loss import count_label_tokens, loss_scale, reduce_loss_for_logging
 from .memory import apply_memory_savings
 from .mesh import ContextParallelMesh, build_mesh, job_config, settle_gloo_workers_at_exit
-from .modeling import apply_context_parallel, check_model, model_config
+from .model_checks import check_model, model_config
+from .model_info import text_config
+from .modeling import apply_context_parallel
 from .offload import activation_offloader
 from .sampler import shard_dataloader_over_dp
 from .sharding import gather_sequence
@@ -120,9 +122,9 @@ class ContextParallelTrainerMixin:
         if self.cp_mesh is not None:
             config = self.cp_mesh.config
             layout = f"{config.size} CP ranks × {self.cp_mesh.dp_size} data-parallel"
-            if config.mode == "hybrid":
+            if config.combines_ulysses_and_ring:
                 layout += f" (Ulysses {config.ulysses_degree} × ring {config.ring_size})"
-            text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+            text = text_config(model)
             heads = getattr(text, "num_attention_heads", None) or 1
             head_dim = getattr(text, "head_dim", None) or getattr(text, "hidden_size", 0) // heads
             dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else model.dtype

@@ -1,0 +1,171 @@
+"""Model checks: the settings context parallelism cannot honour, refused on every rank before any process group.
+
+CP shards the sequence and exchanges only attention's keys and values. A layer that looks along the sequence in any
+other way (a 1-D convolution, a state-space or linear-attention recurrence, compressed, chunked or indexed sparse
+attention) would run on this rank's shard alone or without its pattern, and attention sinks, softcapping and dropout
+change a softmax the CP kernels compute without them: each would make the result silently wrong, so `check_model`
+refuses such models. Nothing here talks to other ranks, so every rank raises the same error.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from . import odysseus
+from .config import ContextParallelConfig, ContextParallelConfigError
+from .mesh import job_config, node_size
+from .model_info import text_config
+from .router_loss import check_router_loss
+
+logger = transformers.utils.logging.get_logger(f"transformers.{__name__}")  # shown as transformers' own logs are
+
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "attention", "mlp", "moe"})
+"""Layer kinds CP computes exactly: (sliding-window) softmax attention, and blocks that act on each token alone."""
+
+LAYER_TYPE_FIELDS = ("layer_types", "layers_block_type", "block_types")
+"""Config fields in which transformers' models declare the kind of each layer."""
+
+MIXER_CLASS_WORDS = ("mamba", "lightning", "deltanet", "rglru", "rwkv", "lstm", "shortconv")
+"""Lower-case words in the class names of transformers' sequence mixers that are not softmax attention."""
+
+
+def foreign_layer_types(text_config) -> list[str]:
+    """'field: [kinds]' for each config field that declares layers other than attention and per-token blocks."""
+    found = []
+    for name in LAYER_TYPE_FIELDS:
+        kinds = getattr(text_config, name, None)
+        if isinstance(kinds, (list, tuple)):
+            other = sorted({k for k in kinds if isinstance(k, str) and k not in ATTENTION_LAYER_TYPES})
+            if other:
+                found.append(f"{name}: {other}")
+    return found
+
+
+SPARSE_ATTENTION_FIELDS = ("index_topk", "keep_window_size")
+"""Config fields of sparse attention that picks, per query, which keys softmax sees: an indexer's top-k
+(DeepSeek-V3.2 style) or a dynamic mask's (Doge)."""
+
+
+def sparse_attention(text_config) -> list[str]:
+    """'field=value' for each sparse-attention setting the config holds."""
+    return [
+        f"{name}={getattr(text_config, name)}" for name in SPARSE_ATTENTION_FIELDS if getattr(text_config, name, None)
+    ]
+
+
+def sequence_mixers(model: torch.nn.Module) -> list[str]:
+    """'module (class)' for the modules of the language model's decoder layers that mix tokens without attention."""
+    decoder = (model.get_decoder() if hasattr(model, "get_decoder") else None) or model
+    layers = getattr(decoder, "layers", None)
+    scope = layers if isinstance(layers, torch.nn.ModuleList) else decoder
+    inside = set(scope.modules())  # the decoder layers: not a vision or audio tower, nor an embedding extension
+    found = []
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if module in inside and (
+            isinstance(module, torch.nn.Conv1d) or any(word in kind.lower() for word in MIXER_CLASS_WORDS)
+        ):
+            found.append(f"{name} ({kind})")
+    return found
+
+
+def attention_sinks(model: torch.nn.Module) -> list[str]:
+    """Names of attention-sink parameters (a learned logit per head that joins every softmax)."""
+    return [name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1] in ("sinks", "s_aux")]
+
+
+DROPOUT_FIELDS = ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop")
+"""Config fields that hold the attention dropout probability in transformers' models."""
+
+
+def unsupported(setting: str, fix: str) -> ValueError:
+    return ValueError(f"context parallel attention does not support {setting}; {fix}")
+
+
+def check_model(model: torch.nn.Module, config: ContextParallelConfig) -> None:
+    """Reject model settings CP cannot honour. `config` is resolved against the world size; nothing here talks to
+    other ranks, so every rank raises the same error before the mesh's groups are made or any collective runs."""
+    if not getattr(model, "_supports_attention_backend", True):
+        raise unsupported(
+            f"{type(model).__name__}, whose attention is not pluggable through transformers' AttentionInterface "
+            "(its attention, e.g. ALiBi in Bloom, Falcon or MPT, would silently run on the local shard only)",
+            "use a model whose attention supports attn_implementation choices (Llama, Qwen2/3, Mistral, ...).",
+        )
+    text = text_config(model)
+    heads = getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    for name in DROPOUT_FIELDS:
+        if getattr(text, name, None):
+            raise unsupported(f"attention dropout ({name}={getattr(text, name)})", f"set the model's {name}=0.0.")
+    if getattr(text, "alibi", False) or getattr(text, "use_alibi", False):
+        raise unsupported("ALiBi position biases", "use a RoPE model.")
+    sparse = sparse_attention(text)
+    if sparse:
+        raise unsupported(
+            f"sparse attention that picks the keys each query sees ({', '.join(sparse)})",
+            "use a model with dense (full or sliding-window) attention.",
+        )
+    layer_kinds = foreign_layer_types(text)
+    if layer_kinds:
+        raise unsupported(
+            f"these layer kinds ({'; '.join(layer_kinds)}): across ranks it computes exactly only causal full or "
+            "sliding-window softmax attention and blocks that act on each token alone (MLP, MoE)",
+            "use a model whose layers are all of those kinds.",
+        )
+    mixers = sequence_mixers(model)
+    if mixers:
+        more = f" and {len(mixers) - 3} more" if len(mixers) > 3 else ""
+        raise unsupported(
+            f"modules that mix tokens outside attention ({', '.join(mixers[:3])}{more}): they would see this rank's "
+            "shard of the sequence alone",
+            "use a model without convolutions or recurrent / state-space / linear-attention layers.",
+        )
+    sinks = attention_sinks(model)
+    if sinks:
+        raise unsupported(
+            f"attention sinks ({sinks[0]}{' and more' if len(sinks) > 1 else ''})",
+            "use a model without attention sinks.",
+        )
+    if getattr(text, "attn_logit_softcapping", None):
+        raise unsupported(
+            f"attention logit softcapping (attn_logit_softcapping={text.attn_logit_softcapping})",
+            "set the model's attn_logit_softcapping=None, or use a model without it.",
+        )
+    if heads is not None and config.ulysses_degree > 1:
+        from .algorithms.ulysses import check_heads
+
+        check_heads(heads, config.ulysses_degree)
+    if config.whole_rows:
+        odysseus.check_model(model, config.size)
+    check_router_loss(model)
+    if config.gathers_keys and kv_heads is not None and kv_heads % config.kv_stride(kv_heads):
+        raise ValueError(
+            f"context_parallel_heads_k_stride={config.heads_k_stride} must divide the model's {kv_heads} key/value "
+            f"heads; pick one of {[d for d in range(1, kv_heads + 1) if kv_heads % d == 0]}."
+        )
+
+
+def model_config(model: torch.nn.Module, config: ContextParallelConfig) -> ContextParallelConfig:
+    """`config` as it runs on `model` in this job: the size resolved against the processes (`job_config`, which
+    raises the same error on every rank) and, for `hybrid` without a Ulysses degree, the largest degree the model's
+    attention heads and one node allow (`with_auto_ulysses_size`), logged on the main process."""
+    config = job_config(config)
+    if not config.picks_ulysses_degree:
+        return config
+    heads = getattr(text_config(model), "num_attention_heads", None)
+    if not isinstance(heads, int):
+        raise ContextParallelConfigError(
+            f"context_parallel_mode='hybrid' takes its Ulysses degree from the model's attention heads, but "
+            f"{type(model).__name__}'s config states none (num_attention_heads); set context_parallel_ulysses_size."
+        )
+    per_node = node_size()
+    chosen = config.with_auto_ulysses_size(heads, per_node)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        node = f" and the {per_node} processes per node" if per_node is not None else ""
+        logger.info(
+            f"context_parallel_mode='hybrid': Ulysses degree {chosen.ulysses_size} × ring degree {chosen.ring_size}, "
+            f"the largest Ulysses degree dividing context_parallel_size={config.size}, the model's {heads} attention "
+            f"heads{node} (set context_parallel_ulysses_size to choose another)."
+        )
+    return chosen
