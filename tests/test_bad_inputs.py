@@ -709,3 +709,20 @@ def test_mask_overlay_is_refused():
     q = torch.zeros(1, 4, 8, 8)
     with pytest.raises(ValueError, match="image tokens"):
         context_parallel_attention_forward(model.model.layers[0].self_attn, q, q, q, overlay)
+
+
+def test_values_the_model_passes_at_call_time_are_refused():
+    """A dropout, softcap or sink that the model passes to attention is refused even where its config holds it under
+    a field the model checks do not know (it would otherwise be dropped silently)."""
+    from transformers_cp.adapter import context_parallel_attention_forward
+
+    model = apply_context_parallel(_llama(), ContextParallelConfig(size=1))
+    attention = model.model.layers[0].self_attn
+    q = torch.zeros(1, 4, 8, 8)
+    for kwargs, words in (
+        (dict(dropout=0.1), "attention dropout (0.1)"),
+        (dict(softcap=30.0), "softcapping (30.0)"),
+        (dict(s_aux=torch.zeros(4)), "attention sinks"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            context_parallel_attention_forward(attention, q, q, q, None, **kwargs)

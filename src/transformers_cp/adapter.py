@@ -70,8 +70,16 @@ def context_parallel_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers `AttentionInterface` entry: (1, H, L, D) in, (1, L, H, D) out, as the other backends.
 
-    The model's settings (dropout, softcapping, sinks) are refused by `model_checks.check_model` and its inputs
-    (padding masks, several rows) by the pre-forward hook; what only the call shows is checked here."""
+    The model's settings (dropout, softcapping, sinks) are refused by `model_checks.check_model` from its config and
+    its inputs (padding masks, several rows) by the pre-forward hook; what only the call shows is checked here, among
+    it the values the model really passes (a dropout, softcap or sink held under a config field the checks do not
+    know would otherwise be dropped silently)."""
+    if dropout:
+        raise unsupported(f"attention dropout ({dropout})", "set the model's attention dropout to 0.0.")
+    if kwargs.get("softcap"):
+        raise unsupported(f"attention logit softcapping ({kwargs['softcap']})", "use a model without it.")
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise unsupported("attention sinks", "use a model without attention sinks.")
     if kwargs.get("output_attentions"):
         raise unsupported(
             "output_attentions=True",
