@@ -18,11 +18,11 @@ from reference import assert_close
 from trainer_cases import (
     RTOL,
     VOCAB,
-    CPTrainer,
     arguments,
     assert_same_run,
     build_model,
     cp_trainer,
+    flattening_cp_trainer,
     run_cp,
     run_stock,
     sft_dataset,
@@ -266,14 +266,7 @@ def _run_without_cp(family: str, predict: bool = False, **kwargs) -> dict:
     args = TrainingArguments(
         **arguments(gradient_checkpointing=True, context_parallel_offload_activations=True, **SAVINGS, **kwargs)
     )
-    trainer = CPTrainer(
-        model=build_model(family, reference=True),
-        args=args,
-        data_collator=transformers.DataCollatorWithFlattening(),
-        train_dataset=sft_dataset(13, 0),
-        eval_dataset=sft_dataset(7, 1),
-    )
-    return train_and_record(trainer, predict)
+    return train_and_record(flattening_cp_trainer(family, args), predict)
 
 
 def test_trainer_with_savings_is_the_stock_trainer():

@@ -26,13 +26,12 @@ import torch.distributed as dist
 import transformers
 from distributed import run_distributed
 from trainer_cases import (
-    CPTrainer,
     arguments,
     assert_same_run,
     build_model,
+    flattening_cp_trainer,
     run_cp,
     run_stock,
-    sft_dataset,
     train_and_record,
 )
 
@@ -112,13 +111,7 @@ def test_cp2_dp2(references):
 def test_memory_savings_without_cp(references, family):
     """context_parallel_size=1: the chunked loss returns cross-entropy + coef · aux, the tiled MLP trains the router."""
     args = transformers_cp.TrainingArguments(**arguments(**SAVINGS))
-    trainer = CPTrainer(
-        model=build_model(family, reference=True),
-        args=args,
-        data_collator=transformers.DataCollatorWithFlattening(),
-        train_dataset=sft_dataset(13, 0),
-        eval_dataset=sft_dataset(7, 1),
-    )
+    trainer = flattening_cp_trainer(family, args)
     assert trainer.cp_mesh is None
     expected = torch.load(os.path.join(references, f"dp1_{family}.pt"))
     assert_same_run(train_and_record(trainer), expected, f"{family} size 1 with savings")

@@ -179,6 +179,18 @@ def run_stock(family: str, predict: bool = False, **kwargs) -> dict:
     return train_and_record(trainer, predict)
 
 
+def flattening_cp_trainer(family: str, args: transformers.TrainingArguments) -> CPTrainer:
+    """transformers_cp's Trainer on the stock run's model and collator (DataCollatorWithFlattening): for runs with
+    context_parallel_size=1, which must equal the stock Trainer."""
+    return CPTrainer(
+        model=build_model(family, reference=True),
+        args=args,
+        data_collator=transformers.DataCollatorWithFlattening(),
+        train_dataset=sft_dataset(13, 0),
+        eval_dataset=sft_dataset(7, 1),
+    )
+
+
 def cp_trainer(family: str, size: int, mode: str, ulysses_size: int | None = None, **kw) -> CPTrainer:
     args = transformers_cp.TrainingArguments(
         **arguments(
