@@ -22,9 +22,9 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import transformers
 from distributed import run_distributed
+from test_trainer import _stock_dp_worker
 from trainer_cases import (
     arguments,
     assert_same_run,
@@ -55,22 +55,12 @@ CP2_DP1 = [
 CP2_DP2 = [("mixtral", "llama3", True, True), ("qwen2_moe", "zigzag", False, False)]
 
 
-def _stock_dp_worker(rank, world, out_dir):
-    for family, _, _, average_tokens in CP2_DP2:
-        result = run_stock(family, average_tokens_across_devices=average_tokens)
-        per_rank = [None] * world
-        dist.all_gather_object(per_rank, result["step_losses"])
-        result["step_losses"] = per_rank
-        if rank == 0:
-            torch.save(result, os.path.join(out_dir, f"dp2_{family}.pt"))
-
-
 @pytest.fixture(scope="module")
 def references(tmp_path_factory) -> str:
     out_dir = str(tmp_path_factory.mktemp("stock_moe"))
     for family in FAMILIES:
         torch.save(run_stock(family), os.path.join(out_dir, f"dp1_{family}.pt"))
-    run_distributed(_stock_dp_worker, 2, out_dir)
+    run_distributed(_stock_dp_worker, 2, out_dir, [(family, average) for family, _, _, average in CP2_DP2])
     return out_dir
 
 
