@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from . import changes
 from .loss import IGNORE_INDEX, causal_lm_loss
 from .model_info import text_config
 from .router_loss import aux_loss_coefficient
@@ -29,7 +30,7 @@ from .router_loss import aux_loss_coefficient
 # Auto chunking keeps one chunk's logits at this many elements (1 GiB in float32) and turns on when a micro-batch's
 # logits would be larger than one chunk.
 AUTO_LOGITS_PER_CHUNK = 1 << 28
-_STATE_ATTR = "_chunked_loss_state"
+NAME = "chunked_loss"
 # Config fields that rescale the logits in some models' forward, which the chunked loss does not reproduce.
 _UNSUPPORTED_SCALING = ("logit_scale", "logits_scaling")
 
@@ -119,7 +120,6 @@ class ChunkedLossState:
     enabled: bool = True  # off while a caller needs the logits (the Trainer's prediction)
     labels: torch.Tensor | None = None  # shift labels of the call in flight
     ce_sum: torch.Tensor | None = None  # its cross-entropy sum, set by the head
-    hooks: tuple = ()
 
     def chunk_for(self, tokens: int) -> int:
         """Tokens per chunk for a micro-batch of `tokens` tokens (0: this call does not chunk)."""
@@ -150,7 +150,7 @@ def apply_chunked_loss(model: torch.nn.Module, chunk_size: int | None = None) ->
     reason = chunked_loss_supported(model)
     if reason is not None:
         raise ValueError(f"context_parallel_loss_chunk_size: {reason}; set context_parallel_loss_chunk_size=0.")
-    existing = getattr(model, _STATE_ATTR, None)
+    existing = chunked_loss_state(model)
     if existing is not None:
         existing.chunk_size = chunk_size
         return model
@@ -197,26 +197,16 @@ def apply_chunked_loss(model: torch.nn.Module, chunk_size: int | None = None) ->
         fields = {k: v for k, v in output.items() if k not in ("loss", "logits")}
         return type(output)(loss=loss, **fields)
 
-    head.forward = head_forward
-    state.hooks = (
-        model.register_forward_pre_hook(pre_forward, with_kwargs=True),
-        model.register_forward_hook(post_forward, with_kwargs=True),
-    )
-    setattr(model, _STATE_ATTR, state)
+    change = changes.install(model, NAME, state=state, pre=pre_forward, post=post_forward)
+    change.replace_forward(head, head_forward)
     return model
 
 
 def remove_chunked_loss(model: torch.nn.Module) -> torch.nn.Module:
     """Undo `apply_chunked_loss`."""
-    state = getattr(model, _STATE_ATTR, None)
-    if state is None:
-        return model
-    for hook in state.hooks:
-        hook.remove()
-    del model.get_output_embeddings().forward
-    delattr(model, _STATE_ATTR)
+    changes.remove(model, NAME)
     return model
 
 
 def chunked_loss_state(model: torch.nn.Module) -> ChunkedLossState | None:
-    return getattr(model, _STATE_ATTR, None)
+    return changes.state(model, NAME)

@@ -3,9 +3,10 @@
 The model's attention is switched to the registered implementation `"context_parallel"` (`adapter.py`), whatever it
 was loaded with, so no flash-attn is needed. The CP settings live on the model's modules (`state.py`), and the model
 gets its own copy of its config (transformers reads the attention implementation from the config, which models made
-from one config object share), so two models in one process keep their own. A forward pre-hook checks the batch on
-every rank (`batch_checks.py`) and turns its document boundaries into a `Documents` object once per forward (every
-layer reuses it).
+from one config object share), so two models in one process keep their own. CP's pre-forward stage (`changes.py`)
+checks the batch on every rank (`batch_checks.py`) and turns its document boundaries into a `Documents` object once
+per forward (every layer reuses it). Everything is installed as the `"context_parallel"` change of the model (plus the
+router-loss one), so `remove_context_parallel` undoes exactly that.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import copy
 import torch
 import transformers
 
-from . import odysseus
+from . import changes, odysseus
 from .adapter import register
 from .batch_checks import check_batch, documents_from_position_ids
 from .config import ContextParallelConfig
@@ -25,12 +26,18 @@ from .model_info import max_positions
 from .plan import Documents
 from .recompute import checkpointable_layers
 from .rope import follow_row_positions
-from .router_loss import install_router_loss, remove_router_loss
+from .router_loss import NAME as ROUTER_LOSS
+from .router_loss import install_router_loss
 from .sharding import BATCH_PROBLEM, ROW_CHECKSUM
 from .state import ATTENTION_NAME, STATE_ATTR, ContextParallelState, find_state
 
+NAME = "context_parallel"
+_DEPENDENT = ("padded_rows", ROUTER_LOSS)
+"""Changes installed on a CP model that work only with CP's stage (TRL's padded rows, the row's router loss): removed
+with it."""
 
-def _pre_forward_hook(state: ContextParallelState):
+
+def _pre_forward_stage(state: ContextParallelState):
     mesh = state.mesh
 
     def hook(module, args, kwargs):
@@ -101,33 +108,35 @@ def apply_context_parallel(
     state = ContextParallelState(mesh, config, max_positions=max_positions(model))
     state.layers = checkpointable_layers(model)
     state.layer_of = {module: layer for layer in state.layers for module in layer.modules()}
+
+    def undo() -> None:
+        for module in model.modules():
+            if getattr(module, STATE_ATTR, None) is state:
+                delattr(module, STATE_ATTR)
+        for module, name, original in state.original_configs:
+            setattr(module, name, original)
+
+    change = changes.install(model, NAME, state=state, pre=_pre_forward_stage(state), undo=undo)
+    state.kept = changes.kept_outputs(model)  # shared with a feature that moves them (activation offload)
     for module in model.modules():
-        setattr(module, STATE_ATTR, state)
+        setattr(module, STATE_ATTR, state)  # the attention function finds its settings on its module
     state.original_configs = _own_config(model)  # so that other models of the same config keep their attention
     model.set_attn_implementation(ATTENTION_NAME)
     if mesh.config.whole_rows and mesh.cp_group is not None:
-        state.rotary = odysseus.install(model, mesh)
-    state.hooks.append(model.register_forward_pre_hook(_pre_forward_hook(state), with_kwargs=True))
-    state.hooks.extend(follow_row_positions(model, lambda: state.row_max_position))
-    state.hooks.extend(install_router_loss(model, mesh))  # after the hook above: the row's MoE aux loss
+        state.rotary = odysseus.install(model, mesh, change)
+    for handle in follow_row_positions(model, lambda: state.row_max_position):
+        change.track(handle)
+    install_router_loss(model, mesh)
     return model
 
 
 def remove_context_parallel(model: torch.nn.Module) -> torch.nn.Module:
-    """Restore the attention implementation the model had before `apply_context_parallel`, by giving its modules back
-    the config objects they held then."""
-    state = find_state(model)
-    if state is None:
+    """Undo `apply_context_parallel`: its stage, hooks and forward replacements go, and the model's modules get back
+    the config objects (so the attention implementation) they held before."""
+    if find_state(model) is None:
         return model
-    for hook in state.hooks:
-        hook.remove()
-    odysseus.uninstall(model)
-    remove_router_loss(model)
-    for module in model.modules():
-        if getattr(module, STATE_ATTR, None) is state:
-            delattr(module, STATE_ATTR)
-    for module, name, original in state.original_configs:
-        setattr(module, name, original)
+    for name in (*_DEPENDENT, NAME):
+        changes.remove(model, name)
     return model
 
 

@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from .algorithms.ulysses import kv_heads_for_rank
+from .changes import Change
 from .comm import GatherSequence, ScatterSequence, all_gather
 from .mesh import ContextParallelMesh
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-_REPLACED = "_context_parallel_odysseus_replaced"  # on a module whose forward this mode replaced: the instance forward
-# it had before (None when it used its class's)
 
 
 @dataclass(frozen=True)
@@ -156,12 +155,6 @@ def _take(tensor: torch.Tensor, index: slice | list[int], dim: int) -> torch.Ten
     return tensor.index_select(dim, torch.tensor(index, device=tensor.device))
 
 
-def _replace_forward(module: torch.nn.Module, forward) -> None:
-    """Replace the instance's forward (hooks of other engines still run through `__call__`)."""
-    setattr(module, _REPLACED, vars(module).get("forward"))
-    module.forward = forward
-
-
 def _row_projection(linear: torch.nn.Linear, rows: slice | list[int]):
     def forward(x: torch.Tensor) -> torch.Tensor:
         bias = None if linear.bias is None else _take(linear.bias, rows, 0)
@@ -231,10 +224,11 @@ def _attention_forward(module: torch.nn.Module, mesh: ContextParallelMesh, rotar
     return forward
 
 
-def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> RotaryCache:
-    """Replace the attention and projection forwards of every attention module; returns the per-forward cache that
-    the model's pre-forward hook clears. A LoRA adapter follows its layer's split: B keeps the rows of the local heads
-    of q/k/v; on o_proj, A keeps their columns and B (whose bias, like the layer's, counts on one rank) the partial sum."""
+def install(model: torch.nn.Module, mesh: ContextParallelMesh, change: Change) -> RotaryCache:
+    """Replace the attention and projection forwards of every attention module, as part of `change` (CP's, which
+    restores them on removal); returns the per-forward cache that the CP state clears. A LoRA adapter follows its
+    layer's split: B keeps the rows of the local heads of q/k/v; on o_proj, A keeps their columns and B (whose bias,
+    like the layer's, counts on one rank) the partial sum."""
     rotary = RotaryCache()
     first = mesh.cp_rank == 0
     for module in attention_modules(model):
@@ -243,25 +237,13 @@ def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> RotaryCache:
         plan = plan_heads(q.out_features // d, k.out_features // d, d, mesh.cp_size, mesh.cp_rank)
         for name, rows in (("q_proj", plan.q), ("k_proj", plan.kv), ("v_proj", plan.kv)):
             base, adapters = _projection(module, name)
-            _replace_forward(base, _row_projection(base, rows))
+            change.replace_forward(base, _row_projection(base, rows))
             for _, lora_b in adapters:
-                _replace_forward(lora_b, _row_projection(lora_b, rows))
+                change.replace_forward(lora_b, _row_projection(lora_b, rows))
         base, adapters = _projection(module, "o_proj")
-        _replace_forward(base, _column_projection(base, plan.q, with_bias=first))
+        change.replace_forward(base, _column_projection(base, plan.q, with_bias=first))
         for lora_a, lora_b in adapters:
-            _replace_forward(lora_a, _column_projection(lora_a, plan.q, with_bias=first))
-            _replace_forward(lora_b, _column_projection(lora_b, slice(None), with_bias=first))
-        _replace_forward(module, _attention_forward(module, mesh, rotary))
+            change.replace_forward(lora_a, _column_projection(lora_a, plan.q, with_bias=first))
+            change.replace_forward(lora_b, _column_projection(lora_b, slice(None), with_bias=first))
+        change.replace_forward(module, _attention_forward(module, mesh, rotary))
     return rotary
-
-
-def uninstall(model: torch.nn.Module) -> None:
-    """Give every module this mode touched its class's forward back."""
-    for module in model.modules():
-        if hasattr(module, _REPLACED):
-            previous = getattr(module, _REPLACED)
-            delattr(module, _REPLACED)
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import changes
 from .algorithms.reuse import in_backward
 from .recompute import checkpointable_layers, is_checkpointed
-from .state import find_state
 
-_STATE_ATTR = "_activation_offload_state"
+NAME = "offload"
 
 
 @dataclass
@@ -50,7 +50,6 @@ class ActivationOffloader:
     pool: dict = field(default_factory=dict)  # nbytes → free host buffers, reused across steps
     active: bool = False
     moved_bytes: int = 0  # device → host, since the offloader was installed (a diagnostic)
-    hooks: list = field(default_factory=list)
     _stream: torch.cuda.Stream | None = None
 
     def stream(self, device: torch.device) -> torch.cuda.Stream:
@@ -138,24 +137,21 @@ class ActivationOffloader:
                 self._fetch(previous)
 
 
-class _OffloadingStore(dict):
-    """The CP attention's kept (out, lse) per attention module (`algorithms.reuse.ForwardReuse`'s store), with `out`
-    in host memory from when it is kept until its recomputation takes it."""
+class KeptAttentionOutputs:
+    """Watches the model's store of kept attention results (`changes.KeptOutputs`, CP's (out, lse) per attention
+    module): `out` is in host memory from when it is kept until its recomputation takes it."""
 
     def __init__(self, offloader: ActivationOffloader) -> None:
-        super().__init__()
         self.offloader = offloader
 
-    def __setitem__(self, key, value) -> None:
-        super().__setitem__(key, value)
+    def kept(self, key: object, value) -> None:
         # One (out, lse), or a list of them (Ulysses keeps one per pipeline stage); several stay on the device.
         pairs = value if isinstance(value, list) else [value]
         if self.offloader.active and len(pairs) == 1:
             self.offloader.offload(key, pairs[0][0])
 
-    def pop(self, key, default=None):
+    def taking(self, key: object) -> None:
         self.offloader.restore(key)
-        return super().pop(key, default)
 
 
 def _first_grad_fn(output) -> torch.autograd.graph.Node | None:
@@ -187,7 +183,7 @@ def apply_activation_offload(model: torch.nn.Module, attention_outputs: bool = F
     """Offload the checkpointed decoder-layer inputs of `model` (and, with `attention_outputs`, the attention outputs
     that context parallelism keeps for the recomputation) to host memory while training with activation
     checkpointing (a no-op otherwise). Idempotent; undone by `remove_activation_offload`."""
-    if getattr(model, _STATE_ATTR, None) is not None:
+    if changes.installed(model, NAME):
         return model
     layers = checkpointable_layers(model)
     if not layers:
@@ -196,8 +192,6 @@ def apply_activation_offload(model: torch.nn.Module, attention_outputs: bool = F
             "(transformers' GradientCheckpointingLayer); set context_parallel_offload_activations=False."
         )
     offloader = ActivationOffloader()
-    for layer in layers:
-        layer.forward = _layer_forward(layer, layer.forward, offloader)
 
     def pre_forward(module, args, kwargs):
         checkpointing = any(is_checkpointed(layer) for layer in layers)
@@ -205,32 +199,27 @@ def apply_activation_offload(model: torch.nn.Module, attention_outputs: bool = F
             getattr(module, "config", None), "output_hidden_states", False
         )
         offloader.begin_forward(checkpointing and torch.is_grad_enabled() and not wants_hidden)
-        cp_state = find_state(module)  # context parallelism may be applied after this
-        if attention_outputs and cp_state is not None and not isinstance(cp_state.kept, _OffloadingStore):
-            cp_state.kept = _OffloadingStore(offloader)
 
-    offloader.hooks.append(model.register_forward_pre_hook(pre_forward, with_kwargs=True))
-    setattr(model, _STATE_ATTR, offloader)
+    watcher = KeptAttentionOutputs(offloader) if attention_outputs else None
+
+    def undo() -> None:
+        offloader.begin_forward(False)
+        if watcher is not None:
+            changes.kept_outputs(model).watchers.remove(watcher)
+
+    change = changes.install(model, NAME, state=offloader, pre=pre_forward, undo=undo)
+    for layer in layers:
+        change.replace_forward(layer, _layer_forward(layer, layer.forward, offloader))
+    if watcher is not None:  # CP's kept attention outputs, whenever CP is applied (before or after this)
+        changes.kept_outputs(model).watchers.append(watcher)
     return model
 
 
 def activation_offloader(model: torch.nn.Module) -> ActivationOffloader | None:
     """The offloader `apply_activation_offload` installed on `model`, or None."""
-    return getattr(model, _STATE_ATTR, None)
+    return changes.state(model, NAME)
 
 
 def remove_activation_offload(model: torch.nn.Module) -> torch.nn.Module:
-    offloader = getattr(model, _STATE_ATTR, None)
-    if offloader is None:
-        return model
-    offloader.begin_forward(False)
-    cp_state = find_state(model)
-    if cp_state is not None and isinstance(cp_state.kept, _OffloadingStore):
-        cp_state.kept = {}
-    for hook in offloader.hooks:
-        hook.remove()
-    for layer in checkpointable_layers(model):
-        if "forward" in vars(layer):
-            del layer.forward
-    delattr(model, _STATE_ATTR)
+    changes.remove(model, NAME)
     return model

@@ -9,8 +9,9 @@ kept, its tiles recompute it anyway) and skip one forward of the layer in backwa
 a recomputation gives exactly what the first forward computed.
 
 Whoever enables checkpointing sets the flags (the HF Trainer does at the start of `train()`, after the model was set
-up), so a forward pre-hook, placed before every other pre-hook of the model (context parallelism and activation offload
-read the flags in theirs), turns the flag off on layers n, n+1, ... at each forward and remembers which it turned off.
+up), so a pre-forward stage (`changes.STAGES`: before the chunked loss, activation offload and context parallelism,
+which read the flags in theirs) turns the flag off on layers n, n+1, ... at each forward and remembers which it turned
+off.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-_STATE_ATTR = "_partial_recompute_state"
+from . import changes
+
+NAME = "recompute"
 
 
 def checkpointable_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -37,12 +40,11 @@ def is_checkpointed(layer: torch.nn.Module) -> bool:
 
 @dataclass
 class PartialRecompute:
-    """What `apply_partial_recompute` installed: the number of layers left checkpointed, the layers whose flag it
-    turned off, and its hook."""
+    """What `apply_partial_recompute` installed: the number of layers left checkpointed and the layers whose flag it
+    turned off."""
 
     layers: int
     turned_off: set = field(default_factory=set)
-    hook: torch.utils.hooks.RemovableHandle | None = None
 
 
 def apply_partial_recompute(model: torch.nn.Module, layers: int) -> torch.nn.Module:
@@ -58,26 +60,24 @@ def apply_partial_recompute(model: torch.nn.Module, layers: int) -> torch.nn.Mod
         )
     state = PartialRecompute(layers)
 
-    def pre_forward(module: torch.nn.Module, args: tuple) -> None:
+    def pre_forward(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         for layer in decoder[layers:]:
             if getattr(layer, "gradient_checkpointing", False):
                 layer.gradient_checkpointing = False
                 state.turned_off.add(layer)
 
-    state.hook = model.register_forward_pre_hook(pre_forward, prepend=True)
-    setattr(model, _STATE_ATTR, state)
+    def undo() -> None:
+        """The flags turned off come back on if checkpointing is still on in the model (a
+        `gradient_checkpointing_disable()` since then turned every flag off, and they stay off)."""
+        if any(getattr(module, "gradient_checkpointing", False) for module in model.modules()):
+            for layer in state.turned_off:
+                layer.gradient_checkpointing = True
+
+    changes.install(model, NAME, state=state, pre=pre_forward, undo=undo)
     return model
 
 
 def remove_partial_recompute(model: torch.nn.Module) -> torch.nn.Module:
-    """Remove the hook; the flags it turned off come back on if checkpointing is still on in the model (a
-    `gradient_checkpointing_disable()` since then turned every flag off, and they stay off)."""
-    state = getattr(model, _STATE_ATTR, None)
-    if state is None:
-        return model
-    state.hook.remove()
-    if any(getattr(module, "gradient_checkpointing", False) for module in model.modules()):
-        for layer in state.turned_off:
-            layer.gradient_checkpointing = True
-    delattr(model, _STATE_ATTR)
+    """Remove the stage and turn back on the flags it turned off (see `apply_partial_recompute`)."""
+    changes.remove(model, NAME)
     return model

@@ -40,12 +40,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import changes
 from .mesh import ContextParallelMesh
 from .model_info import text_config
 
 FUNCTION_NAME = "load_balancing_loss_func"
 _COEF_NAMES = ("router_aux_loss_coef", "aux_loss_coef")
-_STATE_ATTR = "_context_parallel_router_loss"
+NAME = "router_loss"
 _ORIGINAL_ATTR = "_context_parallel_original"
 
 
@@ -204,12 +205,12 @@ def check_router_loss(model: torch.nn.Module, coef: float | None = None, enabled
             )
 
 
-def install_router_loss(model: torch.nn.Module, mesh: ContextParallelMesh) -> list:
-    """Make the model's aux loss the whole row's while it runs under CP; returns the hooks to remove (see
-    `remove_router_loss`). Models without a `load_balancing_loss_func` get nothing."""
+def install_router_loss(model: torch.nn.Module, mesh: ContextParallelMesh) -> None:
+    """Make the model's aux loss the whole row's while it runs under CP (undone by `remove_router_loss`). Models
+    without a `load_balancing_loss_func` get nothing."""
     modules = _modules_of(model)
     if not modules:
-        return []
+        return
     # TRL's fused LM head (SFT, DPO) computes every MoE family's aux loss with Mixtral's function.
     from transformers.models.mixtral import modeling_mixtral
 
@@ -217,7 +218,6 @@ def install_router_loss(model: torch.nn.Module, mesh: ContextParallelMesh) -> li
         if not hasattr(getattr(module, FUNCTION_NAME), _ORIGINAL_ATTR):
             setattr(module, FUNCTION_NAME, _dispatcher(getattr(module, FUNCTION_NAME)))
     state = RouterLossState(mesh, tokens=[])
-    setattr(model, _STATE_ATTR, state)
 
     def begin(module, args, kwargs):
         inputs = kwargs.get("input_ids", args[0] if args else None)
@@ -236,22 +236,18 @@ def install_router_loss(model: torch.nn.Module, mesh: ContextParallelMesh) -> li
         if state.tokens:
             _active.reset(state.tokens.pop())
 
-    return [
-        model.register_forward_pre_hook(begin, with_kwargs=True),
-        model.register_forward_hook(end, with_kwargs=True, always_call=True),
-    ]
+    changes.install(model, NAME, state=state, pre=begin, post=end, post_always=True)
 
 
 def remove_router_loss(model: torch.nn.Module) -> None:
-    """Drop the model's state (its hooks are removed with the CP state's). The module's dispatcher stays: it calls the
-    model family's own function whenever no CP model is in its forward."""
-    if hasattr(model, _STATE_ATTR):
-        delattr(model, _STATE_ATTR)
+    """Remove the model's stage and state. The module's dispatcher stays: it calls the model family's own function
+    whenever no CP model is in its forward."""
+    changes.remove(model, NAME)
 
 
 def replicate_router_loss(model: torch.nn.Module, replicated: bool = True) -> None:
     """Make the CP model's aux loss the whole row's A_g on every rank (for losses computed alike on every CP rank from
     gathered full sequences, such as DPO's), instead of the shard's share A_g / c."""
-    state = getattr(model, _STATE_ATTR, None)
+    state = changes.state(model, NAME)
     if state is not None:
         state.replicated = replicated

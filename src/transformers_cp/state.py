@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .changes import KeptOutputs
 from .config import ContextParallelConfig
 from .mesh import ContextParallelMesh
 from .recompute import is_checkpointed
@@ -23,13 +24,13 @@ class ContextParallelState:
     requested: ContextParallelConfig
     # (module, attribute, config) for every config the model's modules held before CP gave the model its own copy
     original_configs: list = field(default_factory=list)
-    hooks: list = field(default_factory=list)
     # Each module of a decoder layer -> that layer: attention keeps its results for the recomputation only when its
     # layer is checkpointed (a layer that is not recomputed would leave them in `kept` unused).
     layer_of: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)  # the decoder layers, in model order
     checkpointed_layers: int = 0  # set per forward
-    kept: dict = field(default_factory=dict)  # attention results kept for the recomputation, per attention module
+    # attention results kept for the recomputation, per attention module: the model's store (`changes.kept_outputs`)
+    kept: KeptOutputs = field(default_factory=KeptOutputs)
     rotary: object | None = None  # odysseus: the whole row's position embeddings, gathered once per forward
     max_positions: int | None = None  # longest document the model's positions cover (None: no limit known)
     row_max_position: int | None = None  # the packed row's largest position id, set per forward (see rope.py)

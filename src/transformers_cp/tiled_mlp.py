@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import torch
 
+from . import changes
+
 # Auto tiling: tiles of this many tokens, used when a micro-batch holds more than AUTO_MIN_TOKENS tokens.
 AUTO_TILE_TOKENS = 8192
 AUTO_MIN_TOKENS = 32768
-_FORWARD_ATTR = "_tiled_mlp_forward"
+NAME = "tiled_mlp"
 
 
 def _tiles(length: int, tile: int) -> list[tuple[int, int]]:
@@ -204,17 +206,13 @@ def apply_tiled_mlp(model: torch.nn.Module, tile_size: int | None = None) -> tor
             f"context_parallel_mlp_tile_size: {type(model).__name__} has no decoder `mlp` modules to tile; set "
             "context_parallel_mlp_tile_size=0."
         )
+    change = changes.install(model, NAME)  # a second call replaces the first
     for mlp in mlps:
-        original = getattr(mlp, _FORWARD_ATTR, None) or mlp.forward
-        setattr(mlp, _FORWARD_ATTR, original)
-        mlp.forward = _tiled_forward(mlp, original, tile_size)
+        change.replace_forward(mlp, _tiled_forward(mlp, mlp.forward, tile_size))
     return model
 
 
 def remove_tiled_mlp(model: torch.nn.Module) -> torch.nn.Module:
     """Undo `apply_tiled_mlp`."""
-    for mlp in decoder_mlps(model):
-        if hasattr(mlp, _FORWARD_ATTR):
-            del mlp.forward
-            delattr(mlp, _FORWARD_ATTR)
+    changes.remove(model, NAME)
     return model

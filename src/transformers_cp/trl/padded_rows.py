@@ -21,10 +21,12 @@ from typing import Any
 
 import torch
 
+from .. import changes
 from ..loss import IGNORE_INDEX
 from ..mesh import ContextParallelMesh
 from ..sharding import BATCH_PROBLEM, ROW_CHECKSUM, build_shard, gather_sequence, pack_row
 
+NAME = "padded_rows"
 _PER_TOKEN_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
 """Per-token fields of TRL's `FusedCausalLMOutput`."""
 
@@ -34,18 +36,19 @@ class _PaddedRowsState:
     mesh: ContextParallelMesh
     pad_token_id: int
     masks: list[torch.Tensor] = field(default_factory=list)  # attention masks of the calls in flight
-    hooks: list = field(default_factory=list)
 
 
 def shard_padded_rows(model: torch.nn.Module, mesh: ContextParallelMesh, pad_token_id: int = 0) -> None:
-    """Make `model` (on which `apply_context_parallel` was called) take TRL's padded fused-head calls (idempotent)."""
-    if getattr(model, "_cp_padded_rows", None) is not None:
+    """Make `model` (on which `apply_context_parallel` was called) take TRL's padded fused-head calls (idempotent;
+    undone by `remove_padded_rows`). Its stage runs first (`changes.STAGES`): the CP stage reads the packed row."""
+    if changes.installed(model, NAME):
         return
     state = _PaddedRowsState(mesh, pad_token_id)
-    # Prepended: packing must run before the CP pre-forward hook, which reads the packed row's document bounds.
-    state.hooks.append(model.register_forward_pre_hook(_pack(state), with_kwargs=True, prepend=True))
-    state.hooks.append(model.register_forward_hook(_unpack(state)))
-    model._cp_padded_rows = state
+    changes.install(model, NAME, state=state, pre=_pack(state), post=_unpack(state))
+
+
+def remove_padded_rows(model: torch.nn.Module) -> None:
+    changes.remove(model, NAME)
 
 
 def _pack(state: _PaddedRowsState):
@@ -93,7 +96,7 @@ def _pack(state: _PaddedRowsState):
 
 
 def _unpack(state: _PaddedRowsState):
-    def hook(module, args, output):
+    def hook(module, args, kwargs, output):
         mask = state.masks.pop()
         fields = {}
         for name, value in output.items():
