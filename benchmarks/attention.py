@@ -26,12 +26,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from transformers_cp.algorithms import ulysses
 from transformers_cp.attention import context_parallel_attention
 from transformers_cp.config import ContextParallelConfig
 from transformers_cp.kernels import Segments, select_kernel
 from transformers_cp.kernels.math import MathKernel
 from transformers_cp.mesh import build_mesh, init_distributed
+from transformers_cp.modes import ulysses
 from transformers_cp.plan import Documents, local_segments
 
 CUDA = torch.cuda.is_available()
@@ -191,14 +191,13 @@ def bench_shape(a, device, meshes: dict, native_mesh, seq: int, hq: int, hk: int
         if seq <= 32768:
             truth = fp32_truth(q, k, v, dout, docs, scale)
             row["single_err_vs_fp32"] = {n: rel(x, t) for n, x, t in zip(GRADS, ref, truth)}
-    default_stages = ulysses.MAX_STAGES
+    default_stages = ulysses.STAGES
     for m, mesh in meshes.items():
         local = [mesh.layout.shard(t, mesh.cp_rank, dim=0) for t in (q, k, v, dout)]
         stages = next((int(o[1:]) for o in m.split("/")[1:] if o.startswith("s")), default_stages)
 
         def attn(qq, kk, vv, mesh=mesh, stages=stages):
-            ulysses.MAX_STAGES = stages
-            return context_parallel_attention(qq, kk, vv, mesh, docs, scale)
+            return context_parallel_attention(qq, kk, vv, mesh, docs, scale, ulysses_stages=stages)
 
         try:
             entry = {"ms": timed(lambda attn=attn, local=local: fwd_bwd(attn, *local), iters)}

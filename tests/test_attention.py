@@ -9,10 +9,10 @@ import torch
 from distributed import run_distributed
 from reference import assert_close, reference_attention
 
-from transformers_cp.algorithms import ulysses
 from transformers_cp.attention import context_parallel_attention
 from transformers_cp.config import ContextParallelConfig
 from transformers_cp.mesh import build_mesh
+from transformers_cp.modes.ulysses import STAGES
 from transformers_cp.plan import Documents
 
 SEQ = 96
@@ -40,7 +40,7 @@ def _full_lengths(lengths: list[int]) -> list[int]:
     return lengths + ([SEQ - sum(lengths)] if sum(lengths) < SEQ else [])
 
 
-def _check_case(mesh, hq, hk, lengths, window, seed, dtype, rtol):
+def _check_case(mesh, hq, hk, lengths, window, seed, dtype, rtol, ulysses_stages=STAGES):
     q, k, v, dout = _inputs(seed, hq, hk, dtype)
     scale = HEAD_DIM**-0.5
     ref_in = [t.float().requires_grad_() for t in (q, k, v)]
@@ -50,7 +50,9 @@ def _check_case(mesh, hq, hk, lengths, window, seed, dtype, rtol):
     shard = lambda t: layout.shard(t, rank, dim=0)  # noqa: E731
     local = [shard(t).detach().requires_grad_() for t in (q, k, v)]
     cum = list(itertools.accumulate(lengths, initial=0))
-    out = context_parallel_attention(*local, mesh, Documents(cum, SEQ), scale, sliding_window=window)
+    out = context_parallel_attention(
+        *local, mesh, Documents(cum, SEQ), scale, sliding_window=window, ulysses_stages=ulysses_stages
+    )
     out.backward(shard(dout))
     case = f"{mesh.config.mode} hq={hq} hk={hk} docs={lengths} window={window} {dtype}"
     assert out.dtype == dtype, case
@@ -60,15 +62,13 @@ def _check_case(mesh, hq, hk, lengths, window, seed, dtype, rtol):
         assert_close(t.grad.float(), shard(r.grad), rtol, f"d{name} [{case}]")
 
 
-def _worker(rank, world, mode, ulysses_size, cp_size, dtype, rtol, ulysses_stages=None, docs=DOCS, windows=WINDOWS):
-    if ulysses_stages is not None:
-        ulysses.MAX_STAGES = ulysses_stages
+def _worker(rank, world, mode, ulysses_size, cp_size, dtype, rtol, ulysses_stages=STAGES, docs=DOCS, windows=WINDOWS):
     config = ContextParallelConfig(size=cp_size, mode=mode, ulysses_size=ulysses_size)
     mesh = build_mesh(config, "cpu")
     kinds = ("mha", "gqa", "odd") if mode in ("ulysses", "hybrid") else ("mha", "gqa")
     for heads, (_doc_name, lengths), window in itertools.product(kinds, docs.items(), windows):
         hq, hk = _heads(heads, cp_size)
-        _check_case(mesh, hq, hk, lengths, window, seed=17 + mesh.dp_rank, dtype=dtype, rtol=rtol)
+        _check_case(mesh, hq, hk, lengths, window, 17 + mesh.dp_rank, dtype, rtol, ulysses_stages)
 
 
 MODES = [("ring", None), ("zigzag", None), ("llama3", None), ("ulysses", None), ("hybrid", 1), ("hybrid", 2)]
@@ -96,7 +96,7 @@ def test_eight_ranks(mode, ulysses_size):
     """N = 8 (the largest GPU count the benchmarks target): each Ulysses degree of the hybrid, and GQA with fewer KV
     heads than ranks, on packed documents with and without a window."""
     docs = {"packed+pad": DOCS["packed+pad"]}
-    run_distributed(_worker, 8, mode, ulysses_size, 8, torch.float32, RTOL, None, docs, [None, 7], timeout=600)
+    run_distributed(_worker, 8, mode, ulysses_size, 8, torch.float32, RTOL, STAGES, docs, [None, 7], timeout=600)
 
 
 def test_data_parallel_groups_keep_their_own_data():

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .algorithms.llama3 import Llama3Attention, Span, Spans
-from .algorithms.local import LocalAttention
 from .algorithms.reuse import ForwardReuse
-from .algorithms.ring import RingAttention
-from .algorithms.ulysses import UlyssesAttention, gather_heads, scatter_heads
 from .kernels import select_kernel
 from .mesh import ContextParallelMesh
-from .plan import Documents, gathered_plan, local_segments, ring_plan
+from .modes.ulysses import STAGES
+from .plan import Documents
 
 
 def window_left(sliding_window: int | None, seq_len: int) -> int | None:
@@ -19,22 +16,6 @@ def window_left(sliding_window: int | None, seq_len: int) -> int | None:
     if sliding_window is None or sliding_window <= 0 or sliding_window >= seq_len:
         return None
     return sliding_window - 1
-
-
-def _gather_spans(mesh: ContextParallelMesh, seq_len: int) -> Spans:
-    """Where each chunk of the KV all-gathered in ring-rank order belongs in the global order (adjacent chunks of one
-    rank merged)."""
-    spans: list[Span] = []
-    for rank in range(mesh.layout.ring):
-        local = 0
-        for start, end in mesh.layout.ring_ranges(seq_len, rank):
-            last = spans[-1] if spans else None
-            if last is not None and last.rank == rank and last.start + last.length == start:
-                spans[-1] = last._replace(length=last.length + end - start)
-            else:
-                spans.append(Span(rank, local, start, end - start))
-            local += end - start
-    return tuple(spans)
 
 
 def context_parallel_attention(
@@ -46,31 +27,15 @@ def context_parallel_attention(
     scale: float,
     sliding_window: int | None = None,
     reuse: ForwardReuse | None = None,
+    ulysses_stages: int = STAGES,
 ) -> torch.Tensor:
     """Causal attention of this rank's shard of a packed row against the whole row.
 
     q: (L, Hq, D), k and v: (L, Hk, D), L = row length / CP size, in the layout of `mesh` (for `odysseus`, the
     whole row with this rank's heads); `docs` holds the row's global document boundaries. Returns (L, Hq, D). With
     `reuse`, a recomputation under activation checkpointing takes the first forward's result instead of computing it
-    again (see `algorithms.reuse`).
+    again (see `algorithms.reuse`). `ulysses_stages`: the most pipeline stages plain Ulysses splits its heads into.
     """
-    config, layout = mesh.config, mesh.layout
-    kernel = select_kernel(config.backend, q)
+    kernel = select_kernel(mesh.config.backend, q)
     left = window_left(sliding_window, docs.seq_len)
-    if layout.ring == 1 and layout.ulysses > 1 and layout.chunks_per_rank == 1:
-        return UlyssesAttention.apply(q, k, v, local_segments(docs, left), mesh.ulysses_group, kernel, scale, reuse)
-    if layout.ulysses > 1:
-        q, k, v = scatter_heads(q, k, v, mesh.ulysses_group, layout.chunks_per_rank)
-    if layout.ring == 1 or config.whole_rows:  # the whole row is here (Ulysses, odysseus, or one rank)
-        out = LocalAttention.apply(q, k, v, local_segments(docs, left), kernel, scale, reuse)
-    elif config.gathers_keys:
-        stride = config.kv_stride(k.shape[1])  # divides the KV heads: `model_checks.check_model`
-        spans = docs.cached(("spans", layout), lambda: _gather_spans(mesh, docs.seq_len))
-        blocks = gathered_plan(docs, layout, mesh.ring_rank, left)
-        out = Llama3Attention.apply(q, k, v, blocks, spans, mesh.ring_group, kernel, scale, stride, reuse)
-    else:
-        steps = ring_plan(docs, layout, mesh.ring_rank, left)
-        out = RingAttention.apply(q, k, v, steps, mesh.ring_group, kernel, scale, reuse)
-    if layout.ulysses > 1:
-        out = gather_heads(out, mesh.ulysses_group, layout.chunks_per_rank)
-    return out
+    return mesh.config.spec.attention(q, k, v, mesh, docs, kernel, scale, left, reuse, stages=ulysses_stages)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-MODES = ("ring", "zigzag", "llama3", "ulysses", "hybrid", "odysseus")
+from .modes import DEFAULT_MODE
+from .modes import MODES as _REGISTRY
+from .modes.base import Mode
+
+MODES = tuple(_REGISTRY)
 BACKENDS = ("auto", "torch", "flash_attn")
-DEFAULT_MODE = "zigzag"
 
 
 class ContextParallelConfigError(ValueError):
@@ -108,24 +111,9 @@ class ContextParallelConfig:
             raise ContextParallelConfigError(
                 "context_parallel_offload_attention_outputs=True needs context_parallel_offload_activations=True."
             )
-        if self.mode == "hybrid":
-            # Without a Ulysses degree, the largest that the model's heads and one node allow is chosen where the model
-            # is known (`with_auto_ulysses_size`).
-            if self.ulysses_size is not None and self.size is not None and self.size % self.ulysses_size != 0:
-                raise ContextParallelConfigError(
-                    f"context_parallel_ulysses_size={self.ulysses_size} must divide context_parallel_size="
-                    f"{self.size}; pick a divisor of {self.size}."
-                )
-        elif self.ulysses_size not in (None, self.size if self.mode == "ulysses" else None):
-            raise ContextParallelConfigError(
-                f"context_parallel_ulysses_size is only used with context_parallel_mode='hybrid' (mode is "
-                f"{self.mode!r}); leave it unset or switch the mode to 'hybrid'."
-            )
-        if self.heads_k_stride is not None and self.mode != "llama3":
-            raise ContextParallelConfigError(
-                f"context_parallel_heads_k_stride is only used with context_parallel_mode='llama3' (mode is "
-                f"{self.mode!r}); leave it unset or switch the mode to 'llama3'."
-            )
+        problem = self.spec.validate(self)
+        if problem is not None:
+            raise ContextParallelConfigError(problem)
 
     @property
     def enabled(self) -> bool:
@@ -161,52 +149,38 @@ class ContextParallelConfig:
         return kv_heads // 2 if kv_heads % 2 == 0 else 1
 
     @property
+    def spec(self) -> Mode:
+        """The mode's registered description (`modes`): layout, degrees, checks and attention."""
+        return _REGISTRY[self.mode]
+
+    @property
     def ring_size(self) -> int:
         """Degree of the ring (P2P / all-gather) dimension."""
         assert self.size is not None, "resolve the config against the world size first"
-        if self.mode == "ulysses":
-            return 1
-        if self.mode == "hybrid":
-            return self.size // self.ulysses_degree
-        return self.size
+        return self.spec.degrees(self)[0]
 
     @property
     def ulysses_degree(self) -> int:
         """Degree of the Ulysses (all-to-all) dimension."""
         assert self.size is not None, "resolve the config against the world size first"
-        if self.mode == "ulysses":
-            return self.size
-        if self.mode == "hybrid":
-            if self.ulysses_size is None:
-                raise ContextParallelConfigError(
-                    "context_parallel_mode='hybrid' without context_parallel_ulysses_size takes the Ulysses degree "
-                    "from the model's attention heads: pass the model (apply_context_parallel(model, config), or the "
-                    "Trainer) or set context_parallel_ulysses_size."
-                )
-            return self.ulysses_size
-        return 1
+        return self.spec.degrees(self)[1]
 
     @property
     def whole_rows(self) -> bool:
         """Whether each rank attends whole rows with its share of the heads (odysseus) instead of its sequence shard."""
-        return self.mode == "odysseus"
-
-    @property
-    def gathers_keys(self) -> bool:
-        """Whether the ring dimension all-gathers keys and values in KV-head strides (llama3) instead of passing them."""
-        return self.mode == "llama3"
+        return self.spec.whole_rows
 
     @property
     def combines_ulysses_and_ring(self) -> bool:
-        """Whether the mode splits CP into a Ulysses degree and a ring degree (hybrid)."""
-        return self.mode == "hybrid"
+        """Whether the mode's Ulysses degree is a setting of its own beside the ring (hybrid)."""
+        return self.spec.combines_ulysses_and_ring
 
     @property
     def picks_ulysses_degree(self) -> bool:
         """Whether the Ulysses degree is left to the model's heads (`with_auto_ulysses_size`)."""
-        return self.mode == "hybrid" and self.ulysses_size is None
+        return self.spec.picks_ulysses_degree(self)
 
     @property
     def layout(self) -> str:
         """Sequence layout the mode runs on: `contiguous` or `zigzag` (causal work balanced across the ring)."""
-        return "contiguous" if self.mode in ("ring", "ulysses", "odysseus") else "zigzag"
+        return self.spec.layout

@@ -10,10 +10,13 @@ CP rank = ring rank · U + Ulysses rank: the Ulysses peers are adjacent ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .config import ContextParallelConfig
+if TYPE_CHECKING:
+    from .config import ContextParallelConfig
+
 
 Range = tuple[int, int]
 

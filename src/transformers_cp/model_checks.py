@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import transformers
 
-from . import odysseus
 from .config import ContextParallelConfig, ContextParallelConfigError
 from .mesh import job_config, node_size
 from .model_info import text_config
@@ -132,18 +131,8 @@ def check_model(model: torch.nn.Module, config: ContextParallelConfig) -> None:
             f"attention logit softcapping (attn_logit_softcapping={text.attn_logit_softcapping})",
             "set the model's attn_logit_softcapping=None, or use a model without it.",
         )
-    if heads is not None and config.ulysses_degree > 1:
-        from .algorithms.ulysses import check_heads
-
-        check_heads(heads, config.ulysses_degree)
-    if config.whole_rows:
-        odysseus.check_model(model, config.size)
+    config.spec.check_model(model, config, heads, kv_heads)
     check_router_loss(model)
-    if config.gathers_keys and kv_heads is not None and kv_heads % config.kv_stride(kv_heads):
-        raise ValueError(
-            f"context_parallel_heads_k_stride={config.heads_k_stride} must divide the model's {kv_heads} key/value "
-            f"heads; pick one of {[d for d in range(1, kv_heads + 1) if kv_heads % d == 0]}."
-        )
 
 
 def model_config(model: torch.nn.Module, config: ContextParallelConfig) -> ContextParallelConfig:

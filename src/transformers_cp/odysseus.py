@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,9 @@ import torch.nn.functional as F
 from .algorithms.ulysses import kv_heads_for_rank
 from .changes import Change
 from .comm import GatherSequence, ScatterSequence, all_gather
-from .mesh import ContextParallelMesh
+
+if TYPE_CHECKING:
+    from .mesh import ContextParallelMesh
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

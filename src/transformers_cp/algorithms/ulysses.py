@@ -86,13 +86,6 @@ def gather_heads(out: torch.Tensor, group: dist.ProcessGroup, chunks: int) -> to
     return recv.transpose(0, 1).flatten(1, 2)
 
 
-# Pipeline depth of UlyssesAttention: the largest divisor of the heads per rank up to this. On 2×H200 one stage was
-# fastest at every length (benchmarks/results/ulysses_stages_2xH200.json): the all-to-all is a few percent of the
-# time there, and smaller kernels and more launches cost more than the overlap gains. Deeper pipelines are for links
-# where the exchange takes a larger share.
-MAX_STAGES = 1
-
-
 class HeadGroups:
     """The pipeline stages of `UlyssesAttention`: stage g sends rank r the query heads of block r·G + g (of U·G equal
     blocks) and the KV heads they use, so each stage is a Ulysses exchange of its own. Made once per head shape."""
@@ -167,13 +160,14 @@ class HeadGroups:
 
 
 class UlyssesAttention(torch.autograd.Function):
-    """Ulysses on whole local sequences, its heads in pipeline stages (`HeadGroups`): while one stage's attention
+    """Ulysses on whole local sequences, its heads in up to `max_stages` pipeline stages (`HeadGroups`; the largest
+    count that divides the heads per rank): while one stage's attention
     runs, the next stage's input exchange and the previous stage's output exchange are in flight, in forward and in
     backward. Each send buffer is packed by one copy and each received one unpacked by one copy."""
 
     @staticmethod
-    def forward(ctx, q, k, v, seg, group, kernel, scale: float, reuse: ForwardReuse | None = None):
-        stages = HeadGroups.of(q.shape[1], k.shape[1], dist.get_world_size(group), q.device, MAX_STAGES)
+    def forward(ctx, q, k, v, seg, group, kernel, scale: float, reuse: ForwardReuse | None, max_stages: int):
+        stages = HeadGroups.of(q.shape[1], k.shape[1], dist.get_world_size(group), q.device, max_stages)
         kept = reuse.take() if reuse is not None else None
         recvs, results, outgoing = [], [], []
         incoming = stages.send_inputs(q, k, v, 0, group)
@@ -217,4 +211,4 @@ class UlyssesAttention(torch.autograd.Function):
             incoming = following
         for g, exchange in enumerate(returning):
             stages.place_grads(exchange.wait(), g, dq, dk, dv)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None

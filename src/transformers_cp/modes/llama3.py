@@ -1,0 +1,47 @@
+"""`llama3`: keys and values all-gathered `heads_k_stride` KV heads at a time, on the zigzag layout."""
+
+from __future__ import annotations
+
+from ..algorithms.llama3 import Llama3Attention, Span, Spans
+from ..plan import gathered_plan
+from .base import Mode, ring_or_local
+
+
+def _gather_spans(mesh, seq_len: int) -> Spans:
+    """Where each chunk of the KV all-gathered in ring-rank order belongs in the global order (adjacent chunks of one
+    rank merged)."""
+    spans: list[Span] = []
+    for rank in range(mesh.layout.ring):
+        local = 0
+        for start, end in mesh.layout.ring_ranges(seq_len, rank):
+            last = spans[-1] if spans else None
+            if last is not None and last.rank == rank and last.start + last.length == start:
+                spans[-1] = last._replace(length=last.length + end - start)
+            else:
+                spans.append(Span(rank, local, start, end - start))
+            local += end - start
+    return tuple(spans)
+
+
+class AllGatherKeys(Mode):
+    name = "llama3"
+    layout = "zigzag"
+    uses_heads_k_stride = True
+
+    def check_model(self, model, config, heads, kv_heads) -> None:
+        if kv_heads is not None and kv_heads % config.kv_stride(kv_heads):
+            raise ValueError(
+                f"context_parallel_heads_k_stride={config.heads_k_stride} must divide the model's {kv_heads} "
+                f"key/value heads; pick one of {[d for d in range(1, kv_heads + 1) if kv_heads % d == 0]}."
+            )
+
+    def attention(self, q, k, v, mesh, docs, kernel, scale, left, reuse, stages=1):
+        if mesh.layout.ring == 1:
+            return ring_or_local(q, k, v, mesh, docs, kernel, scale, left, reuse)
+        stride = mesh.config.kv_stride(k.shape[1])  # divides the KV heads: `check_model`
+        spans = docs.cached(("spans", mesh.layout), lambda: _gather_spans(mesh, docs.seq_len))
+        blocks = gathered_plan(docs, mesh.layout, mesh.ring_rank, left)
+        return Llama3Attention.apply(q, k, v, blocks, spans, mesh.ring_group, kernel, scale, stride, reuse)
+
+
+LLAMA3 = AllGatherKeys()

@@ -1,0 +1,12 @@
+"""`ring`: contiguous shards, keys and values passed around a ring of the CP ranks."""
+
+from __future__ import annotations
+
+from .base import Mode
+
+
+class Ring(Mode):
+    name = "ring"
+
+
+RING = Ring()
