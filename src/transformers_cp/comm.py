@@ -99,23 +99,6 @@ class Exchange:
         return self.recv
 
 
-def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    return Exchange(x, group).wait()
-
-
-class AllToAll(torch.autograd.Function):
-    """Exchange slices of the leading dimension (one per rank); the gradient goes back the same way."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return _all_to_all(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _all_to_all(grad, ctx.group), None
-
-
 class GatherSequence(torch.autograd.Function):
     """(L, ...) shard -> (N·L, ...) concatenated in rank order; backward sums the gradients and keeps the shard's."""
 

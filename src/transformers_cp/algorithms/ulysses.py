@@ -2,7 +2,10 @@
 
 Query heads are split evenly over the U ranks (they must divide). KV heads follow their query heads: each rank
 receives exactly the KV heads its query heads use, so with fewer KV heads than ranks a KV head is replicated only
-to the ranks that need it, and the GQA mapping stays the model's own (autograd sums the replicas' gradients).
+to the ranks that need it, and the GQA mapping stays the model's own (the replicas' gradients add up).
+
+One exchange, `HeadGroups`, serves both users: plain Ulysses (`UlyssesAttention`, its heads in pipeline stages
+around the local kernel) and the hybrid mode (`scatter_heads` / `gather_heads`, one stage around the ring).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import functools
 import torch
 import torch.distributed as dist
 
-from ..comm import AllToAll, Exchange, copy_rows
+from ..comm import Exchange, copy_rows
 from .reuse import ForwardReuse
 
 
@@ -46,44 +49,6 @@ def head_plan(num_q: int, num_kv: int, parts: int) -> list[list[int]]:
             [h // (num_q // num_kv) for h in range(r * num_q // parts, (r + 1) * num_q // parts)] for r in range(parts)
         ]
     return plan
-
-
-def _reorder(recv: torch.Tensor, chunks: int) -> torch.Tensor:
-    """(U, L, h, D) rank-major rows -> (U·L, h, D) chunk-major, so that whole chunks come out contiguous."""
-    degree, length = recv.shape[:2]
-    return recv.unflatten(1, (chunks, length // chunks)).transpose(0, 1).flatten(0, 2)
-
-
-def scatter_heads(q, k, v, group: dist.ProcessGroup, chunks: int):
-    """Sequence shards (L, H, D) -> this rank's heads of the whole sequence (U·L, h, D), for q, k and v at once.
-
-    One all-to-all carries all three: each rank's send buffer holds, per destination, its query heads followed by
-    the KV heads they use. Autograd runs the reverse all-to-all in backward and sums replicated KV heads. The hybrid
-    mode's path; plain Ulysses runs `UlyssesAttention`.
-    """
-    degree = dist.get_world_size(group)
-    hq, hk = q.shape[1], k.shape[1]
-    check_heads(hq, degree)
-    plan = head_plan(hq, hk, degree)
-    flat = [h for p in plan for h in p]
-    if flat != list(range(hk)):
-        index = torch.tensor(flat, device=k.device)
-        k, v = k.index_select(1, index), v.index_select(1, index)
-    per_rank = [t.unflatten(1, (degree, -1)).transpose(0, 1) for t in (q, k, v)]  # (U, L, h, D) each
-    send = torch.cat(per_rank, dim=2)
-    recv = _reorder(AllToAll.apply(send, group), chunks)
-    h_q, h_kv = hq // degree, len(plan[0])
-    return recv[:, :h_q], recv[:, h_q : h_q + h_kv], recv[:, h_q + h_kv :]
-
-
-def gather_heads(out: torch.Tensor, group: dist.ProcessGroup, chunks: int) -> torch.Tensor:
-    """Inverse of the query part of `scatter_heads`: (U·L, h, D) -> (L, U·h, D)."""
-    degree = dist.get_world_size(group)
-    total, h, d = out.shape
-    length = total // degree
-    send = out.unflatten(0, (chunks, degree, length // chunks)).transpose(0, 1).flatten(1, 2)  # (U, L, h, D)
-    recv = AllToAll.apply(send, group)  # recv[i] = my rows of rank i's heads
-    return recv.transpose(0, 1).flatten(1, 2)
 
 
 class HeadGroups:
@@ -212,3 +177,71 @@ class UlyssesAttention(torch.autograd.Function):
         for g, exchange in enumerate(returning):
             stages.place_grads(exchange.wait(), g, dq, dk, dv)
         return dq, dk, dv, None, None, None, None, None, None
+
+
+def _chunk_major(recv: torch.Tensor, chunks: int) -> torch.Tensor:
+    """(U, L, h, D) rank-major rows -> (U·L, h, D) chunk-major, so that whole chunks of the layout come out
+    contiguous (the hybrid's ring sees the zigzag layout of the Ulysses group's rows)."""
+    return recv.unflatten(1, (chunks, recv.shape[1] // chunks)).transpose(0, 1).flatten(0, 2)
+
+
+def _rank_major(x: torch.Tensor, degree: int, chunks: int) -> torch.Tensor:
+    """Inverse of `_chunk_major`, flattened: (U·L, h, D) chunk-major -> (U·L, h, D) rank-major."""
+    length = x.shape[0] // degree
+    return x.unflatten(0, (chunks, degree, length // chunks)).transpose(0, 1).flatten(0, 2)
+
+
+class _ToHeads(torch.autograd.Function):
+    """Sequence shards (L, H, D) of q, k, v -> this rank's heads of the Ulysses group's rows (U·L, h, D), in chunk
+    order; backward sends the gradients back, replicated KV heads adding up."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, heads: HeadGroups, group, chunks: int):
+        recv = _chunk_major(heads.send_inputs(q, k, v, 0, group).wait(), chunks)
+        ctx.heads, ctx.group, ctx.chunks = heads, group, chunks
+        ctx.kv_shape, ctx.kv_dtype = k.shape, k.dtype
+        return recv[:, : heads.hq], recv[:, heads.hq : heads.hq + heads.hk], recv[:, heads.hq + heads.hk :]
+
+    @staticmethod
+    def backward(ctx, dq_h, dk_h, dv_h):
+        heads = ctx.heads
+        grads = (_rank_major(t, heads.degree, ctx.chunks) for t in (dq_h, dk_h, dv_h))
+        recv = heads.send_grads(*grads, ctx.group).wait()
+        length = ctx.kv_shape[0]
+        dq = torch.empty((length, heads.hq * heads.degree, dq_h.shape[-1]), dtype=dq_h.dtype, device=dq_h.device)
+        alloc = torch.empty if heads.kv_index is None else torch.zeros
+        dk, dv = (alloc(ctx.kv_shape, dtype=ctx.kv_dtype, device=dq_h.device) for _ in range(2))
+        heads.place_grads(recv, 0, dq, dk, dv)
+        return dq, dk, dv, None, None, None
+
+
+class _FromHeads(torch.autograd.Function):
+    """Inverse of `_ToHeads` for the output: (U·L, hq, D) in chunk order -> this rank's shard (L, Hq, D)."""
+
+    @staticmethod
+    def forward(ctx, out_h, heads: HeadGroups, group, chunks: int):
+        ctx.heads, ctx.group, ctx.chunks = heads, group, chunks
+        recv = heads.send_output(_rank_major(out_h, heads.degree, chunks), group).wait()
+        out = torch.empty(
+            (out_h.shape[0] // heads.degree, heads.hq * heads.degree, out_h.shape[-1]),
+            dtype=out_h.dtype,
+            device=out_h.device,
+        )
+        heads.place_output(recv, 0, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        return _chunk_major(ctx.heads.send_grad_output(dout, 0, ctx.group).wait(), ctx.chunks), None, None, None
+
+
+def scatter_heads(q, k, v, group: dist.ProcessGroup, chunks: int):
+    """Sequence shards (L, H, D) -> this rank's heads of the Ulysses group's rows (U·L, h, D), for q, k and v in one
+    exchange (one `HeadGroups` stage); returns them and the `HeadGroups` that `gather_heads` takes."""
+    heads = HeadGroups.of(q.shape[1], k.shape[1], dist.get_world_size(group), q.device, 1)
+    return (*_ToHeads.apply(q, k, v, heads, group, chunks), heads)
+
+
+def gather_heads(out: torch.Tensor, heads: HeadGroups, group: dist.ProcessGroup, chunks: int) -> torch.Tensor:
+    """Inverse of the query part of `scatter_heads`: (U·L, h, D) -> (L, U·h, D)."""
+    return _FromHeads.apply(out, heads, group, chunks)

@@ -44,9 +44,9 @@ class Hybrid(Mode):
 
     def attention(self, q, k, v, mesh, docs, kernel, scale, left, reuse, stages=1):
         chunks = mesh.layout.chunks_per_rank
-        q, k, v = scatter_heads(q, k, v, mesh.ulysses_group, chunks)
+        q, k, v, heads = scatter_heads(q, k, v, mesh.ulysses_group, chunks)
         out = ring_or_local(q, k, v, mesh, docs, kernel, scale, left, reuse)
-        return gather_heads(out, mesh.ulysses_group, chunks)
+        return gather_heads(out, heads, mesh.ulysses_group, chunks)
 
 
 HYBRID = Hybrid()
