@@ -1,8 +1,9 @@
-"""`ContextParallelConfig`: the one object every piece of transformers_cp reads its settings from."""
+"""`ContextParallelConfig`: the settings of context parallelism and, for one place to set them, of the memory
+savings, which it hands on as their own object (`MemorySavings`); the mesh carries the CP settings alone."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from .modes import DEFAULT_MODE
 from .modes import MODES as _REGISTRY
@@ -22,52 +23,52 @@ def _is_count(value: object, minimum: int = 1) -> bool:
 
 
 @dataclass(frozen=True)
-class ContextParallelConfig:
-    """Settings of context parallelism.
+class MemorySavings:
+    """The long-sequence memory savings (`memory.apply_memory_savings`), which work with and without context
+    parallelism; the fields are `ContextParallelConfig`'s of the same names."""
 
-    Args:
-        size: ranks that share one sequence (1 = off). `None` means every rank of the job.
-        mode: `ring` (contiguous shards, KV passed around a ring), `zigzag` (ring on the balanced 2N-chunk layout),
-            `llama3` (KV all-gathered `heads_k_stride` heads at a time, on the zigzag layout), `ulysses` (all-to-all
-            between sequence and head shards), `hybrid` (Ulysses inside groups of `ulysses_size`, zigzag ring across)
-            or `odysseus` (attention projections split by heads over the group around an all-gather / reduce-scatter
-            of the sequence, MLP on the sequence shard; see `odysseus.py`).
-        ulysses_size: for `hybrid`, the Ulysses degree; `size // ulysses_size` is the ring degree. `None` chooses the
-            largest degree that divides `size` and the model's attention heads and keeps each Ulysses group inside
-            one node, when the model is known (`apply_context_parallel`, the Trainer).
-        heads_k_stride: for `llama3`, how many KV heads are all-gathered at a time (must divide the KV heads);
-            `None` gathers half of them at a time, so that the second gather overlaps the first half's attention.
-        backend: local attention kernel: `torch` (PyTorch's fused ops, exact math on CPU), `flash_attn`
-            (flash-attn, when installed) or `auto` (flash_attn when installed and on CUDA, else torch).
-        loss_chunk_size: tokens per chunk of the LM head + cross-entropy, which then never forms the full logits
-            (0 = off; `None` = auto: chunks of 2^28 logits whenever a micro-batch's logits are larger). Saves the
-            logits and their gradient: tokens × vocabulary × about 12 bytes, 0.96 TB for 500k tokens of a 152k
-            vocabulary.
-        mlp_tile_size: tokens per tile of each decoder layer's MLP, recomputed per tile in backward (0 = off;
-            `None` = auto: tiles of 8192 tokens above 32768 tokens). Saves the MLP's intermediate activations,
-            tokens × intermediate size × about 8 bytes per layer; costs one more MLP forward per layer.
-        offload_activations: under activation checkpointing, keep each decoder layer's input in pinned host memory
-            until its recomputation, copied on a side stream. Saves layers × tokens × hidden × 2 bytes of device
-            memory (45 GB for 500k tokens of the 1.5B shape) for as much pinned host memory.
-        offload_attention_outputs: with `offload_activations`, also keep in pinned host memory the attention outputs
-            that context parallelism keeps for the recomputation (as large as the layer inputs).
-        recompute_layers: under activation checkpointing, checkpoint only the first n decoder layers in model order
-            (0 = none; `None` = every layer, as transformers does; n at or above the number of layers = every layer).
-            Each layer left out keeps its activations until backward, about tokens × (a few × hidden + 4 ×
-            intermediate) × 2 bytes in bf16 (without the intermediate part under the tiled MLP), and saves one forward
-            of the layer in backward. No effect without activation checkpointing.
-    """
+    loss_chunk_size: int | None = None
+    mlp_tile_size: int | None = None
+    offload_activations: bool = False
+    offload_attention_outputs: bool = False
+    recompute_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        counts = (  # (field, what the count is, what None means)
+            ("loss_chunk_size", "tokens; 0 = off", "auto"),
+            ("mlp_tile_size", "tokens; 0 = off", "auto"),
+            ("recompute_layers", "decoder layers to checkpoint; 0 = none", "every layer"),
+        )
+        for name, meaning, unset in counts:
+            value = getattr(self, name)
+            if value is not None and not _is_count(value, minimum=0):
+                raise ContextParallelConfigError(
+                    f"context_parallel_{name} must be an integer >= 0 ({meaning}) or None ({unset}), got {value!r}."
+                )
+        for name in ("offload_activations", "offload_attention_outputs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ContextParallelConfigError(
+                    f"context_parallel_{name} must be True or False, got {getattr(self, name)!r}."
+                )
+        if self.offload_attention_outputs and not self.offload_activations:
+            raise ContextParallelConfigError(
+                "context_parallel_offload_attention_outputs=True needs context_parallel_offload_activations=True."
+            )
+
+
+_SAVINGS = tuple(fields(MemorySavings))
+
+
+@dataclass(frozen=True)
+class ContextParallelSettings:
+    """The settings of context parallelism proper (see `ContextParallelConfig` for the fields): what a mesh carries
+    and every CP module reads."""
 
     size: int | None = None
     mode: str = DEFAULT_MODE
     ulysses_size: int | None = None
     heads_k_stride: int | None = None
     backend: str = "auto"
-    loss_chunk_size: int | None = None
-    mlp_tile_size: int | None = None
-    offload_activations: bool = False
-    offload_attention_outputs: bool = False
-    recompute_layers: int | None = None
 
     def __post_init__(self) -> None:
         if self.size is not None and not _is_count(self.size):
@@ -91,26 +92,6 @@ class ContextParallelConfig:
             raise ContextParallelConfigError(
                 f"context_parallel_ulysses_size must be an integer >= 1 (got {self.ulysses_size!r})."
             )
-        counts = (  # (field, what the count is, what None means)
-            ("loss_chunk_size", "tokens; 0 = off", "auto"),
-            ("mlp_tile_size", "tokens; 0 = off", "auto"),
-            ("recompute_layers", "decoder layers to checkpoint; 0 = none", "every layer"),
-        )
-        for name, meaning, unset in counts:
-            value = getattr(self, name)
-            if value is not None and not _is_count(value, minimum=0):
-                raise ContextParallelConfigError(
-                    f"context_parallel_{name} must be an integer >= 0 ({meaning}) or None ({unset}), got {value!r}."
-                )
-        for name in ("offload_activations", "offload_attention_outputs"):
-            if not isinstance(getattr(self, name), bool):
-                raise ContextParallelConfigError(
-                    f"context_parallel_{name} must be True or False, got {getattr(self, name)!r}."
-                )
-        if self.offload_attention_outputs and not self.offload_activations:
-            raise ContextParallelConfigError(
-                "context_parallel_offload_attention_outputs=True needs context_parallel_offload_activations=True."
-            )
         problem = self.spec.validate(self)
         if problem is not None:
             raise ContextParallelConfigError(problem)
@@ -127,9 +108,7 @@ class ContextParallelConfig:
                 f"context_parallel_size={size} must divide the number of processes ({world_size}); launch a "
                 f"multiple of {size} processes or pick a size that divides {world_size}."
             )
-        fields = asdict(self)
-        fields["size"] = size
-        return ContextParallelConfig(**fields)
+        return replace(self, size=size)
 
     def with_auto_ulysses_size(self, heads: int, per_node: int | None) -> ContextParallelConfig:
         """For `hybrid` without a Ulysses degree: the config with the largest degree that divides the (resolved) size
@@ -184,3 +163,54 @@ class ContextParallelConfig:
     def layout(self) -> str:
         """Sequence layout the mode runs on: `contiguous` or `zigzag` (causal work balanced across the ring)."""
         return self.spec.layout
+
+
+@dataclass(frozen=True)
+class ContextParallelConfig(MemorySavings, ContextParallelSettings):
+    """Settings of context parallelism.
+
+    Args:
+        size: ranks that share one sequence (1 = off). `None` means every rank of the job.
+        mode: `ring` (contiguous shards, KV passed around a ring), `zigzag` (ring on the balanced 2N-chunk layout),
+            `llama3` (KV all-gathered `heads_k_stride` heads at a time, on the zigzag layout), `ulysses` (all-to-all
+            between sequence and head shards), `hybrid` (Ulysses inside groups of `ulysses_size`, zigzag ring across)
+            or `odysseus` (attention projections split by heads over the group around an all-gather / reduce-scatter
+            of the sequence, MLP on the sequence shard; see `odysseus.py`).
+        ulysses_size: for `hybrid`, the Ulysses degree; `size // ulysses_size` is the ring degree. `None` chooses the
+            largest degree that divides `size` and the model's attention heads and keeps each Ulysses group inside
+            one node, when the model is known (`apply_context_parallel`, the Trainer).
+        heads_k_stride: for `llama3`, how many KV heads are all-gathered at a time (must divide the KV heads);
+            `None` gathers half of them at a time, so that the second gather overlaps the first half's attention.
+        backend: local attention kernel: `torch` (PyTorch's fused ops, exact math on CPU), `flash_attn`
+            (flash-attn, when installed) or `auto` (flash_attn when installed and on CUDA, else torch).
+        loss_chunk_size: tokens per chunk of the LM head + cross-entropy, which then never forms the full logits
+            (0 = off; `None` = auto: chunks of 2^28 logits whenever a micro-batch's logits are larger). Saves the
+            logits and their gradient: tokens × vocabulary × about 12 bytes, 0.96 TB for 500k tokens of a 152k
+            vocabulary.
+        mlp_tile_size: tokens per tile of each decoder layer's MLP, recomputed per tile in backward (0 = off;
+            `None` = auto: tiles of 8192 tokens above 32768 tokens). Saves the MLP's intermediate activations,
+            tokens × intermediate size × about 8 bytes per layer; costs one more MLP forward per layer.
+        offload_activations: under activation checkpointing, keep each decoder layer's input in pinned host memory
+            until its recomputation, copied on a side stream. Saves layers × tokens × hidden × 2 bytes of device
+            memory (45 GB for 500k tokens of the 1.5B shape) for as much pinned host memory.
+        offload_attention_outputs: with `offload_activations`, also keep in pinned host memory the attention outputs
+            that context parallelism keeps for the recomputation (as large as the layer inputs).
+        recompute_layers: under activation checkpointing, checkpoint only the first n decoder layers in model order
+            (0 = none; `None` = every layer, as transformers does; n at or above the number of layers = every layer).
+            Each layer left out keeps its activations until backward, about tokens × (a few × hidden + 4 ×
+            intermediate) × 2 bytes in bf16 (without the intermediate part under the tiled MLP), and saves one forward
+            of the layer in backward. No effect without activation checkpointing.
+    """
+
+    def __post_init__(self) -> None:
+        ContextParallelSettings.__post_init__(self)
+        MemorySavings.__post_init__(self)
+
+    @property
+    def memory_savings(self) -> MemorySavings:
+        """The memory-saving fields as their own object (what `memory.apply_memory_savings` installs)."""
+        return MemorySavings(**{f.name: getattr(self, f.name) for f in _SAVINGS})
+
+    def without_memory_savings(self) -> ContextParallelConfig:
+        """The CP settings alone (memory savings at their defaults): what a mesh carries."""
+        return replace(self, **{f.name: f.default for f in _SAVINGS})

@@ -112,7 +112,7 @@ def build_mesh(config: ContextParallelConfig, device_type: str | None = None) ->
     the same clear error on all ranks instead of hanging in group creation.
     """
     device_type = device_type or default_device_type()
-    config = job_config(config)
+    config = job_config(config).without_memory_savings()  # the memory savings are the model's, not the mesh's
     layout = Layout.from_config(config)
     world = dist.get_world_size() if dist.is_initialized() else 1
     cp, dp = config.size, world // config.size

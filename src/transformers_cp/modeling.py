@@ -85,23 +85,32 @@ def apply_context_parallel(
     model: torch.nn.Module,
     config: ContextParallelConfig | None = None,
     mesh: ContextParallelMesh | None = None,
+    *,
+    device_type: str | None = None,
 ) -> torch.nn.Module:
     """Make `model`'s attention context parallel. Idempotent; undone by `remove_context_parallel`.
 
-    With no config the CP group is every rank of the job, in the default mode. The model must then be called with
-    this rank's shard of one packed row and its global position_ids (see `shard_batch`).
+    Give a config, and the model is checked and the mesh built for it (on `device_type`; default: CUDA when
+    available), or a mesh built for it (`build_mesh`), whose config is then the one; both only when they agree. With
+    neither, the CP group is every rank of the job, in the default mode. The model must then be called with this
+    rank's shard of one packed row and its global position_ids (see `shard_batch`).
     """
-    config = config or ContextParallelConfig()
+    if mesh is not None and config not in (None, mesh.config):
+        raise ValueError(
+            "apply_context_parallel got a config and a mesh built for another config; pass the mesh alone (its "
+            "config is `mesh.config`) or the config alone."
+        )
+    config = mesh.config if mesh is not None else config or ContextParallelConfig()
     existing = find_state(model)
     if existing is not None:
         if mesh in (None, existing.mesh) and existing.requested == config:
             return model
         remove_context_parallel(model)
     if mesh is None:
-        init_distributed()
+        init_distributed(device_type)
         resolved = model_config(model, config)
         check_model(model, resolved)  # before build_mesh makes the CP groups
-        mesh = build_mesh(resolved)
+        mesh = build_mesh(resolved, device_type)
     else:
         check_model(model, mesh.config)
     register()

@@ -18,10 +18,8 @@ logits runs the model's plain head. With `context_parallel_size == 1` and those 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,18 +29,16 @@ from transformers.data.data_collator import default_data_collator
 
 from .chunked_loss import chunked_loss_state
 from .collator import ContextParallelCollator
+from .config import MemorySavings
 from .engines import is_deepspeed_engine, scope_checkpoint_loads
-from .kernels import kernel_class
+from .gathering import gather_over_dp_for_metrics, metrics_over_dp
 from .loss import count_label_tokens, loss_scale, reduce_loss_for_logging
-from .memory import apply_memory_savings
-from .mesh import ContextParallelMesh, build_mesh, job_config, settle_gloo_workers_at_exit
-from .model_checks import check_model, model_config
-from .model_info import text_config
-from .modeling import apply_context_parallel
-from .offload import activation_offloader
+from .memory import apply_memory_savings, memory_savings_on
+from .mesh import ContextParallelMesh, build_mesh, settle_gloo_workers_at_exit
+from .modeling import apply_context_parallel, context_parallel_mesh
 from .sampler import shard_dataloader_over_dp
+from .setup_log import describe
 from .sharding import gather_sequence
-from .tiled_mlp import decoder_mlps
 from .training_args import arguments_config
 
 logger = transformers.utils.logging.get_logger(f"transformers.{__name__}")  # shown as the Trainer's own set-up logs
@@ -88,12 +84,12 @@ class ContextParallelTrainerMixin:
             )
         self._check_context_parallel_trainer()
         # The size against the job's processes (checked here, not in TrainingArguments, so that arguments can be made
-        # in a single process) and the hybrid Ulysses degree for this model, alike on every rank before any group.
-        config = job_config(config) if self.model is None else model_config(self.model, config)
-        if self.model is not None:
-            check_model(self.model, config)  # before build_mesh makes the CP groups
-        self.cp_mesh = build_mesh(config, self.args.device.type)
-        apply_context_parallel(self.model, self.cp_mesh.config, mesh=self.cp_mesh)
+        # in a single process), alike on every rank before any group.
+        if self.model is None:  # model_init: the model gets CP in `call_model_init`
+            self.cp_mesh = build_mesh(config, self.args.device.type)
+        else:  # the model checked and the hybrid degree picked for it, alike on every rank before any group
+            apply_context_parallel(self.model, config, device_type=self.args.device.type)
+            self.cp_mesh = context_parallel_mesh(self.model)
         self._setup_context_parallel_data()
         self._log_context_parallel_setup()
 
@@ -113,67 +109,34 @@ class ContextParallelTrainerMixin:
         )
 
     def _log_context_parallel_setup(self) -> None:
-        """Say once, on the main process, what context parallelism set up: the mode, the c×d layout (and for hybrid
-        the Ulysses×ring degrees), the attention kernel that will run and which memory savings are on."""
+        """Say once, on the main process, what context parallelism set up (`setup_log.describe`)."""
         if self.args.process_index != 0 or self.model is None:
             return
-        model = self.model
-        lines = ["off (context_parallel_size=1)"]
-        if self.cp_mesh is not None:
-            config = self.cp_mesh.config
-            layout = f"{config.size} CP ranks × {self.cp_mesh.dp_size} data-parallel"
-            if config.combines_ulysses_and_ring:
-                layout += f" (Ulysses {config.ulysses_degree} × ring {config.ring_size})"
-            text = text_config(model)
-            heads = getattr(text, "num_attention_heads", None) or 1
-            head_dim = getattr(text, "head_dim", None) or getattr(text, "hidden_size", 0) // heads
-            dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else model.dtype
-            try:
-                kernel = kernel_class(config.backend, self.args.device.type == "cuda", dtype, head_dim).name
-            except ImportError as error:
-                kernel = f"none ({error})"
-            lines = [
-                f"mode {config.mode} on the {config.layout} layout",
-                f"{layout} over {self.args.world_size} processes",
-                f"attention kernel '{kernel}' (context_parallel_backend={config.backend}, {dtype}, "
-                f"head size {head_dim})",
-            ]
-        lines.append(f"memory savings: {', '.join(self._memory_savings_on(model))}")
-        logger.info("Context parallelism: " + "; ".join(lines))
+        savings = self._memory_savings()
+        on = memory_savings_on(self.model, savings) if savings is not None else ["none"]
+        logger.info("Context parallelism: " + describe(self.model, self.cp_mesh, self.args, on))
 
-    def _memory_savings_on(self, model: torch.nn.Module) -> list[str]:
-        """Which of the config's memory savings the model got (see `_install_memory_savings`)."""
-        config = arguments_config(self.args)
-        chunked = chunked_loss_state(model)
-        tiled = config.mlp_tile_size != 0 and (config.mlp_tile_size is not None or bool(decoder_mlps(model)))
-        offloader = activation_offloader(model)
-        on = []
-        if chunked is not None:
-            size = chunked.chunk_size
-            on.append(f"chunked LM-head loss ({f'{size}-token chunks' if size else 'auto: above 2^28 logits'})")
-        if tiled:
-            size = config.mlp_tile_size
-            on.append(f"tiled MLP ({f'{size}-token tiles' if size else 'auto: above 32768 tokens'})")
-        if offloader is not None:
-            on.append("activation offload" + (" with attention outputs" if config.offload_attention_outputs else ""))
-        if config.recompute_layers is not None:
-            on.append(f"recomputation of the first {config.recompute_layers} decoder layers only")
-        return on or ["none"]
-
-    def _install_memory_savings(self, model: torch.nn.Module) -> None:
-        """The config's memory savings (`memory.py`), with no chunked loss where the trainer needs the logits."""
+    def _memory_savings(self) -> MemorySavings | None:
+        """The savings the arguments ask for, with no chunked loss where the trainer needs the logits."""
         config = arguments_config(self.args)
         if config is None:
-            return
-        if self.logits_needed_for_loss and config.loss_chunk_size != 0:
-            if config.loss_chunk_size is not None:
+            return None
+        savings = config.memory_savings
+        if self.logits_needed_for_loss and savings.loss_chunk_size != 0:
+            if savings.loss_chunk_size is not None:
                 raise ValueError(
-                    f"context_parallel_loss_chunk_size={config.loss_chunk_size} cannot be used with "
+                    f"context_parallel_loss_chunk_size={savings.loss_chunk_size} cannot be used with "
                     f"{type(self).__name__}, which computes its loss and metrics from the logits; leave it unset "
                     "(auto) or set it to 0."
                 )
-            config = dataclasses.replace(config, loss_chunk_size=0)
-        apply_memory_savings(model, config)
+            savings = dataclasses.replace(savings, loss_chunk_size=0)
+        return savings
+
+    def _install_memory_savings(self, model: torch.nn.Module) -> None:
+        """The arguments' memory savings (`memory.py`)."""
+        savings = self._memory_savings()
+        if savings is not None:
+            apply_memory_savings(model, savings)
 
     def _check_context_parallel_trainer(self) -> None:
         """Reject trainer settings whose loss a sequence shard cannot compute (before any collective)."""
@@ -200,7 +163,7 @@ class ContextParallelTrainerMixin:
         model = super().call_model_init(trial)
         self._install_memory_savings(model)
         if self.cp_mesh is not None:
-            apply_context_parallel(model, self.cp_mesh.config, mesh=self.cp_mesh)
+            apply_context_parallel(model, mesh=self.cp_mesh)
         return model
 
     @property
@@ -305,79 +268,12 @@ class ContextParallelTrainerMixin:
     def gather_function(self, function) -> None:
         self._gather_function = function
 
-    @contextlib.contextmanager
-    def _metrics_over_dp(self, shard_sums: bool) -> Iterator[None]:
-        """While open, `accelerator.gather` and `gather_for_metrics` give what they give on the dp ranks of a run
-        without CP, for code (TRL's metrics) that gathers one value per process. With `shard_sums` each CP rank holds
-        its shard's part of a sum, which is summed over the CP group first; otherwise the CP ranks hold equal values.
-        """
-        from accelerate.utils import recursively_apply
-
-        mesh, accelerator = self.cp_mesh, self.accelerator
-
-        def per_group(data):
-            if not shard_sums or mesh.cp_group is None:
-                return data
-
-            def reduce(tensor: torch.Tensor) -> torch.Tensor:
-                tensor = tensor.detach().clone()
-                dist.all_reduce(tensor, group=mesh.cp_group)
-                return tensor
-
-            return recursively_apply(reduce, data)
-
-        accelerator.gather = lambda data: self._gather_over_dp(per_group(data))
-        accelerator.gather_for_metrics = lambda data, use_gather_object=False: self._gather_over_dp_for_metrics(
-            per_group(data), use_gather_object
-        )
-        try:
-            yield
-        finally:
-            del accelerator.gather, accelerator.gather_for_metrics
-
-    def _gather_over_dp(self, data):
-        """`accelerator.gather` over the dp ranks only: tensors (or nests of them) concatenated along dim 0."""
-        from accelerate.utils import recursively_apply
-
-        mesh = self.cp_mesh
-        if mesh.dp_group is None:
-            return data
-
-        def gather(tensor: torch.Tensor) -> torch.Tensor:
-            tensor = tensor[None] if tensor.dim() == 0 else tensor  # as accelerate gathers scalars
-            parts = [torch.empty_like(tensor) for _ in range(mesh.dp_size)]
-            dist.all_gather(parts, tensor.contiguous(), group=mesh.dp_group)
-            return torch.cat(parts, dim=0)
-
-        return recursively_apply(gather, data)
+    def _metrics_over_dp(self, shard_sums: bool):
+        """See `gathering.metrics_over_dp` (TRL's trainers gather their metrics under it)."""
+        return metrics_over_dp(self.accelerator, self.cp_mesh, self.args, shard_sums)
 
     def _gather_over_dp_for_metrics(self, data, use_gather_object: bool = False):
-        from accelerate.utils import recursively_apply
-
-        mesh = self.cp_mesh
-        try:
-            recursively_apply(lambda x: x, data, error_on_other_type=True)
-        except TypeError:
-            use_gather_object = True
-        if use_gather_object or self.args.eval_use_gather_object:
-            parts = [None] * mesh.dp_size
-            if mesh.dp_group is not None:
-                dist.all_gather_object(parts, data, group=mesh.dp_group)
-            else:
-                parts = [data]
-            data = [item for part in parts for item in part]
-        else:
-            data = self._gather_over_dp(data)
-        # As accelerate's gather_for_metrics: drop what `even_batches` repeated to fill the last batch.
-        state = self.accelerator.gradient_state
-        if state.end_of_dataloader and state.remainder > 0:
-            if isinstance(data, list):
-                return data[: state.remainder]
-            try:
-                return recursively_apply(lambda tensor: tensor[: state.remainder], data)
-            except IndexError:  # a scalar (one process): returned as is, as accelerate does
-                return data
-        return data
+        return gather_over_dp_for_metrics(data, self.cp_mesh, self.accelerator, self.args, use_gather_object)
 
 
 class Trainer(ContextParallelTrainerMixin, transformers.Trainer):
