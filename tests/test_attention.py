@@ -119,7 +119,8 @@ def test_modes_bf16(mode, ulysses_size):
 def test_copy_rows_is_bit_identical(dtype, head_dim):
     """The exchange buffers' pack/unpack copies move the same bits whatever element type they are moved as: into a
     head slice of a wider buffer and out of a transposed view, NaN payloads and signed zeros included."""
-    from transformers_cp.comm import copy_rows, packed
+    from transformers_cp.comm import contiguous as packed
+    from transformers_cp.comm import copy_rows
 
     bits = {torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}[dtype]
     g = torch.Generator().manual_seed(head_dim)

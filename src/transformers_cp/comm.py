@@ -78,8 +78,8 @@ def copy_rows(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return dst.copy_(src)
 
 
-def packed(x: torch.Tensor) -> torch.Tensor:
-    """`x` as a contiguous tensor, packed by `copy_rows` when it is a strided view."""
+def contiguous(x: torch.Tensor) -> torch.Tensor:
+    """`x` as a contiguous tensor, copied by `copy_rows` when it is a strided view."""
     if x.is_contiguous():
         return x
     return copy_rows(torch.empty(x.shape, dtype=x.dtype, device=x.device), x)
@@ -90,7 +90,7 @@ class Exchange:
     communication stream, so the caller can launch compute meanwhile."""
 
     def __init__(self, send: torch.Tensor, group: dist.ProcessGroup) -> None:
-        send = packed(send)
+        send = contiguous(send)
         self.recv = torch.empty_like(send)
         self.work = dist.all_to_all_single(self.recv, send, group=group, async_op=True)
 
@@ -99,8 +99,10 @@ class Exchange:
         return self.recv
 
 
-class GatherSequence(torch.autograd.Function):
-    """(L, ...) shard -> (N·L, ...) concatenated in rank order; backward sums the gradients and keeps the shard's."""
+class AllGather(torch.autograd.Function):
+    """(L, ...) shard -> (N·L, ...) concatenated in rank order; backward reduce-scatters: each rank uses the whole in its
+    own way, so the shard's gradient is the sum of the ranks' (contrast `sharding.gather_sequence`, for a value every
+    rank computes alike)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -113,7 +115,7 @@ class GatherSequence(torch.autograd.Function):
         return reduce_scatter(grad.unflatten(0, (world, -1)), ctx.group), None
 
 
-class ScatterSequence(torch.autograd.Function):
+class ReduceScatter(torch.autograd.Function):
     """(N·L, ...) partial sums -> this rank's (L, ...) slice of their sum over ranks; backward all-gathers."""
 
     @staticmethod

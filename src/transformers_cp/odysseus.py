@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .algorithms.ulysses import kv_heads_for_rank
 from .changes import Change
-from .comm import GatherSequence, ScatterSequence, all_gather
+from .comm import AllGather, ReduceScatter, all_gather
 
 if TYPE_CHECKING:
     from .mesh import ContextParallelMesh
@@ -219,10 +219,10 @@ def _attention_forward(module: torch.nn.Module, mesh: ContextParallelMesh, rotar
                 f"context_parallel_mode='odysseus' needs the position embeddings that {type(module).__name__} "
                 "receives from its decoder layer; use another context_parallel_mode for this model."
             )
-        bound.arguments["hidden_states"] = GatherSequence.apply(hidden[0], group)[None]
+        bound.arguments["hidden_states"] = AllGather.apply(hidden[0], group)[None]
         bound.arguments["position_embeddings"] = rotary.full(embeddings, group)
         out, weights = original(*bound.args, **bound.kwargs)
-        return ScatterSequence.apply(out[0], group)[None], weights
+        return ReduceScatter.apply(out[0], group)[None], weights
 
     return forward
 

@@ -24,7 +24,7 @@ back-propagates ℓ_r = c·k·(S_r/N + coef·X_r), logs Σ_{r∈g} ℓ_r / c, an
   (`replicate_router_loss`).
 
 The model's own function stays in place and is used whenever no CP model is in its forward: the replacement is a
-dispatcher that takes the CP form only while a CP model's forward runs (set by its pre-forward hook). It is installed
+dispatcher that takes the CP form only while a CP model's forward runs (set by its pre-forward stage). It is installed
 in the modeling modules of the model's classes, and in Mixtral's, whose function TRL's fused LM head calls for every
 MoE family. A model family
 whose function computes something else (its result on a probe differs from the formula above, e.g. Doge's
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import sys
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -56,7 +56,7 @@ class RouterLossState:
 
     mesh: ContextParallelMesh
     replicated: bool = False  # X_r = A_g (whole-row losses) instead of a shard's share A_g / c
-    tokens: list = None  # context tokens of the forwards in flight (nested forwards restore the outer one)
+    tokens: list = field(default_factory=list)  # context-variable tokens of the forwards in flight (nested: LIFO)
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,7 @@ def install_router_loss(model: torch.nn.Module, mesh: ContextParallelMesh) -> No
     for module in dict.fromkeys([*modules, modeling_mixtral]):
         if not hasattr(getattr(module, FUNCTION_NAME), _ORIGINAL_ATTR):
             setattr(module, FUNCTION_NAME, _dispatcher(getattr(module, FUNCTION_NAME)))
-    state = RouterLossState(mesh, tokens=[])
+    state = RouterLossState(mesh)
 
     def begin(module, args, kwargs):
         inputs = kwargs.get("input_ids", args[0] if args else None)

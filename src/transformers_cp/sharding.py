@@ -226,7 +226,7 @@ def gather_sequence(tensor: torch.Tensor, mesh: ContextParallelMesh, dim: int = 
     if mesh.cp_group is None:
         return tensor
     if tensor.requires_grad:
-        return _GatherSequence.apply(tensor, mesh, dim)
+        return _GatherReplicated.apply(tensor, mesh, dim)
     return _all_gather_row(tensor, mesh, dim)
 
 
@@ -236,7 +236,9 @@ def _all_gather_row(tensor: torch.Tensor, mesh: ContextParallelMesh, dim: int) -
     return mesh.layout.unshard(shards, dim=dim)
 
 
-class _GatherSequence(torch.autograd.Function):
+class _GatherReplicated(torch.autograd.Function):
+    """The row from every rank's shard, for a value every CP rank computes alike: backward keeps this rank's slice."""
+
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, mesh: ContextParallelMesh, dim: int) -> torch.Tensor:
         ctx.mesh, ctx.dim = mesh, dim

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from ..comm import all_gather, copy_rows, packed, reduce_scatter
+from ..comm import all_gather, contiguous, copy_rows, reduce_scatter
 from ..kernels import AttentionKernel
 from ..plan import Block
 from .merge import Accumulator
@@ -50,7 +50,7 @@ def _heads(stride_index: int, kv_stride: int, group_size: int) -> tuple[slice, s
 
 def _gather(kv: torch.Tensor, group, spans: Spans):
     """Start gathering this rank's (L, 2, h, D) KV stride; returns a function giving (S, 2, h, D) in global order."""
-    gathered, work = all_gather(packed(kv), group, async_op=True)
+    gathered, work = all_gather(contiguous(kv), group, async_op=True)
 
     def finish() -> torch.Tensor:
         work.wait()
@@ -81,7 +81,7 @@ def _llama3_forward(q, k, v, blocks: list[Block], spans, group, kernel: Attentio
         if i + 1 < n_strides:
             pending = _gather(kv[:, :, _heads(i + 1, kv_stride, g)[1]], group, spans)
         qh, _ = _heads(i, kv_stride, g)
-        qs = packed(q[:, qh])
+        qs = contiguous(q[:, qh])
         acc = Accumulator(qs)
         acc.attend(qs, full[:, 0], full[:, 1], blocks, kernel, scale)
         copy_rows(out[:, qh], acc.out.to(q.dtype))
@@ -128,7 +128,7 @@ class Llama3Attention(torch.autograd.Function):
             if i + 1 < n_strides:
                 pending = _gather(kv[:, :, _heads(i + 1, stride, g)[1]], ctx.group, ctx.spans)
             qh, kh = _heads(i, stride, g)
-            qs, outs, douts = (packed(t[:, qh]) for t in (q, out, dout))
+            qs, outs, douts = (contiguous(t[:, qh]) for t in (q, out, dout))
             dq_acc = torch.zeros(qs.shape, dtype=torch.float32, device=q.device)
             dfull = torch.zeros(full.shape, dtype=torch.float32, device=q.device)
             for b in ctx.blocks:

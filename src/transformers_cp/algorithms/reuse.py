@@ -4,7 +4,7 @@ Checkpointing re-runs a layer's forward during backward to rebuild its activatio
 (q, k, v, out, lse) for their backward, and q, k, v come back from the cheap projections; so the first forward keeps
 its (out, lse) and the recomputation takes them instead of running the kernels (and, for ring and llama3, the
 communication) again. The cost is the attention output and log-sum-exp of each layer until its backward. Only the
-attention inside a layer that is checkpointed in this forward keeps them (`modeling` decides per forward): a layer that
+attention inside a layer that is checkpointed in this forward keeps them (`state.ContextParallelState.recomputed`, per forward): a layer that
 is not recomputed would never take them.
 """
 

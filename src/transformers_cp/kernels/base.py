@@ -1,6 +1,6 @@
 """The one local attention kernel interface every algorithm calls.
 
-Tensors are packed: q (Tq, Hq, D), k and v (Tk, Hk, D) with Hq a multiple of Hk (GQA is handled by the kernel, KV
+Tensors are token-major (the varlen layout): q (Tq, Hq, D), k and v (Tk, Hk, D) with Hq a multiple of Hk (GQA is handled by the kernel, KV
 heads are never repeated in memory). Segments pair q rows [cu_q[i], cu_q[i+1]) with k rows [cu_k[i], cu_k[i+1]) and are
 aligned bottom-right as in flash-attn: with lq, lk the segment lengths, query row a may see key row b when
 `b <= a + lk - lq` (if causal) and `b >= a + lk - lq - window_left` (if window_left is not None). The forward returns
@@ -43,6 +43,12 @@ class Segments:
                 torch.tensor(self.cu_k, dtype=torch.int32).to(device, non_blocking=True),
             )
         return cache[device]
+
+
+def flash_windows(seg: Segments) -> dict:
+    """flash-attn's window arguments for `seg` (its varlen functions and PyTorch's flash ops take the same)."""
+    left = -1 if seg.window_left is None else seg.window_left
+    return {"window_size_left": left, "window_size_right": 0 if seg.causal else -1}
 
 
 class AttentionKernel(Protocol):

@@ -7,7 +7,7 @@ import importlib.util
 
 import torch
 
-from .base import Segments
+from .base import Segments, flash_windows
 
 
 @functools.cache
@@ -23,10 +23,6 @@ class FlashAttnKernel:
         from flash_attn import flash_attn_interface
 
         self._fa = flash_attn_interface
-
-    def _windows(self, seg: Segments) -> dict:
-        left = -1 if seg.window_left is None else seg.window_left
-        return {"window_size_left": left, "window_size_right": 0 if seg.causal else -1}
 
     def forward(self, q, k, v, seg: Segments, scale: float):
         cu_q, cu_k = seg.tensors(q.device)
@@ -44,7 +40,7 @@ class FlashAttnKernel:
             softcap=0.0,
             alibi_slopes=None,
             return_softmax=False,
-            **self._windows(seg),
+            **flash_windows(seg),
         )[:2]
         return out, lse
 
@@ -72,6 +68,6 @@ class FlashAttnKernel:
             alibi_slopes=None,
             deterministic=False,
             rng_state=None,
-            **self._windows(seg),
+            **flash_windows(seg),
         )
         return dq, dk, dv

@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from .base import Segments
+from .base import Segments, flash_windows
 
 CUDNN_MAX_HEAD_DIM = 128
 CUDNN_MIN_DOCUMENT = 2048  # documents at least this long get a cuDNN call of their own; shorter runs share one
@@ -78,8 +78,8 @@ def _batched(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.unflatten(0, (n, -1)).transpose(1, 2)
 
 
-def _packed(x: torch.Tensor) -> torch.Tensor:
-    """(n, H, L, D) -> (n·L, H, D)."""
+def _token_major(x: torch.Tensor) -> torch.Tensor:
+    """(n, H, L, D) -> (n·L, H, D), the kernels' token-major layout."""
     return x.transpose(1, 2).flatten(0, 1)
 
 
@@ -123,7 +123,7 @@ class TorchKernel:
                 _batched(q, n), _batched(k, n), _batched(v, n), None, True, 0.0, seg.causal, False, scale=scale
             )
             lse = r[1].reshape(n, q.shape[1], lq).transpose(0, 1).reshape(q.shape[1], n * lq)
-            return _packed(r[0]), lse
+            return _token_major(r[0]), lse
         cu_q, cu_k = seg.tensors(q.device)
         out, lse = torch.ops.aten._flash_attention_forward(
             q,
@@ -137,7 +137,7 @@ class TorchKernel:
             seg.causal,
             False,
             scale=scale,
-            **_flash_windows(seg),
+            **flash_windows(seg),
         )[:2]
         return out, lse
 
@@ -165,7 +165,7 @@ class TorchKernel:
                 seg.causal,
                 scale=scale,
             )
-            return tuple(_packed(g) for g in grads)
+            return tuple(_token_major(g) for g in grads)
         cu_q, cu_k = seg.tensors(q.device)
         return torch.ops.aten._flash_attention_backward(
             dout.contiguous(),
@@ -183,10 +183,5 @@ class TorchKernel:
             seed,
             offset,
             scale=scale,
-            **_flash_windows(seg),
+            **flash_windows(seg),
         )
-
-
-def _flash_windows(seg: Segments) -> dict:
-    left = -1 if seg.window_left is None else seg.window_left
-    return {"window_size_left": left, "window_size_right": 0 if seg.causal else -1}
