@@ -12,7 +12,7 @@ A feature installs under its name:
     change.track(handle)                               # a hook on a submodule (e.g. a rotary module), removed too
 
 and finds its state again with `changes.state(model, name)`; `changes.remove(model, name)` removes its stage and
-hooks, restores its forwards and calls its `undo`. Stage functions take `(module, args, kwargs)` and return None or
+hooks, restores its forwards and calls its `undo`, after removing the changes installed with `depends_on=name`. Stage functions take `(module, args, kwargs)` and return None or
 new `(args, kwargs)`; forward functions take `(module, args, kwargs, output)` and return None or a new output.
 
 The attention results that CP keeps for the recomputation (`algorithms.reuse`) live in the registry's
@@ -72,6 +72,7 @@ class Change:
     post: Callable | None = None
     post_always: bool = False  # the forward function runs also when the forward raised
     undo: Callable[[], None] | None = None
+    depends_on: str | None = None  # removed with that change
     forwards: list = field(default_factory=list)  # (module, the instance forward it had or _NO_FORWARD)
     handles: list = field(default_factory=list)
 
@@ -154,13 +155,14 @@ def install(
     post: Callable | None = None,
     post_always: bool = False,
     undo: Callable[[], None] | None = None,
+    depends_on: str | None = None,
 ) -> Change:
     """Install feature `name` on `model` (replacing an earlier install of it); `pre`/`post` run at its position of
-    `STAGES`, which must name it."""
+    `STAGES`, which must name it. With `depends_on`, removing that change removes this one first."""
     if (pre is not None or post is not None) and name not in STAGES:
         raise ValueError(f"{name!r} has a pre-forward stage but no position in changes.STAGES; declare it there.")
     remove(model, name)
-    change = Change(name, state, pre, post, post_always, undo)
+    change = Change(name, state, pre, post, post_always, undo, depends_on)
     _registry(model, create=True).installed[name] = change
     return change
 
@@ -178,12 +180,13 @@ def installed(model: torch.nn.Module, name: str) -> bool:
 
 
 def remove(model: torch.nn.Module, name: str) -> bool:
-    """Undo what feature `name` installed on `model`; False when it was not installed."""
+    """Undo what feature `name` installed on `model`, and first what depends on it; False when it was not installed."""
     registry = _registry(model)
-    change = None if registry is None else registry.installed.pop(name, None)
-    if change is None:
+    if registry is None or name not in registry.installed:
         return False
-    change._remove()
+    for dependent in [c.name for c in registry.installed.values() if c.depends_on == name]:
+        remove(model, dependent)
+    registry.installed.pop(name)._remove()
     if not registry.installed:
         for hook in registry.hooks:
             hook.remove()

@@ -200,6 +200,9 @@ class ContextParallelConfig(MemorySavings, ContextParallelSettings):
             Each layer left out keeps its activations until backward, about tokens × (a few × hidden + 4 ×
             intermediate) × 2 bytes in bf16 (without the intermediate part under the tiled MLP), and saves one forward
             of the layer in backward. No effect without activation checkpointing.
+
+    The first five fields are the CP settings (`ContextParallelSettings`, what a mesh carries), the others the memory
+    savings, handed on as `memory_savings` (`MemorySavings`, what `memory.apply_memory_savings` installs).
     """
 
     def __post_init__(self) -> None:

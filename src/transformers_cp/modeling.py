@@ -5,8 +5,8 @@ was loaded with, so no flash-attn is needed. The CP settings live on the model's
 gets its own copy of its config (transformers reads the attention implementation from the config, which models made
 from one config object share), so two models in one process keep their own. CP's pre-forward stage (`changes.py`)
 checks the batch on every rank (`batch_checks.py`) and turns its document boundaries into a `Documents` object once
-per forward (every layer reuses it). Everything is installed as the `"context_parallel"` change of the model (plus the
-router-loss one), so `remove_context_parallel` undoes exactly that.
+per forward (every layer reuses it). Everything is installed as the `"context_parallel"` change of the model (and the
+router-loss change that depends on it), so `remove_context_parallel` undoes exactly that.
 """
 
 from __future__ import annotations
@@ -26,15 +26,11 @@ from .model_info import max_positions
 from .plan import Documents
 from .recompute import checkpointable_layers
 from .rope import follow_row_positions
-from .router_loss import NAME as ROUTER_LOSS
 from .router_loss import install_router_loss
 from .sharding import BATCH_PROBLEM, ROW_CHECKSUM
 from .state import ATTENTION_NAME, STATE_ATTR, ContextParallelState, find_state
 
 NAME = "context_parallel"
-_DEPENDENT = ("padded_rows", ROUTER_LOSS)
-"""Changes installed on a CP model that work only with CP's stage (TRL's padded rows, the row's router loss): removed
-with it."""
 
 
 def _pre_forward_stage(state: ContextParallelState):
@@ -144,8 +140,7 @@ def remove_context_parallel(model: torch.nn.Module) -> torch.nn.Module:
     the config objects (so the attention implementation) they held before."""
     if find_state(model) is None:
         return model
-    for name in (*_DEPENDENT, NAME):
-        changes.remove(model, name)
+    changes.remove(model, NAME)  # with what depends on it (the router loss, TRL's padded rows)
     return model
 
 

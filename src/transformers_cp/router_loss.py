@@ -206,7 +206,8 @@ def check_router_loss(model: torch.nn.Module, coef: float | None = None, enabled
 
 
 def install_router_loss(model: torch.nn.Module, mesh: ContextParallelMesh) -> None:
-    """Make the model's aux loss the whole row's while it runs under CP (undone by `remove_router_loss`). Models
+    """Make the model's aux loss the whole row's while it runs under CP (removed with CP's change; the modules'
+    dispatchers stay: they call the model family's own function whenever no CP model is in its forward). Models
     without a `load_balancing_loss_func` get nothing."""
     modules = _modules_of(model)
     if not modules:
@@ -236,13 +237,7 @@ def install_router_loss(model: torch.nn.Module, mesh: ContextParallelMesh) -> No
         if state.tokens:
             _active.reset(state.tokens.pop())
 
-    changes.install(model, NAME, state=state, pre=begin, post=end, post_always=True)
-
-
-def remove_router_loss(model: torch.nn.Module) -> None:
-    """Remove the model's stage and state. The module's dispatcher stays: it calls the model family's own function
-    whenever no CP model is in its forward."""
-    changes.remove(model, NAME)
+    changes.install(model, NAME, state=state, pre=begin, post=end, post_always=True, depends_on="context_parallel")
 
 
 def replicate_router_loss(model: torch.nn.Module, replicated: bool = True) -> None:

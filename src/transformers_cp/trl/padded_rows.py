@@ -40,15 +40,11 @@ class _PaddedRowsState:
 
 def shard_padded_rows(model: torch.nn.Module, mesh: ContextParallelMesh, pad_token_id: int = 0) -> None:
     """Make `model` (on which `apply_context_parallel` was called) take TRL's padded fused-head calls (idempotent;
-    undone by `remove_padded_rows`). Its stage runs first (`changes.STAGES`): the CP stage reads the packed row."""
+    removed with CP). Its stage runs first (`changes.STAGES`): the CP stage reads the packed row."""
     if changes.installed(model, NAME):
         return
     state = _PaddedRowsState(mesh, pad_token_id)
-    changes.install(model, NAME, state=state, pre=_pack(state), post=_unpack(state))
-
-
-def remove_padded_rows(model: torch.nn.Module) -> None:
-    changes.remove(model, NAME)
+    changes.install(model, NAME, state=state, pre=_pack(state), post=_unpack(state), depends_on="context_parallel")
 
 
 def _pack(state: _PaddedRowsState):
