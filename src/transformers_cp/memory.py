@@ -1,4 +1,5 @@
-"""The long-sequence memory savings of a `ContextParallelConfig`, installed on a model in one call.
+"""The long-sequence memory savings (`config.MemorySavings`, a `ContextParallelConfig`'s `memory_savings`),
+installed on a model in one call.
 
 They work with and without context parallelism: chunked LM-head loss (`chunked_loss`), tiled MLP (`tiled_mlp`),
 offload of the checkpointed layer inputs (`offload`) and partial recomputation, which spends memory the others leave

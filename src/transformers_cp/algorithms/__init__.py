@@ -1,1 +1,1 @@
-"""Context-parallel attention algorithms, one module each, composed by `transformers_cp.attention`."""
+"""Context-parallel attention algorithms, one module each, composed by the modes (`transformers_cp.modes`)."""
