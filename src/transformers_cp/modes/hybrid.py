@@ -43,6 +43,8 @@ class Hybrid(Mode):
         check_ulysses_heads(config, heads)
 
     def attention(self, q, k, v, mesh, docs, kernel, scale, left, reuse, stages=1):
+        if mesh.layout.ulysses == 1:  # a ring alone
+            return ring_or_local(q, k, v, mesh, docs, kernel, scale, left, reuse)
         chunks = mesh.layout.chunks_per_rank
         q, k, v, heads = scatter_heads(q, k, v, mesh.ulysses_group, chunks)
         out = ring_or_local(q, k, v, mesh, docs, kernel, scale, left, reuse)
