@@ -35,6 +35,7 @@ class _PaddedRowsState:
     pad_token_id: int
     masks: list[torch.Tensor] = field(default_factory=list)  # attention masks of the calls in flight
     hooks: list = field(default_factory=list)
+    enabled: bool = True  # off while the model generates without CP (`rl.own_attention`)
 
 
 def shard_padded_rows(model: torch.nn.Module, mesh: ContextParallelMesh, pad_token_id: int = 0) -> None:
@@ -50,6 +51,8 @@ def shard_padded_rows(model: torch.nn.Module, mesh: ContextParallelMesh, pad_tok
 
 def _pack(state: _PaddedRowsState):
     def hook(module, args, kwargs: dict[str, Any]):
+        if not state.enabled:
+            return None
         if args or not kwargs.get("fused_lm_head"):
             raise ValueError(
                 "under context parallelism TRL's preference trainers run the model only through its fused LM head "
@@ -94,6 +97,8 @@ def _pack(state: _PaddedRowsState):
 
 def _unpack(state: _PaddedRowsState):
     def hook(module, args, output):
+        if not state.enabled:
+            return None
         mask = state.masks.pop()
         fields = {}
         for name, value in output.items():
