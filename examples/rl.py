@@ -83,7 +83,12 @@ def main() -> None:
     if trainer.is_world_process_zero():
         for entry in trainer.state.log_history:
             if "reward" in entry:
-                print(f"step {entry['step']}: reward {entry['reward']:.3f}, loss {entry['loss']:.4f}", flush=True)
+                # On-policy, the loss is ~0 by construction (advantages times ratios of 1); the gradient is not.
+                print(
+                    f"step {entry['step']}: reward {entry['reward']:.3f}, KL {entry['kl']:.5f}, grad norm "
+                    f"{entry['grad_norm']:.3f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
