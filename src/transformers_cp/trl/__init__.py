@@ -1,5 +1,5 @@
-"""TRL's trainers with context parallelism: `SFTTrainer`, `DPOTrainer` and their configs `SFTConfig`, `DPOConfig`
-(TRL's, plus the `context_parallel_*` fields). Needs `trl` (`pip install -e ".[trl]"` in the checkout); supported:
+"""TRL's trainers with context parallelism: `SFTTrainer`, `DPOTrainer`, `GRPOTrainer`, `RLOOTrainer` and their
+configs (TRL's, plus the `context_parallel_*` fields). Needs `trl` (`pip install -e ".[trl]"` in the checkout); supported:
 trl 1.16.
 """
 
@@ -24,7 +24,16 @@ if Version(_version("trl")) < Version("1.16"):
         "`pip install -U 'trl>=1.16'`."
     )
 
-_EXPORTS = {"SFTConfig": "config", "DPOConfig": "config", "SFTTrainer": "sft", "DPOTrainer": "dpo"}
+_EXPORTS = {
+    "SFTConfig": "config",
+    "DPOConfig": "config",
+    "GRPOConfig": "config",
+    "RLOOConfig": "config",
+    "SFTTrainer": "sft",
+    "DPOTrainer": "dpo",
+    "GRPOTrainer": "rl",
+    "RLOOTrainer": "rl",
+}
 __all__ = sorted(_EXPORTS)
 
 
