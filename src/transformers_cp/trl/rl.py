@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ import trl
 from accelerate.utils import set_seed
 
 from .. import changes
+from ..gathering import gather_over_dp
 from ..modeling import apply_context_parallel, remove_context_parallel
 from ..router_loss import replicate_router_loss
 from ..state import find_state
@@ -76,7 +78,7 @@ class _DataParallelAccelerator:
         return self._mesh.dp_rank
 
     def gather(self, data):
-        return self._trainer._gather_over_dp(data)
+        return gather_over_dp(data, self._mesh)
 
     def gather_for_metrics(self, data, use_gather_object: bool = False):
         return self._trainer._gather_over_dp_for_metrics(data, use_gather_object)
@@ -119,7 +121,7 @@ class _OnPolicyMixin(ReplicatedLossTrainerMixin):
         module = sys.modules[self._trl_trainer.__module__]
         saved = self.accelerator, module.gather, module.gather_object
         self.accelerator = _DataParallelAccelerator(self)
-        module.gather, module.gather_object = self._gather_over_dp, self._gather_objects_over_dp
+        module.gather, module.gather_object = partial(gather_over_dp, mesh=self.cp_mesh), self._gather_objects_over_dp
         try:
             yield
         finally:
