@@ -54,12 +54,17 @@ TINY = dict(
 )  # fmt: skip
 DROP = "drop"  # an OVERRIDES value that removes the TINY setting (the family's config derives it)
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+NO_PER_LAYER = dict(hidden_size_per_layer_input=0, vocab_size_per_layer_input=0)
 BLT_LOCAL = dict(hidden_size=64, hidden_size_global=64, num_attention_heads=4, intermediate_size=64)
 MAX_PARAMETERS = 10_000_000  # a tiny model far above this kept a default size the sweep did not shrink
 # Family -> (settings on top of TINY, why). A dict value for a sub-config (`vision_config`, ...) is merged into it.
 OVERRIDES: dict[str, tuple[dict, str]] = {
     "lfm2": (dict(full_attn_idxs=[1, 3]), "defaults to attention only; two conv and two attention layers"),
-    "lfm2_moe": (dict(full_attn_idxs=[1, 3]), "as lfm2"),
+    "lfm2_moe": (
+        dict(num_hidden_layers=4, layer_types=["conv", "full_attention"] * 2),
+        "derives no layer pattern by default; two conv and two attention layers",
+    ),
+    "longcat_flash": (dict(head_dim=8), "its RoPE width is head_dim, which must equal qk_rope_head_dim"),
     "blt": (
         dict(
             encoder_config=dict(BLT_LOCAL, num_hidden_layers=1),
@@ -107,7 +112,7 @@ OVERRIDES: dict[str, tuple[dict, str]] = {
     ),
     "gemma3n_text": (dict(num_kv_shared_layers=2), "15 layers share KV by default; two of the four here"),
     "gemma4_assistant": (
-        dict(hidden_size_per_layer_input=0, text_config=dict(hidden_size_per_layer_input=0)),
+        dict(**NO_PER_LAYER, text_config=NO_PER_LAYER),
         "the drafter has no per-layer inputs",
     ),
     "gpt_neo": (
@@ -157,7 +162,10 @@ def _with_subconfigs(cls, kw: dict) -> dict:
     subs = {k: v for k, v in kw.items() if isinstance(v, dict)}
     if not subs:
         return kw
-    default = cls()
+    try:
+        default = cls()
+    except Exception:  # noqa: BLE001 - defaults that do not validate (Gemma 4's assistant): the overrides alone
+        default = None
     for key, extra in subs.items():
         base = getattr(default, key, None)
         base = base.to_dict() if hasattr(base, "to_dict") else dict(base or {})
@@ -170,13 +178,14 @@ def tiny_config(model_type: str):
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
-    kw = {**TINY, **OVERRIDES.get(model_type, ({}, ""))[0]}
+    kw = dict(TINY)
     try:
         latent = getattr(cls(), "kv_lora_rank", None) is not None
-    except Exception:  # noqa: BLE001 - a per-layer setting: the layers hold it, the tiny ones keep it
+    except Exception:  # noqa: BLE001 - a per-layer setting (the layers hold it), or defaults that do not validate
         latent = False
     if latent:  # latent attention: a key per query head, head sizes of its own
         kw.update(num_key_value_heads=kw["num_attention_heads"], head_dim=DROP)
+    kw.update(OVERRIDES.get(model_type, ({}, ""))[0])
     kw = _with_subconfigs(cls, {k: v for k, v in kw.items() if v is not DROP})
     config = cls(**kw)
     try:
@@ -197,7 +206,9 @@ def tiny_config(model_type: str):
         config = cls(**kw, num_hidden_layers=4)
     sub = getattr(config, "text_config", None)
     if sub is not None and not isinstance(sub, dict):  # multimodal: the language model at the tiny sizes too
-        config = cls(**kw, text_config={**kw, "model_type": sub.model_type})
+        flat = {k: v for k, v in kw.items() if not isinstance(v, dict)}
+        own = OVERRIDES.get(model_type, ({}, ""))[0].get("text_config", {})
+        config = cls(**{**kw, "text_config": {**flat, **own, "model_type": sub.model_type}})
     return config
 
 
