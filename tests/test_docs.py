@@ -52,6 +52,9 @@ SKIPPED: dict[str, str] = {
     ),
     "deepspeed --hostfile hostfile --master_addr $MASTER --master_port 29500 examples/train.py --output_dir out --bf16 "
     "--context_parallel_size 8 --deepspeed examples/ds_zero3_offload.json": f"{GPU}: two nodes of 8, a hostfile",
+    "python benchmarks/model_sweep.py --out benchmarks/results/model_sweep_cpu.jsonl": (
+        "the full model sweep: every causal-LM family in two modes, 11 min on 2 cores; its results are committed"
+    ),
     "torchrun --nnodes 2 --node-rank {0,1} --nproc-per-node 2": (
         "not a command: the prose describes the two launches of tests/test_engines.py's two-node test"
     ),
