@@ -19,10 +19,11 @@ def is_flash_attn_available() -> bool:
 class FlashAttnKernel:
     name = "flash_attn"
 
-    def __init__(self) -> None:
+    def __init__(self, softcap: float | None = None) -> None:
         from flash_attn import flash_attn_interface
 
         self._fa = flash_attn_interface
+        self.softcap = softcap
 
     def _windows(self, seg: Segments) -> dict:
         left = -1 if seg.window_left is None else seg.window_left
@@ -41,7 +42,7 @@ class FlashAttnKernel:
             0.0,
             scale,
             seg.causal,
-            softcap=0.0,
+            softcap=self.softcap or 0.0,
             alibi_slopes=None,
             return_softmax=False,
             **self._windows(seg),
@@ -68,7 +69,7 @@ class FlashAttnKernel:
             0.0,
             scale,
             seg.causal,
-            softcap=0.0,
+            softcap=self.softcap or 0.0,
             alibi_slopes=None,
             deterministic=False,
             rng_state=None,
