@@ -12,6 +12,7 @@ from .algorithms.ulysses import UlyssesAttention, gather_heads, scatter_heads
 from .kernels import select_kernel
 from .mesh import ContextParallelMesh
 from .plan import Documents, gathered_plan, local_segments, ring_plan
+from .sinks import heads_block
 
 
 def window_left(sliding_window: int | None, seq_len: int) -> int | None:
@@ -46,31 +47,38 @@ def context_parallel_attention(
     scale: float,
     sliding_window: int | None = None,
     reuse: ForwardReuse | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of this rank's shard of a packed row against the whole row.
 
     q: (L, Hq, D), k and v: (L, Hk, D), L = row length / CP size, in the layout of `mesh` (for `odysseus`, the
     whole row with this rank's heads); `docs` holds the row's global document boundaries. Returns (L, Hq, D). With
     `reuse`, a recomputation under activation checkpointing takes the first forward's result instead of computing it
-    again (see `algorithms.reuse`).
+    again (see `algorithms.reuse`). `softcap` caps the scores (softcap·tanh(s / softcap)); `sinks` (one logit per
+    query head of the model) join each softmax's denominator (see `sinks`).
     """
     config, layout = mesh.config, mesh.layout
-    kernel = select_kernel(config.backend, q)
+    kernel = select_kernel(config.backend, q, softcap)
     left = window_left(sliding_window, docs.seq_len)
+    if sinks is not None and config.whole_rows:  # odysseus: q holds this rank's block of the heads
+        sinks = heads_block(sinks, q.shape[1], mesh.cp_rank)
     if layout.ring == 1 and layout.ulysses > 1 and layout.chunks_per_rank == 1:
-        return UlyssesAttention.apply(q, k, v, local_segments(docs, left), mesh.ulysses_group, kernel, scale, reuse)
+        seg = local_segments(docs, left)
+        return UlyssesAttention.apply(q, k, v, seg, mesh.ulysses_group, kernel, scale, reuse, sinks)
     if layout.ulysses > 1:
         q, k, v = scatter_heads(q, k, v, mesh.ulysses_group, layout.chunks_per_rank)
+        sinks = heads_block(sinks, q.shape[1], mesh.ulysses_rank)
     if layout.ring == 1 or config.whole_rows:  # the whole row is here (Ulysses, odysseus, or one rank)
-        out = LocalAttention.apply(q, k, v, local_segments(docs, left), kernel, scale, reuse)
+        out = LocalAttention.apply(q, k, v, local_segments(docs, left), kernel, scale, reuse, sinks)
     elif config.gathers_keys:
         stride = config.kv_stride(k.shape[1])  # divides the KV heads: `model_checks.check_model`
         spans = docs.cached(("spans", layout), lambda: _gather_spans(mesh, docs.seq_len))
         blocks = gathered_plan(docs, layout, mesh.ring_rank, left)
-        out = Llama3Attention.apply(q, k, v, blocks, spans, mesh.ring_group, kernel, scale, stride, reuse)
+        out = Llama3Attention.apply(q, k, v, blocks, spans, mesh.ring_group, kernel, scale, stride, reuse, sinks)
     else:
         steps = ring_plan(docs, layout, mesh.ring_rank, left)
-        out = RingAttention.apply(q, k, v, steps, mesh.ring_group, kernel, scale, reuse)
+        out = RingAttention.apply(q, k, v, steps, mesh.ring_group, kernel, scale, reuse, sinks)
     if layout.ulysses > 1:
         out = gather_heads(out, mesh.ulysses_group, layout.chunks_per_rank)
     return out

@@ -15,7 +15,7 @@ import copy
 import torch
 import transformers
 
-from . import odysseus
+from . import forward_documents, odysseus
 from .adapter import register
 from .batch_checks import check_batch, documents_from_position_ids
 from .config import ContextParallelConfig
@@ -51,7 +51,9 @@ def _pre_forward_hook(state: ContextParallelState):
                 docs = Documents(bounds, inputs.shape[1] * mesh.cp_size)
             else:
                 docs = documents_from_position_ids(kwargs["position_ids"], mesh)
+            docs.position_ids = kwargs["position_ids"]
             kwargs["cp_documents"] = docs
+        forward_documents.begin(kwargs["cp_documents"])  # for models that do not hand keyword arguments to attention
         kwargs["use_cache"] = False
         return args, kwargs
 
@@ -108,6 +110,7 @@ def apply_context_parallel(
     if mesh.config.whole_rows and mesh.cp_group is not None:
         state.rotary = odysseus.install(model, mesh)
     state.hooks.append(model.register_forward_pre_hook(_pre_forward_hook(state), with_kwargs=True))
+    state.hooks.append(forward_documents.install(model))  # the documents are current for one forward
     state.hooks.extend(follow_row_positions(model, lambda: state.row_max_position))
     state.hooks.extend(install_router_loss(model, mesh))  # after the hook above: the row's MoE aux loss
     return model
