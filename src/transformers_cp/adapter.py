@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import chunked, forward_documents
 from .algorithms.reuse import ForwardReuse
 from .attention import context_parallel_attention
 from .model_checks import unsupported
@@ -25,11 +26,13 @@ class MaskWindow:
     `sliding_window` is HF's W for a sliding-window mask, None for a plain causal one; `overlay` marks a mask function
     extended by the model (e.g. bidirectional attention over image tokens), which CP cannot follow. Attention takes the
     window from here, as the eager and sdpa backends take it from their mask: some models build a sliding-window mask
-    but pass their attention no `sliding_window` (or the reverse).
+    but pass their attention no `sliding_window` (or the reverse). `documents` are the forward's own (see
+    `forward_documents`).
     """
 
     sliding_window: int | None
     overlay: bool = False
+    documents: Documents | None = None  # the forward's documents, for attention called without them (Nemotron)
 
 
 def equal_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -42,9 +45,12 @@ def equal_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
     )
 
 
-def _documents(kwargs: dict, local_len: int, cp_size: int) -> Documents:
-    """The row's global document boundaries: the hook's `cp_documents`, else the caller's `cu_seq_lens_q`."""
+def _documents(kwargs: dict, local_len: int, cp_size: int, mask: MaskWindow | None) -> Documents:
+    """The row's global document boundaries: the hook's `cp_documents` (from the call, or from the forward's mask for
+    layers that do not hand them on), else the caller's `cu_seq_lens_q`."""
     docs = kwargs.get("cp_documents")
+    if docs is None and mask is not None:
+        docs = mask.documents
     if docs is not None:
         return docs
     cu = kwargs.get("cu_seq_lens_q")
@@ -70,16 +76,14 @@ def context_parallel_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers `AttentionInterface` entry: (1, H, L, D) in, (1, L, H, D) out, as the other backends.
 
-    The model's settings (dropout, softcapping, sinks) are refused by `model_checks.check_model` from its config and
-    its inputs (padding masks, several rows) by the pre-forward hook; what only the call shows is checked here, among
-    it the values the model really passes (a dropout, softcap or sink held under a config field the checks do not
-    know would otherwise be dropped silently)."""
+    The model's settings CP cannot honour (dropout) are refused by `model_checks.check_model` from its config and its
+    inputs (padding masks, several rows) by the pre-forward hook; what only the call shows is checked here, among it
+    the dropout the model really passes (held under a config field the checks do not know, it would otherwise be
+    dropped silently). The call's logit softcap (`softcap`) and attention sinks (`s_aux` / `sinks`) are computed
+    exactly; a chunked-attention layer's chunks cut its documents (`chunked`)."""
     if dropout:
         raise unsupported(f"attention dropout ({dropout})", "set the model's attention dropout to 0.0.")
-    if kwargs.get("softcap"):
-        raise unsupported(f"attention logit softcapping ({kwargs['softcap']})", "use a model without it.")
-    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        raise unsupported("attention sinks", "use a model without attention sinks.")
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
     if kwargs.get("output_attentions"):
         raise unsupported(
             "output_attentions=True",
@@ -87,7 +91,8 @@ def context_parallel_attention_forward(
         )
     state = require_state(module)
     mesh = state.mesh
-    if isinstance(attention_mask, MaskWindow):
+    window = attention_mask if isinstance(attention_mask, MaskWindow) else None
+    if window is not None:
         if attention_mask.overlay:
             raise unsupported(
                 "a mask the model extends beyond causal documents (e.g. bidirectional attention over image tokens)",
@@ -104,7 +109,11 @@ def context_parallel_attention_forward(
             "bidirectional attention",
             "use a causal language model (context parallelism is for causal language models).",
         )
-    docs = _documents(kwargs, query.shape[2], mesh.cp_size)
+    docs = _documents(kwargs, query.shape[2], mesh.cp_size, window)
+    chunked.check_temperature_tuning(module, docs.seq_len)
+    chunk = chunked.chunk_size(module)
+    if chunk is not None:  # the mask's window is the chunk size; the chunks are documents of their own instead
+        docs, sliding_window = chunked.chunked_documents(docs, chunk, mesh), None
     # odysseus attends whole rows (its heads' share of them); the other modes get this rank's shard
     local = docs.seq_len // (1 if mesh.config.whole_rows else mesh.cp_size)
     if query.shape[2] != local:
@@ -116,7 +125,8 @@ def context_parallel_attention_forward(
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     q, k, v = equal_head_dims(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1))
     reuse = ForwardReuse(state.kept, module) if state.recomputed(module) else None
-    out = context_parallel_attention(q, k, v, mesh, docs, scale, sliding_window, reuse)
+    softcap = kwargs.get("softcap") or None
+    out = context_parallel_attention(q, k, v, mesh, docs, scale, sliding_window, reuse, softcap, sinks)
     return out[..., : value.shape[-1]].unsqueeze(0), None
 
 
@@ -125,10 +135,11 @@ def context_parallel_mask(
 ) -> torch.Tensor | MaskWindow:
     """Mask function for the registered implementation: no dense mask, only a `MaskWindow` (transformers passes a
     sliding-window mask's W as `local_size`, and sets `use_vmap` when the model adds its own mask function to the
-    causal one); a padding mask is handed on, and the pre-forward hook has already refused it."""
+    causal one) with the forward's documents; a padding mask is handed on, and the pre-forward hook has already
+    refused it."""
     if attention_mask is not None and not bool(attention_mask.all()):
         return attention_mask
-    return MaskWindow(local_size, overlay=use_vmap)
+    return MaskWindow(local_size, overlay=use_vmap, documents=forward_documents.current())
 
 
 def register() -> None:

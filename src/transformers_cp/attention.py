@@ -28,6 +28,8 @@ def context_parallel_attention(
     sliding_window: int | None = None,
     reuse: ForwardReuse | None = None,
     ulysses_stages: int = STAGES,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of this rank's shard of a packed row against the whole row.
 
@@ -35,7 +37,11 @@ def context_parallel_attention(
     whole row with this rank's heads); `docs` holds the row's global document boundaries. Returns (L, Hq, D). With
     `reuse`, a recomputation under activation checkpointing takes the first forward's result instead of computing it
     again (see `algorithms.reuse`). `ulysses_stages`: the most pipeline stages plain Ulysses splits its heads into.
+    `softcap` caps the scores (softcap·tanh(s / softcap)); `sinks` (one logit per query head of the model) join each
+    softmax's denominator (see `sinks`).
     """
-    kernel = select_kernel(mesh.config.backend, q)
+    kernel = select_kernel(mesh.config.backend, q, softcap)
     left = window_left(sliding_window, docs.seq_len)
-    return mesh.config.spec.attention(q, k, v, mesh, docs, kernel, scale, left, reuse, stages=ulysses_stages)
+    return mesh.config.spec.attention(
+        q, k, v, mesh, docs, kernel, scale, left, reuse, sinks=sinks, stages=ulysses_stages
+    )

@@ -1,10 +1,11 @@
 """Model checks: the settings context parallelism cannot honour, refused on every rank before any process group.
 
 CP shards the sequence and exchanges only attention's keys and values. A layer that looks along the sequence in any
-other way (a 1-D convolution, a state-space or linear-attention recurrence, compressed, chunked or indexed sparse
-attention) would run on this rank's shard alone or without its pattern, and attention sinks, softcapping and dropout
-change a softmax the CP kernels compute without them: each would make the result silently wrong, so `check_model`
-refuses such models. Nothing here talks to other ranks, so every rank raises the same error.
+other way (a 1-D convolution, a state-space or linear-attention recurrence, compressed or indexed sparse attention)
+would run on this rank's shard alone or without its pattern, and dropout changes a softmax the CP kernels compute
+without it: each would make the result silently wrong, so `check_model` refuses such models. Attention sinks, logit
+softcapping and chunked attention are computed exactly (`sinks`, the kernels' softcap, `chunked`). Nothing here
+talks to other ranks, so every rank raises the same error.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ from .router_loss import check_router_loss
 
 logger = transformers.utils.logging.get_logger(f"transformers.{__name__}")  # shown as transformers' own logs are
 
-ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "attention", "mlp", "moe"})
-"""Layer kinds CP computes exactly: (sliding-window) softmax attention, and blocks that act on each token alone."""
+ATTENTION_LAYER_TYPES = frozenset(
+    {"full_attention", "sliding_attention", "chunked_attention", "attention", "mlp", "moe"}
+)
+"""Layer kinds CP computes exactly: (sliding-window, chunked) softmax attention, and blocks that act on each token
+alone."""
 
 LAYER_TYPE_FIELDS = ("layer_types", "layers_block_type", "block_types")
 """Config fields in which transformers' models declare the kind of each layer."""
@@ -69,11 +73,6 @@ def sequence_mixers(model: torch.nn.Module) -> list[str]:
     return found
 
 
-def attention_sinks(model: torch.nn.Module) -> list[str]:
-    """Names of attention-sink parameters (a learned logit per head that joins every softmax)."""
-    return [name for name, _ in model.named_parameters() if name.rsplit(".", 1)[-1] in ("sinks", "s_aux")]
-
-
 DROPOUT_FIELDS = ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop")
 """Config fields that hold the attention dropout probability in transformers' models."""
 
@@ -119,17 +118,6 @@ def check_model(model: torch.nn.Module, config: ContextParallelConfig) -> None:
             f"modules that mix tokens outside attention ({', '.join(mixers[:3])}{more}): they would see this rank's "
             "shard of the sequence alone",
             "use a model without convolutions or recurrent / state-space / linear-attention layers.",
-        )
-    sinks = attention_sinks(model)
-    if sinks:
-        raise unsupported(
-            f"attention sinks ({sinks[0]}{' and more' if len(sinks) > 1 else ''})",
-            "use a model without attention sinks.",
-        )
-    if getattr(text, "attn_logit_softcapping", None):
-        raise unsupported(
-            f"attention logit softcapping (attn_logit_softcapping={text.attn_logit_softcapping})",
-            "set the model's attn_logit_softcapping=None, or use a model without it.",
         )
     config.spec.check_model(model, config, heads, kv_heads)
     check_router_loss(model)

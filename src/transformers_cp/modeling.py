@@ -16,7 +16,7 @@ import copy
 import torch
 import transformers
 
-from . import changes, odysseus
+from . import changes, forward_documents, odysseus
 from .adapter import register
 from .batch_checks import check_batch, documents_from_position_ids
 from .config import ContextParallelConfig
@@ -54,7 +54,9 @@ def _pre_forward_stage(state: ContextParallelState):
                 docs = Documents(bounds, inputs.shape[1] * mesh.cp_size)
             else:
                 docs = documents_from_position_ids(kwargs["position_ids"], mesh)
+            docs.position_ids = kwargs["position_ids"]
             kwargs["cp_documents"] = docs
+        forward_documents.begin(kwargs["cp_documents"])  # for models that do not hand keyword arguments to attention
         kwargs["use_cache"] = False
         return args, kwargs
 
@@ -121,7 +123,15 @@ def apply_context_parallel(
         for module, name, original in state.original_configs:
             setattr(module, name, original)
 
-    change = changes.install(model, NAME, state=state, pre=_pre_forward_stage(state), undo=undo)
+    change = changes.install(
+        model,
+        NAME,
+        state=state,
+        pre=_pre_forward_stage(state),
+        post=lambda module, args, kwargs, output: forward_documents.end(),  # current for exactly one forward
+        post_always=True,
+        undo=undo,
+    )
     state.kept = changes.kept_outputs(model)  # shared with a feature that moves them (activation offload)
     for module in model.modules():
         setattr(module, STATE_ATTR, state)  # the attention function finds its settings on its module

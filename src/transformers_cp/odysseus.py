@@ -179,6 +179,13 @@ def _column_projection(linear: torch.nn.Linear, cols: slice, with_bias: bool):
     return forward
 
 
+def _gather_rows(t: torch.Tensor, group) -> torch.Tensor:
+    """(1, L, ...) -> (1, U·L, ...) over the group; complex tensors (Llama 4's freqs_cis) as their real pairs."""
+    if t.is_complex():
+        return torch.view_as_complex(_gather_rows(torch.view_as_real(t), group).contiguous())
+    return all_gather(t.transpose(0, 1), group).flatten(0, 1).transpose(0, 1)
+
+
 class RotaryCache:
     """The whole row's (cos, sin), gathered once per forward: every layer receives the same position embeddings."""
 
@@ -188,9 +195,7 @@ class RotaryCache:
     def full(self, embeddings: tuple[torch.Tensor, ...], group) -> tuple[torch.Tensor, ...]:
         entry = self.entries.get(id(embeddings[0]))
         if entry is None or entry[0] is not embeddings[0]:
-            gathered = tuple(
-                all_gather(t.detach().transpose(0, 1), group).flatten(0, 1).transpose(0, 1) for t in embeddings
-            )
+            gathered = tuple(_gather_rows(t.detach(), group) for t in embeddings)
             entry = (embeddings[0], gathered)
             self.entries[id(embeddings[0])] = entry
         return entry[1]
@@ -220,7 +225,9 @@ def _attention_forward(module: torch.nn.Module, mesh: ContextParallelMesh, rotar
                 "receives from its decoder layer; use another context_parallel_mode for this model."
             )
         bound.arguments["hidden_states"] = AllGather.apply(hidden[0], group)[None]
-        bound.arguments["position_embeddings"] = rotary.full(embeddings, group)
+        single = isinstance(embeddings, torch.Tensor)  # Llama 4: one complex tensor, not (cos, sin)
+        full = rotary.full((embeddings,) if single else embeddings, group)
+        bound.arguments["position_embeddings"] = full[0] if single else full
         out, weights = original(*bound.args, **bound.kwargs)
         return ReduceScatter.apply(out[0], group)[None], weights
 

@@ -13,6 +13,8 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from .kernels import Segments
 from .layout import Layout, Range
 
@@ -48,6 +50,8 @@ class Documents:
             bounds.append(seq_len)
         self.bounds = bounds
         self.seq_len = seq_len
+        # this rank's shard of the row's position ids, set by the model's pre-forward hook (chunked attention reads it)
+        self.position_ids: torch.Tensor | None = None
         self._plans: dict[tuple, object] = {}
 
     def span(self, pos: int) -> Range:

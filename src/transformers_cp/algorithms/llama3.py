@@ -16,6 +16,7 @@ import torch.distributed as dist
 from ..comm import all_gather, contiguous, copy_rows, reduce_scatter
 from ..kernels import AttentionKernel
 from ..plan import Block
+from ..sinks import sinks_grad, with_sinks
 from .merge import Accumulator
 from .reuse import ForwardReuse, forward_once
 
@@ -103,18 +104,21 @@ class Llama3Attention(torch.autograd.Function):
         scale,
         kv_stride: int,
         reuse: ForwardReuse | None = None,
+        sinks: torch.Tensor | None = None,
     ):
         out, lse = forward_once(
             reuse, lambda: _llama3_forward(q, k, v, blocks, spans, group, kernel, scale, kv_stride)
         )
-        ctx.save_for_backward(q, k, v, out, lse)
+        if sinks is not None:
+            out, lse = with_sinks(out, lse, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.blocks, ctx.spans, ctx.group, ctx.kernel, ctx.scale = blocks, spans, group, kernel, scale
         ctx.kv_stride = kv_stride
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         g, stride = q.shape[1] // k.shape[1], ctx.kv_stride
         n_strides = k.shape[1] // stride
         world = dist.get_world_size(ctx.group)
@@ -145,4 +149,5 @@ class Llama3Attention(torch.autograd.Function):
             work.wait()
             copy_rows(dk[:, kh], mine[:, 0].to(dk.dtype))
             copy_rows(dv[:, kh], mine[:, 1].to(dv.dtype))
-        return dq, dk, dv, None, None, None, None, None, None, None
+        dsinks = None if sinks is None else sinks_grad(dout, out, lse, sinks)
+        return dq, dk, dv, None, None, None, None, None, None, None, dsinks

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from ..comm import RingComm
 from ..kernels import AttentionKernel
 from ..plan import Block
+from ..sinks import sinks_grad, with_sinks
 from .merge import Accumulator
 from .reuse import ForwardReuse, forward_once
 
@@ -42,15 +43,18 @@ class RingAttention(torch.autograd.Function):
         kernel: AttentionKernel,
         scale,
         reuse: ForwardReuse | None = None,
+        sinks: torch.Tensor | None = None,
     ):
         out, lse = forward_once(reuse, lambda: _ring_forward(q, k, v, steps, group, kernel, scale))
-        ctx.save_for_backward(q, k, v, out, lse)
+        if sinks is not None:
+            out, lse = with_sinks(out, lse, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.steps, ctx.group, ctx.kernel, ctx.scale = steps, group, kernel, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sinks = ctx.saved_tensors
         kv_comm, grad_comm = RingComm(ctx.group), RingComm(ctx.group)
         kv = torch.stack([k, v])
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -77,4 +81,6 @@ class RingAttention(torch.autograd.Function):
                 kv_comm.wait()
                 kv = nxt
         grad_comm.wait()
-        return dq.to(q.dtype), incoming[0].to(k.dtype), incoming[1].to(v.dtype), None, None, None, None, None
+        dsinks = None if sinks is None else sinks_grad(dout, out, lse, sinks)
+        dk, dv = incoming[0].to(k.dtype), incoming[1].to(v.dtype)
+        return dq.to(q.dtype), dk, dv, None, None, None, None, None, dsinks

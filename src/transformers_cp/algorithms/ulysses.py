@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import Exchange, copy_rows
+from ..sinks import heads_block, sinks_grad, with_sinks
 from .reuse import ForwardReuse
 
 
@@ -131,10 +132,13 @@ class UlyssesAttention(torch.autograd.Function):
     backward. Each send buffer is packed by one copy and each received one unpacked by one copy."""
 
     @staticmethod
-    def forward(ctx, q, k, v, seg, group, kernel, scale: float, reuse: ForwardReuse | None, max_stages: int):
+    def forward(
+        ctx, q, k, v, seg, group, kernel, scale: float, reuse: ForwardReuse | None, max_stages: int, sinks=None
+    ):
         stages = HeadGroups.of(q.shape[1], k.shape[1], dist.get_world_size(group), q.device, max_stages)
         kept = reuse.take() if reuse is not None else None
-        recvs, results, outgoing = [], [], []
+        block = dist.get_rank(group) * stages.count  # stage g attends the query heads of block `block + g`
+        recvs, results, finals, outgoing = [], [], [], []
         incoming = stages.send_inputs(q, k, v, 0, group)
         for g in range(stages.count):
             following = stages.send_inputs(q, k, v, g + 1, group) if g + 1 < stages.count else None
@@ -144,15 +148,18 @@ class UlyssesAttention(torch.autograd.Function):
                 results.append((out_h.to(q.dtype), lse))
             else:
                 results.append(kept[g])
-            outgoing.append(stages.send_output(results[g][0], group))
+            # the sinks join what the backward keeps, not what a recomputation takes
+            sinks_g = heads_block(sinks, stages.hq, block + g)
+            finals.append(results[g] if sinks is None else with_sinks(*results[g], sinks_g))
+            outgoing.append(stages.send_output(finals[g][0], group))
             incoming = following
         if reuse is not None and kept is None:
             reuse.keep(results)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         for g, exchange in enumerate(outgoing):
             stages.place_output(exchange.wait(), g, out)
-        ctx.save_for_backward(*recvs, *(t for pair in results for t in pair))
-        ctx.stages, ctx.seg, ctx.group, ctx.kernel, ctx.scale = stages, seg, group, kernel, scale
+        ctx.save_for_backward(*recvs, *(t for pair in finals for t in pair), sinks)
+        ctx.stages, ctx.block, ctx.seg, ctx.group, ctx.kernel, ctx.scale = stages, block, seg, group, kernel, scale
         ctx.kv_shape, ctx.kv_dtype = k.shape, k.dtype
         return out
 
@@ -160,7 +167,8 @@ class UlyssesAttention(torch.autograd.Function):
     def backward(ctx, dout):
         stages, group = ctx.stages, ctx.group
         saved = ctx.saved_tensors
-        recvs, results = saved[: stages.count], saved[stages.count :]
+        recvs, results, sinks = saved[: stages.count], saved[stages.count : -1], saved[-1]
+        dsinks = None if sinks is None else torch.zeros_like(sinks)
         dq = torch.empty(dout.shape, dtype=dout.dtype, device=dout.device)
         alloc = torch.empty if stages.kv_index is None else torch.zeros
         dk, dv = (alloc(ctx.kv_shape, dtype=ctx.kv_dtype, device=dout.device) for _ in range(2))
@@ -172,11 +180,14 @@ class UlyssesAttention(torch.autograd.Function):
             q_h, k_h, v_h = stages.split(recvs[g])
             out_h, lse = results[2 * g], results[2 * g + 1]
             grads = ctx.kernel.backward(dout_h, q_h, k_h, v_h, out_h, lse, ctx.seg, ctx.scale)
+            if sinks is not None:
+                mine = heads_block(dsinks, stages.hq, ctx.block + g)
+                mine.copy_(sinks_grad(dout_h, out_h, lse, heads_block(sinks, stages.hq, ctx.block + g)))
             returning.append(stages.send_grads(*(t.to(dout.dtype) for t in grads), group))
             incoming = following
         for g, exchange in enumerate(returning):
             stages.place_grads(exchange.wait(), g, dq, dk, dv)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, dsinks
 
 
 def _chunk_major(recv: torch.Tensor, chunks: int) -> torch.Tensor:

@@ -7,6 +7,9 @@ aligned bottom-right as in flash-attn: with lq, lk the segment lengths, query ro
 `(out, lse)` with lse of shape (Hq, Tq) in float32; the backward takes `(dout, q, k, v, out, lse)`, where out and
 lse may be the final merged ones of a blockwise computation, and returns `(dq, dk, dv)`. The algorithms only build
 segments in which every query row sees at least one key.
+
+A kernel is made per attention call with the layer's logit softcap (Gemma 2's `attn_logit_softcapping`): with `softcap`
+set, every score s = scale·q·k becomes softcap·tanh(s / softcap) before the softmax, in forward and backward.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ def flash_windows(seg: Segments) -> dict:
 
 class AttentionKernel(Protocol):
     name: str
+    softcap: float | None
+
+    def __init__(self, softcap: float | None = None) -> None: ...
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segments, scale: float

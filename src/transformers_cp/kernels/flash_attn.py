@@ -19,10 +19,11 @@ def is_flash_attn_available() -> bool:
 class FlashAttnKernel:
     name = "flash_attn"
 
-    def __init__(self) -> None:
+    def __init__(self, softcap: float | None = None) -> None:
         from flash_attn import flash_attn_interface
 
         self._fa = flash_attn_interface
+        self.softcap = softcap
 
     def forward(self, q, k, v, seg: Segments, scale: float):
         cu_q, cu_k = seg.tensors(q.device)
@@ -37,7 +38,7 @@ class FlashAttnKernel:
             0.0,
             scale,
             seg.causal,
-            softcap=0.0,
+            softcap=self.softcap or 0.0,
             alibi_slopes=None,
             return_softmax=False,
             **flash_windows(seg),
@@ -64,7 +65,7 @@ class FlashAttnKernel:
             0.0,
             scale,
             seg.causal,
-            softcap=0.0,
+            softcap=self.softcap or 0.0,
             alibi_slopes=None,
             deterministic=False,
             rng_state=None,

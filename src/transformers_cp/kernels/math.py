@@ -1,6 +1,8 @@
 """Exact attention in float32 matrix products: the CPU path, and the reference for float32 inputs anywhere.
 
-Query rows are processed in blocks so that memory stays bounded by `block_rows × keys` scores per head.
+Query rows are processed in blocks so that memory stays bounded by `block_rows × keys` scores per head. With a logit
+softcap c the scores are c·tanh(s / c); the backward multiplies each score's gradient by the derivative
+1 − tanh²(s / c) (the softmax gradient flows to the capped score, and through the cap to s).
 """
 
 from __future__ import annotations
@@ -49,6 +51,21 @@ def _ungrouped(x: torch.Tensor) -> torch.Tensor:
 class MathKernel:
     name = "math"
 
+    def __init__(self, softcap: float | None = None) -> None:
+        self.softcap = softcap
+
+    def _scores(self, qs, ks, rows, lk, lq, seg, scale) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Masked (capped) scores of a block, and tanh(s / softcap) for the backward (None without a cap)."""
+        s = torch.matmul(qs, ks.transpose(-1, -2)) * scale
+        t = None
+        if self.softcap:
+            t = torch.tanh(s / self.softcap)
+            s = self.softcap * t
+        mask = _mask(rows, lk, lq, seg, qs.device)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        return s, t
+
     def forward(self, q, k, v, seg: Segments, scale: float):
         hk = k.shape[1]
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -57,10 +74,7 @@ class MathKernel:
             qs = _grouped(q[q0 + rows.start : q0 + rows.stop], hk)
             ks = k[k0 : k0 + lk].float().permute(1, 0, 2)[:, None]
             vs = v[k0 : k0 + lk].float().permute(1, 0, 2)[:, None]
-            s = torch.matmul(qs, ks.transpose(-1, -2)) * scale
-            mask = _mask(rows, lk, lq, seg, q.device)
-            if mask is not None:
-                s = s.masked_fill(~mask, float("-inf"))
+            s, _ = self._scores(qs, ks, rows, lk, lq, seg, scale)
             m = torch.logsumexp(s, dim=-1, keepdim=True)
             p = torch.exp(s - m.nan_to_num(neginf=0.0))
             sl = slice(q0 + rows.start, q0 + rows.stop)
@@ -79,14 +93,13 @@ class MathKernel:
             ks = k[k0 : k0 + lk].float().permute(1, 0, 2)[:, None]
             vs = v[k0 : k0 + lk].float().permute(1, 0, 2)[:, None]
             m = lse[:, sl].reshape(hk, -1, len(rows), 1)
-            s = torch.matmul(qs, ks.transpose(-1, -2)) * scale
-            mask = _mask(rows, lk, lq, seg, q.device)
-            if mask is not None:
-                s = s.masked_fill(~mask, float("-inf"))
+            s, t = self._scores(qs, ks, rows, lk, lq, seg, scale)
             p = torch.exp(s - m.nan_to_num(neginf=0.0, posinf=0.0))
             dp = torch.matmul(dos, vs.transpose(-1, -2))
             delta = (dos * os_).sum(-1, keepdim=True)
             ds = p * (dp - delta) * scale
+            if t is not None:
+                ds = ds * (1 - t * t)
             dq[sl] = _ungrouped(torch.matmul(ds, ks))
             dk[k0 : k0 + lk] += torch.matmul(ds.transpose(-1, -2), qs).sum(1).permute(1, 0, 2)
             dv[k0 : k0 + lk] += torch.matmul(p.transpose(-1, -2), dos).sum(1).permute(1, 0, 2)

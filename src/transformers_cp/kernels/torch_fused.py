@@ -92,6 +92,13 @@ def _no_dropout_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
 class TorchKernel:
     name = "torch"
 
+    def __init__(self, softcap: float | None = None) -> None:
+        if softcap:
+            raise ValueError(
+                "the cuDNN / flash SDPA ops take no logit softcap; `kernel_class` picks FlexKernel for it"
+            )
+        self.softcap = None
+
     def forward(self, q, k, v, seg: Segments, scale: float):
         pieces = _pieces(seg, q.shape[-1])
         if len(pieces) == 1:

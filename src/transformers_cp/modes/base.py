@@ -69,16 +69,21 @@ class Mode:
         scale: float,
         left: int | None,
         reuse: ForwardReuse | None,
+        sinks: torch.Tensor | None = None,
         stages: int = 1,
     ) -> torch.Tensor:
-        """This rank's output (L, Hq, D) for its q (L, Hq, D), k, v (L, Hk, D); see `attention.py`. `stages`: the most
-        pipeline stages a head exchange (Ulysses) splits the heads into; modes without one have nothing to split."""
-        return ring_or_local(q, k, v, mesh, docs, kernel, scale, left, reuse)
+        """This rank's output (L, Hq, D) for its q (L, Hq, D), k, v (L, Hk, D); see `attention.py`. `sinks`: the
+        model's sink logit per query head (`sinks.py`), None without; a mode that splits the heads gives each head
+        block its sinks. `stages`: the most pipeline stages a head exchange (Ulysses) splits the heads into; modes
+        without one have nothing to split."""
+        return ring_or_local(q, k, v, mesh, docs, kernel, scale, left, reuse, sinks)
 
 
-def ring_or_local(q, k, v, mesh: ContextParallelMesh, docs: Documents, kernel, scale, left, reuse) -> torch.Tensor:
+def ring_or_local(
+    q, k, v, mesh: ContextParallelMesh, docs: Documents, kernel, scale, left, reuse, sinks=None
+) -> torch.Tensor:
     """Ring attention over the ring dimension, or local attention when the whole row is here (ring degree 1)."""
     if mesh.layout.ring == 1:
-        return LocalAttention.apply(q, k, v, local_segments(docs, left), kernel, scale, reuse)
+        return LocalAttention.apply(q, k, v, local_segments(docs, left), kernel, scale, reuse, sinks)
     steps = ring_plan(docs, mesh.layout, mesh.ring_rank, left)
-    return RingAttention.apply(q, k, v, steps, mesh.ring_group, kernel, scale, reuse)
+    return RingAttention.apply(q, k, v, steps, mesh.ring_group, kernel, scale, reuse, sinks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..algorithms.ulysses import gather_heads, scatter_heads
+from ..sinks import heads_block
 from .base import Mode, ring_or_local
 from .ulysses import check_ulysses_heads
 
@@ -42,12 +43,13 @@ class Hybrid(Mode):
     def check_model(self, model, config, heads, kv_heads) -> None:
         check_ulysses_heads(config, heads)
 
-    def attention(self, q, k, v, mesh, docs, kernel, scale, left, reuse, stages=1):
+    def attention(self, q, k, v, mesh, docs, kernel, scale, left, reuse, sinks=None, stages=1):
         if mesh.layout.ulysses == 1:  # a ring alone
-            return ring_or_local(q, k, v, mesh, docs, kernel, scale, left, reuse)
+            return ring_or_local(q, k, v, mesh, docs, kernel, scale, left, reuse, sinks)
         chunks = mesh.layout.chunks_per_rank
         q, k, v, heads = scatter_heads(q, k, v, mesh.ulysses_group, chunks)
-        out = ring_or_local(q, k, v, mesh, docs, kernel, scale, left, reuse)
+        sinks = heads_block(sinks, q.shape[1], mesh.ulysses_rank)
+        out = ring_or_local(q, k, v, mesh, docs, kernel, scale, left, reuse, sinks)
         return gather_heads(out, heads, mesh.ulysses_group, chunks)
 
 

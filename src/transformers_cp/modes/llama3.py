@@ -35,13 +35,13 @@ class AllGatherKeys(Mode):
                 f"key/value heads; pick one of {[d for d in range(1, kv_heads + 1) if kv_heads % d == 0]}."
             )
 
-    def attention(self, q, k, v, mesh, docs, kernel, scale, left, reuse, stages=1):
+    def attention(self, q, k, v, mesh, docs, kernel, scale, left, reuse, sinks=None, stages=1):
         if mesh.layout.ring == 1:
-            return ring_or_local(q, k, v, mesh, docs, kernel, scale, left, reuse)
+            return ring_or_local(q, k, v, mesh, docs, kernel, scale, left, reuse, sinks)
         stride = mesh.config.kv_stride(k.shape[1])  # divides the KV heads: `check_model`
         spans = docs.cached(("spans", mesh.layout), lambda: _gather_spans(mesh, docs.seq_len))
         blocks = gathered_plan(docs, mesh.layout, mesh.ring_rank, left)
-        return Llama3Attention.apply(q, k, v, blocks, spans, mesh.ring_group, kernel, scale, stride, reuse)
+        return Llama3Attention.apply(q, k, v, blocks, spans, mesh.ring_group, kernel, scale, stride, reuse, sinks)
 
 
 LLAMA3 = AllGatherKeys()

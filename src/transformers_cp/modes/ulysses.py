@@ -32,11 +32,11 @@ class Ulysses(Mode):
     def check_model(self, model, config, heads, kv_heads) -> None:
         check_ulysses_heads(config, heads)
 
-    def attention(self, q, k, v, mesh, docs, kernel, scale, left, reuse, stages=STAGES):
+    def attention(self, q, k, v, mesh, docs, kernel, scale, left, reuse, sinks=None, stages=STAGES):
         seg = local_segments(docs, left)
         if mesh.layout.ulysses == 1:
-            return LocalAttention.apply(q, k, v, seg, kernel, scale, reuse)
-        return UlyssesAttention.apply(q, k, v, seg, mesh.ulysses_group, kernel, scale, reuse, stages)
+            return LocalAttention.apply(q, k, v, seg, kernel, scale, reuse, sinks)
+        return UlyssesAttention.apply(q, k, v, seg, mesh.ulysses_group, kernel, scale, reuse, stages, sinks)
 
 
 ULYSSES = Ulysses()
