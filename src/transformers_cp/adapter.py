@@ -126,7 +126,7 @@ def context_parallel_attention_forward(
     q, k, v = equal_head_dims(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1))
     reuse = ForwardReuse(state.kept, module) if state.recomputed(module) else None
     softcap = kwargs.get("softcap") or None
-    out = context_parallel_attention(q, k, v, mesh, docs, scale, sliding_window, reuse, softcap, sinks)
+    out = context_parallel_attention(q, k, v, mesh, docs, scale, sliding_window, reuse, softcap=softcap, sinks=sinks)
     return out[..., : value.shape[-1]].unsqueeze(0), None
 
 
