@@ -15,6 +15,7 @@ import transformers
 from . import odysseus
 from .config import ContextParallelConfig, ContextParallelConfigError
 from .mesh import job_config, node_size
+from .mixers import check_mixers
 from .model_info import text_config
 from .router_loss import check_router_loss
 
@@ -86,7 +87,8 @@ def unsupported(setting: str, fix: str) -> ValueError:
 def check_model(model: torch.nn.Module, config: ContextParallelConfig) -> None:
     """Reject model settings CP cannot honour. `config` is resolved against the world size; nothing here talks to
     other ranks, so every rank raises the same error before the mesh's groups are made or any collective runs."""
-    if not getattr(model, "_supports_attention_backend", True):
+    exact_mixers = check_mixers(model)  # recurrent / conv mixers with an exact path, or a refusal naming them
+    if not exact_mixers and not getattr(model, "_supports_attention_backend", True):
         raise unsupported(
             f"{type(model).__name__}, whose attention is not pluggable through transformers' AttentionInterface "
             "(its attention, e.g. ALiBi in Bloom, Falcon or MPT, would silently run on the local shard only)",
@@ -106,14 +108,14 @@ def check_model(model: torch.nn.Module, config: ContextParallelConfig) -> None:
             f"sparse attention that picks the keys each query sees ({', '.join(sparse)})",
             "use a model with dense (full or sliding-window) attention.",
         )
-    layer_kinds = foreign_layer_types(text)
+    layer_kinds = [] if exact_mixers else foreign_layer_types(text)
     if layer_kinds:
         raise unsupported(
             f"these layer kinds ({'; '.join(layer_kinds)}): across ranks it computes exactly only causal full or "
             "sliding-window softmax attention and blocks that act on each token alone (MLP, MoE)",
             "use a model whose layers are all of those kinds.",
         )
-    mixers = sequence_mixers(model)
+    mixers = [] if exact_mixers else sequence_mixers(model)
     if mixers:
         more = f" and {len(mixers) - 3} more" if len(mixers) > 3 else ""
         raise unsupported(

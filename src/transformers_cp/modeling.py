@@ -15,7 +15,7 @@ import copy
 import torch
 import transformers
 
-from . import odysseus
+from . import mixers, odysseus
 from .adapter import register
 from .batch_checks import check_batch, documents_from_position_ids
 from .config import ContextParallelConfig
@@ -108,6 +108,7 @@ def apply_context_parallel(
     if mesh.config.whole_rows and mesh.cp_group is not None:
         state.rotary = odysseus.install(model, mesh)
     state.hooks.append(model.register_forward_pre_hook(_pre_forward_hook(state), with_kwargs=True))
+    state.hooks.extend(mixers.install(model, mesh))  # after the hook above: recurrent / conv mixers, exact
     state.hooks.extend(follow_row_positions(model, lambda: state.row_max_position))
     state.hooks.extend(install_router_loss(model, mesh))  # after the hook above: the row's MoE aux loss
     return model
@@ -122,6 +123,7 @@ def remove_context_parallel(model: torch.nn.Module) -> torch.nn.Module:
     for hook in state.hooks:
         hook.remove()
     odysseus.uninstall(model)
+    mixers.uninstall(model)
     remove_router_loss(model)
     for module in model.modules():
         if getattr(module, STATE_ATTR, None) is state:
