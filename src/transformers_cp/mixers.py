@@ -45,7 +45,8 @@ class Mixer:
 _MAMBA2 = "Mamba2 SSM scan (scalar decay per head) after a short causal convolution"
 MIXERS: dict[str, Mixer] = {
     "Qwen3NextGatedDeltaNet": Mixer(("qwen3_next",), "gated delta rule after a short causal convolution"),
-    "Qwen3_5GatedDeltaNet": Mixer(("qwen3_5", "qwen3_5_moe"), "gated delta rule after a short causal convolution"),
+    "Qwen3_5GatedDeltaNet": Mixer(("qwen3_5",), "gated delta rule after a short causal convolution"),
+    "Qwen3_5MoeGatedDeltaNet": Mixer(("qwen3_5_moe",), "gated delta rule after a short causal convolution"),
     "OlmoHybridGatedDeltaNet": Mixer(("olmo_hybrid",), "gated delta rule after short causal convolutions"),
     "BailingHybridDeltaAttention": Mixer(("bailing_hybrid",), "gated delta rule after a short causal convolution"),
     "KimiLinearDeltaAttention": Mixer(("kimi_linear",), "Kimi delta attention (KDA) after short causal convolutions"),
