@@ -18,7 +18,7 @@ from trainer_cases import CPTrainer, StockTrainer, arguments, sft_dataset, train
 
 import transformers_cp
 from transformers_cp import ContextParallelConfig, apply_context_parallel, build_mesh, remove_context_parallel
-from transformers_cp.mixers import MIXERS, find_mixers
+from transformers_cp.mixers import MIXERS, HaloMixer, find_mixers
 
 RTOL = 1e-5
 VOCAB = 97
@@ -163,6 +163,8 @@ def _families_worker(rank: int, world: int) -> None:
         for mesh in meshes:
             name = f"{family} {mesh.config.mode} on {world} ranks"
             apply_context_parallel(model, mesh.config, mesh=mesh)
+            windowed = [m for _, m in find_mixers(model) if MIXERS[type(m).__name__].window]
+            assert all(isinstance(m.forward, HaloMixer) for m in windowed), f"{name}: halo path not installed"
             shard = lambda t, mesh=mesh: mesh.layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
             logits = model(input_ids=shard(ids), position_ids=shard(position_ids)).logits
             torch.nn.functional.cross_entropy(logits[0], shard(targets)[0], reduction="sum").backward()

@@ -40,6 +40,7 @@ class Mixer:
     families: tuple[str, ...]
     computes: str
     stock_packed_exact: bool = False
+    window: str | None = None  # the Conv1d submodule whose kernel is the only look-back of the mixer (HaloMixer)
 
 
 _MAMBA2 = "Mamba2 SSM scan (scalar decay per head) after a short causal convolution"
@@ -60,9 +61,9 @@ MIXERS: dict[str, Mixer] = {
     "ZambaMambaMixer": Mixer(("zamba",), "Mamba selective scan (diagonal decay) after a short causal convolution"),
     "MambaMixer": Mixer(("mamba",), "Mamba selective scan (diagonal decay) after a short causal convolution"),
     "FalconMambaMixer": Mixer(("falcon_mamba",), "Mamba selective scan (diagonal decay) after a short causal conv."),
-    "Lfm2ShortConv": Mixer(("lfm2",), "gated short causal convolution"),
-    "Lfm2MoeShortConv": Mixer(("lfm2_moe",), "gated short causal convolution"),
-    "Lfm3ShortConv": Mixer(("lfm3",), "gated short causal convolution"),
+    "Lfm2ShortConv": Mixer(("lfm2",), "gated short causal convolution", window="conv"),
+    "Lfm2MoeShortConv": Mixer(("lfm2_moe",), "gated short causal convolution", window="conv"),
+    "Lfm3ShortConv": Mixer(("lfm3",), "gated short causal convolution", window="conv"),
     "MiniMaxLightningAttention": Mixer(("minimax",), "lightning attention (linear attention, scalar decay per head)"),
     "RecurrentGemmaRecurrentBlock": Mixer(("recurrent_gemma",), "RG-LRU (diagonal decay) after a short causal conv."),
 }
@@ -157,7 +158,9 @@ class GatheredMixer:
             rows = all_gather(value[0], group).flatten(0, 1)
         return rows.index_select(0, self._order(docs, value.device))[None]
 
-    def __call__(self, *args, **kwargs):
+    def _split(self, args, kwargs) -> tuple[Documents, torch.Tensor, dict, dict]:
+        """The row's documents, the mixer's input, its other per-token arguments and the fixed ones of a document
+        run alone (no cache, no padding mask, no `use_cache`)."""
         arguments = self.signature.bind(*args, **kwargs).arguments
         x = arguments[self.hidden]
         docs = self.documents.current
@@ -171,36 +174,79 @@ class GatheredMixer:
                 f"context parallelism takes one packed row per step, got a batch of {x.shape[0]} in {self.name}; "
                 "flatten the batch into one row (transformers_cp's collator does)."
             )
-        local = x.shape[1]
-        per_token = {self.hidden: self._global(x, docs)}
-        fixed = {}
+        per_token, fixed = {}, {}
         for name in self.rest:
             value = arguments.get(name)
             if name in _NOT_PER_CALL:
                 fixed[name] = None
             elif name == "use_cache":
                 fixed[name] = False
-            elif _per_token(value, local):
-                per_token[name] = self._global(value, docs)
+            elif _per_token(value, x.shape[1]):
+                per_token[name] = value
             elif name in arguments:
                 fixed[name] = value
+        return docs, x, per_token, fixed
+
+    def _run(self, call: dict, fixed: dict):
+        """The stock mixer on one piece of one document: its output, and what else it returned (a tuple's rest)."""
+        out = self.original(**call, **fixed)
+        return (out[0], out[1:]) if isinstance(out, tuple) else (out, None)
+
+    def __call__(self, *args, **kwargs):
+        docs, x, per_token, fixed = self._split(args, kwargs)
+        rows = {self.hidden: self._global(x, docs), **{k: self._global(v, docs) for k, v in per_token.items()}}
         mine = self.mesh.layout.ranges(docs.seq_len, self.mesh.cp_rank)
         outputs, extra = {}, None
         for start, end in zip(docs.bounds, docs.bounds[1:]):
             reach = max((min(b, end) for a, b in mine if a < end and b > start), default=None)
-            if reach is None:
-                continue
-            call = {k: _rows(v, start, reach) for k, v in per_token.items()}
-            out = self.original(**call, **fixed)
-            if isinstance(out, tuple):
-                out, extra = out[0], out[1:]
-            outputs[start] = out
+            if reach is not None:  # the document holds positions of this shard: run it up to the last of them
+                outputs[start], extra = self._run({k: _rows(v, start, reach) for k, v in rows.items()}, fixed)
         pieces = []
         for a, b in mine:
             for start, end in zip(docs.bounds, docs.bounds[1:]):
                 if start < b and end > a:
                     pieces.append(outputs[start][:, max(a, start) - start : min(b, end) - start])
         out = torch.cat(pieces, dim=1)
+        return out if extra is None else (out, *extra)
+
+
+class HaloMixer(GatheredMixer):
+    """The forward of a mixer whose output at a position depends only on the `window` inputs ending there (a short
+    causal convolution with per-token projections around it, LFM2's): each chunk of the layout receives the
+    window − 1 inputs that precede it in global order from the rank holding them (one all-gather of every chunk's
+    last window − 1 rows; the backward sums their gradients back to their owners), and the stock mixer runs on
+    each document piece of the chunk with the preceding inputs of the same document in front. Compute about 1×,
+    traffic (window − 1) × chunks × hidden per rank. Chunks shorter than window − 1 take the gathered fallback."""
+
+    def __init__(self, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents, window: int):
+        super().__init__(module, mesh, documents)
+        self.halo = window - 1
+
+    def __call__(self, *args, **kwargs):
+        docs, x, per_token, fixed = self._split(args, kwargs)
+        layout, k = self.mesh.layout, self.halo
+        mine = layout.ranges(docs.seq_len, self.mesh.cp_rank)
+        if per_token or k == 0 or min(b - a for a, b in mine) < k:
+            return super().__call__(*args, **kwargs)
+        offsets = [0]
+        for a, b in mine:
+            offsets.append(offsets[-1] + b - a)
+        tails = torch.cat([x[0, off - k : off] for off in offsets[1:]])  # each chunk's last k rows
+        gathered = GatherSequence.apply(tails, self.mesh.cp_group)  # rank order, then chunk order
+        ends = [b for r in range(self.mesh.cp_size) for _, b in layout.ranges(docs.seq_len, r)]
+        pieces, extra = [], None
+        for (a, b), off in zip(mine, offsets):
+            rows, first = x[:, off : off + b - a], a
+            if a > 0:  # the k inputs before the chunk, from the chunk that ends at a
+                i = ends.index(a)
+                rows, first = torch.cat([gathered[None, i * k : (i + 1) * k], rows], dim=1), a - k
+            for start, end in zip(docs.bounds, docs.bounds[1:]):
+                if start < b and end > a:
+                    lo, hi = max(start, first), min(end, b)
+                    out, extra = self._run({self.hidden: rows[:, lo - first : hi - first]}, fixed)
+                    pieces.append(out[:, max(a, start) - lo :])
+        # every rank's gather must reach the backward (its reduce-scatter is a collective), used or not
+        out = torch.cat(pieces, dim=1) + 0 * gathered.sum()
         return out if extra is None else (out, *extra)
 
 
@@ -221,7 +267,11 @@ def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> list:
     documents = _Documents()
     for _, module in found:
         setattr(module, _REPLACED, vars(module).get("forward"))
-        module.forward = GatheredMixer(module, mesh, documents)
+        window = MIXERS[type(module).__name__].window
+        if window is None:
+            module.forward = GatheredMixer(module, mesh, documents)
+        else:
+            module.forward = HaloMixer(module, mesh, documents, getattr(module, window).kernel_size[0])
 
     def hook(module, args, kwargs):
         documents.current = kwargs.get("cp_documents")
