@@ -2,19 +2,18 @@
 
 A packed row's documents are independent: every recurrence and convolution restarts at each document start, and the
 meaning of a row is each document run alone through the stock model. `MIXERS` names transformers' own mixer classes
-(no copy of their code); `install` replaces each one's forward by `GatheredMixer`, the exact fallback that works in
-every mode and layout:
+(no copy of their code); `install` replaces each one's forward by one of two exact forms (docs/hybrid.md):
 
-1. the mixer's input is all-gathered over the CP group into global order (`comm.GatherSequence`, whose backward sums
-   the gradient over ranks and keeps this rank's slice), with the per-token arguments it takes (position ids, position
-   embeddings);
-2. the stock mixer runs on each document that holds a position of this rank's shard, alone (no cache, no mask), from
-   the document's start up to the last of those positions;
-3. this rank's positions are returned, in shard order.
+- `GatheredMixer`, for every mixer, in every mode and layout: the mixer's input is all-gathered over the CP group into
+  global order (`comm.GatherSequence`, whose backward sums the gradient over ranks and keeps this rank's slice), with
+  the per-token arguments it takes; the stock mixer runs on each document that holds a position of this rank's shard,
+  alone (no cache, no mask), from the document's start up to the last of those positions; the rank keeps its own
+  positions. Cost per mixer layer: an all-gather of T × hidden forward, a reduce-scatter backward, and up to c× the
+  layer's compute (a rank runs the prefixes of the documents it touches: about c× with zigzag, where every rank
+  reaches the row's end; (c+1)/2× on average with contiguous layouts).
+- `HaloMixer`, for mixers whose only look-back is a short convolution of k taps (LFM2's ShortConv): each chunk gets
+  the k − 1 inputs before it from the rank that holds them, about 1× compute.
 
-Cost, per mixer layer and step: one all-gather of the layer input (T × hidden) forward and one reduce-scatter of its
-gradient backward; compute up to c× the layer's (a rank computes the prefixes of the documents it touches; with the
-zigzag layout every rank reaches the row's end, so about c×, with contiguous layouts about (c+1)/2× on average).
 Documents arrive as the `Documents` object the CP pre-forward hook builds for attention (`cp_documents`).
 """
 

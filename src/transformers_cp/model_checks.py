@@ -1,8 +1,9 @@
 """Model checks: the settings context parallelism cannot honour, refused on every rank before any process group.
 
-CP shards the sequence and exchanges only attention's keys and values. A layer that looks along the sequence in any
-other way (a 1-D convolution, a state-space or linear-attention recurrence, compressed, chunked or indexed sparse
-attention) would run on this rank's shard alone or without its pattern, and attention sinks, softcapping and dropout
+CP shards the sequence and exchanges attention's keys and values, and the inputs of the recurrent and convolution
+mixers `mixers.py` makes exact. A layer that looks along the sequence in any other way (another 1-D convolution or
+recurrence, compressed, chunked or indexed sparse attention) would run on this rank's shard alone or without its
+pattern, and attention sinks, softcapping and dropout
 change a softmax the CP kernels compute without them: each would make the result silently wrong, so `check_model`
 refuses such models. Nothing here talks to other ranks, so every rank raises the same error.
 """
