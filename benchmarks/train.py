@@ -137,20 +137,21 @@ def run_one(
     profile_dir: str | None = None,
     savings: dict | None = None,
     comm: bool = False,
+    config: transformers.PretrainedConfig | None = None,
 ) -> dict:
     """Train `steps` steps on sequences of `seq` tokens; returns timings or the failure.
 
     `savings`: the long-sequence switches (`context_parallel_loss_chunk_size`, `..._mlp_tile_size`,
     `..._offload_activations`, `..._recompute_layers`) and `fsdp` (True: FSDP2 full sharding of the decoder layers and
     the root). With `comm`, also the bytes sent per rank and step from the shapes (`comm_volume`) and the NCCL kernel
-    time of one profiled step."""
+    time of one profiled step. `config`: another model than the Qwen2 `shape` (benchmarks/hybrid.py)."""
     savings = dict(savings or {})
     fsdp = savings.pop("fsdp", False)
     progress(f"{shape} S={seq} {mode}: building the model")
-    config = transformers.Qwen2Config(**SHAPES[shape], use_cache=False)
+    config = config or transformers.Qwen2Config(**SHAPES[shape], use_cache=False)
     torch.manual_seed(0)
     with torch.device("cuda" if CUDA else "cpu"):  # random init on the GPU: seconds instead of a minute
-        model = transformers.Qwen2ForCausalLM(config)
+        model = transformers.AutoModelForCausalLM.from_config(config)
     if CUDA:
         model = model.to(torch.bfloat16)
     n_params = sum(p.numel() for p in model.parameters())
@@ -171,7 +172,7 @@ def run_one(
         torch.cuda.reset_peak_memory_stats()
     row: dict = dict(shape=shape, seq=seq, mode=mode if world > 1 else "single", world=world, params=n_params,
                      fsdp=fsdp, **{k.removeprefix("context_parallel_"): v for k, v in savings.items()})  # fmt: skip
-    if comm and world > 1:
+    if comm and world > 1 and shape in SHAPES:
         row.update(step_summary(mode, SHAPES[shape], n_params, seq, world))
     try:
         callbacks = [timer]
@@ -210,13 +211,20 @@ def run_one(
 
 
 def longest(
-    shape: str, mode: str, start: int, world: int, limit: int, step: int = 8192, savings: dict | None = None
+    shape: str,
+    mode: str,
+    start: int,
+    world: int,
+    limit: int,
+    step: int = 8192,
+    savings: dict | None = None,
+    config: transformers.PretrainedConfig | None = None,
 ) -> dict:
     """Double the length until a step fails, then bisect to a multiple of `step`: the longest that trains."""
     ok, bad, tried = 0, None, []
     seq = start
     while bad is None and seq <= limit:
-        r = run_one(shape, seq, mode, 1, world, savings=savings)
+        r = run_one(shape, seq, mode, 1, world, savings=savings, config=config)
         tried.append(r)
         if "error" in r:
             bad = seq
@@ -224,7 +232,7 @@ def longest(
             ok, seq = seq, seq * 2
     while bad is not None and bad - ok > step:
         mid = (ok + bad) // 2 // step * step
-        r = run_one(shape, mid, mode, 1, world, savings=savings)
+        r = run_one(shape, mid, mode, 1, world, savings=savings, config=config)
         tried.append(r)
         ok, bad = (mid, bad) if "error" not in r else (ok, mid)
     return dict(shape=shape, mode=mode, world=world, longest_ok=ok, first_failing=bad, tried=tried)

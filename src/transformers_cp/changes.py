@@ -27,11 +27,11 @@ from typing import Any, Protocol
 
 import torch
 
-STAGES = ("padded_rows", "recompute", "chunked_loss", "offload", "context_parallel", "router_loss")
+STAGES = ("padded_rows", "recompute", "chunked_loss", "offload", "context_parallel", "mixers", "router_loss")
 """The pre-forward stages in the order they run: TRL's padded rows become one packed row first (the CP stage reads its
 document bounds); partial recomputation sets the layers' checkpointing flags, which the chunked loss, activation
-offload and CP read; CP checks the batch and gives every layer its documents; the router-loss stage opens the row of
-the MoE auxiliary loss."""
+offload and CP read; CP checks the batch and gives every layer its documents; the mixers' stage hands them to the
+recurrent and convolution mixers (`mixers.py`); the router-loss stage opens the row of the MoE auxiliary loss."""
 
 _ATTR = "_transformers_cp_changes"
 _NO_FORWARD = object()  # a module that had no instance forward (it used its class's)

@@ -1,11 +1,11 @@
 """Model checks: the settings context parallelism cannot honour, refused on every rank before any process group.
 
-CP shards the sequence and exchanges only attention's keys and values. A layer that looks along the sequence in any
-other way (a 1-D convolution, a state-space or linear-attention recurrence, compressed or indexed sparse attention)
-would run on this rank's shard alone or without its pattern, and dropout changes a softmax the CP kernels compute
-without it: each would make the result silently wrong, so `check_model` refuses such models. Attention sinks, logit
-softcapping and chunked attention are computed exactly (`sinks`, the kernels' softcap, `chunked`). Nothing here
-talks to other ranks, so every rank raises the same error.
+CP shards the sequence and exchanges attention's keys and values, and the inputs of the recurrent and convolution
+mixers `mixers.py` makes exact. A layer that looks along the sequence in any other way (another 1-D convolution or
+recurrence, compressed or indexed sparse attention) would run on this rank's shard alone or without its pattern, and
+dropout changes a softmax the CP kernels compute without it: each would make the result silently wrong, so
+`check_model` refuses such models. Attention sinks, logit softcapping and chunked attention are computed exactly
+(`sinks`, the kernels' softcap, `chunked`). Nothing here talks to other ranks, so every rank raises the same error.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import transformers
 
 from .config import ContextParallelConfig, ContextParallelConfigError
 from .mesh import job_config, node_size
+from .mixers import check_mixers
 from .model_info import text_config
 from .router_loss import check_router_loss
 
@@ -84,7 +85,8 @@ def unsupported(setting: str, fix: str) -> ValueError:
 def check_model(model: torch.nn.Module, config: ContextParallelConfig) -> None:
     """Reject model settings CP cannot honour. `config` is resolved against the world size; nothing here talks to
     other ranks, so every rank raises the same error before the mesh's groups are made or any collective runs."""
-    if not getattr(model, "_supports_attention_backend", True):
+    exact_mixers = check_mixers(model)  # recurrent / conv mixers with an exact path, or a refusal naming them
+    if not exact_mixers and not getattr(model, "_supports_attention_backend", True):
         raise unsupported(
             f"{type(model).__name__}, whose attention is not pluggable through transformers' AttentionInterface "
             "(its attention, e.g. ALiBi in Bloom, Falcon or MPT, would silently run on the local shard only)",
@@ -104,14 +106,14 @@ def check_model(model: torch.nn.Module, config: ContextParallelConfig) -> None:
             f"sparse attention that picks the keys each query sees ({', '.join(sparse)})",
             "use a model with dense (full or sliding-window) attention.",
         )
-    layer_kinds = foreign_layer_types(text)
+    layer_kinds = [] if exact_mixers else foreign_layer_types(text)
     if layer_kinds:
         raise unsupported(
             f"these layer kinds ({'; '.join(layer_kinds)}): across ranks it computes exactly only causal full or "
             "sliding-window softmax attention and blocks that act on each token alone (MLP, MoE)",
             "use a model whose layers are all of those kinds.",
         )
-    mixers = sequence_mixers(model)
+    mixers = [] if exact_mixers else sequence_mixers(model)
     if mixers:
         more = f" and {len(mixers) - 3} more" if len(mixers) > 3 else ""
         raise unsupported(

@@ -16,7 +16,7 @@ import copy
 import torch
 import transformers
 
-from . import changes, forward_documents, odysseus
+from . import changes, forward_documents, mixers, odysseus
 from .adapter import register
 from .batch_checks import check_batch, documents_from_position_ids
 from .config import ContextParallelConfig
@@ -139,6 +139,7 @@ def apply_context_parallel(
     model.set_attn_implementation(ATTENTION_NAME)
     if mesh.config.whole_rows and mesh.cp_group is not None:
         state.rotary = odysseus.install(model, mesh, change)
+    mixers.install(model, mesh)  # recurrent / conv mixers, exact; their stage follows CP's
     for handle in follow_row_positions(model, lambda: state.row_max_position):
         change.track(handle)
     install_router_loss(model, mesh)

@@ -1,0 +1,131 @@
+"""Hybrid models under CP on the GPU: tokens/s per GPU with CP=2 at 64k and 128k against one GPU at 32k, and the
+longest sequence that trains on 2 GPUs (CP=2) against 1 GPU, for a Qwen3-Next-shaped (gated delta rule + attention,
+3:1) and a Nemotron-H-shaped (Mamba2 + attention + MLP) model of about 1.5B parameters, random init, bf16, full
+training with gradient checkpointing through transformers_cp's Trainer (`train.run_one`).
+
+    torchrun --nproc_per_node 2 benchmarks/hybrid.py --out benchmarks/results/hybrid_2xH200.json
+    python benchmarks/hybrid.py --smoke --out /tmp/hybrid_smoke.json        # CPU, tiny shapes, seconds
+
+"One GPU" runs are context_parallel_size=1 in the same 2-process job (each GPU trains its own sequence, data
+parallel), so tokens/s per GPU compares directly. The mixers run through `transformers_cp.mixers` (each mixer's
+input gathered over the CP group, the stock mixer per document); the JSON says which kernels the stock mixers found
+(flash-linear-attention, mamba_ssm, causal-conv1d, else transformers' torch path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import transformers
+from train import CUDA, longest, progress, run_one
+
+SMOKE = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+
+
+def qwen3_next(smoke: bool) -> transformers.PretrainedConfig:
+    """Qwen3-Next's layout (3 gated-delta-rule layers per attention layer, gated attention) with dense MLPs, ≈1.6B."""
+    layers = 4 if smoke else 24
+    size = dict(
+        SMOKE, intermediate_size=128, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+        linear_value_head_dim=16,
+    ) if smoke else dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=2,
+        head_dim=128, linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128,
+        linear_value_head_dim=128,
+    )  # fmt: skip
+    return transformers.Qwen3NextConfig(
+        **size, num_hidden_layers=layers, layer_types=(["linear_attention"] * 3 + ["full_attention"]) * (layers // 4),
+        mlp_only_layers=list(range(layers)), linear_conv_kernel_dim=4, max_position_embeddings=1 << 21,
+        tie_word_embeddings=True, use_cache=False,
+    )  # fmt: skip
+
+
+def nemotron_h(smoke: bool) -> transformers.PretrainedConfig:
+    """Nemotron-H's layout (Mamba2 and ReLU² MLP blocks, one attention block in eight), ≈1.6B."""
+    size = dict(
+        SMOKE, intermediate_size=128, mamba_num_heads=4, mamba_head_dim=32, ssm_state_size=16, n_groups=2,
+        chunk_size=16,
+    ) if smoke else dict(
+        vocab_size=131072, hidden_size=2048, intermediate_size=8192, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=128, mamba_num_heads=64, mamba_head_dim=64, ssm_state_size=128, n_groups=8, chunk_size=128,
+    )  # fmt: skip
+    return transformers.NemotronHConfig(
+        **size, hybrid_override_pattern="M-M-M*-" if smoke else "M-M-M-*-" * 4, conv_kernel=4,
+        max_position_embeddings=1 << 21, tie_word_embeddings=False, use_cache=False,
+    )  # fmt: skip
+
+
+SHAPES = {"qwen3_next_1.5b": qwen3_next, "nemotron_h_1.5b": nemotron_h}
+
+
+def kernels() -> dict:
+    """The fast kernel packages the stock mixers use when installed (transformers' torch path otherwise)."""
+    found = {name: importlib.util.find_spec(module) is not None for name, module in (
+        ("flash_linear_attention", "fla"), ("mamba_ssm", "mamba_ssm"), ("causal_conv1d", "causal_conv1d"),
+        ("tilelang", "tilelang"))}  # fmt: skip
+    if CUDA:
+        import triton
+
+        found["triton"] = triton.__version__
+    return found
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--modes", default="zigzag,ulysses", help="CP modes of the CP=2 runs")
+    p.add_argument("--single-seq", type=int, default=32768, help="sequence of the one-GPU run")
+    p.add_argument("--cp-seqs", default="65536,131072", help="sequences of the CP=2 runs")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--search", action="store_true", help="also the longest sequence on 1 GPU and on 2 (first mode)")
+    p.add_argument("--search-limit", type=int, default=1 << 20)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes and sequences, for a CPU check of the script")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    if a.smoke:
+        a.single_seq, a.cp_seqs, a.steps, a.search_limit = 64, "128", 2, 256
+    from transformers_cp.mesh import init_distributed
+
+    init_distributed()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    meta = dict(command=" ".join(([f"torchrun --nproc_per_node {world}"] if world > 1 else ["python"]) + sys.argv),
+                machine=f"{world}x {torch.cuda.get_device_name() if CUDA else 'cpu'}", torch=torch.__version__,
+                transformers=transformers.__version__, kernels=kernels(), date=time.strftime("%Y-%m-%d"))  # fmt: skip
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:
+        row.pop("model_tflops_per_gpu", None)  # train.py's count is for attention-only models
+        rows.append(row)
+        if rank == 0:
+            print(json.dumps({k: v for k, v in row.items() if k != "tried"}), flush=True)
+            if a.out:
+                os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+                with open(a.out, "w") as f:
+                    json.dump({"meta": meta, "results": rows}, f, indent=1)
+
+    for shape in a.shapes.split(","):
+        config = SHAPES[shape](a.smoke)
+        progress(f"{shape}: one GPU per sequence at {a.single_seq}")
+        record(run_one(shape, a.single_seq, "single", a.steps, 1, config=config))
+        if world < 2:
+            continue
+        for mode in a.modes.split(","):
+            for seq in map(int, a.cp_seqs.split(",")):
+                record(run_one(shape, seq, mode, a.steps, world, config=config))
+        if a.search:
+            start = a.single_seq
+            record(longest(shape, "single", start, 1, a.search_limit, step=max(start // 4, 64), config=config))
+            mode = a.modes.split(",")[0]
+            record(longest(shape, mode, start, world, a.search_limit, step=max(start // 4, 64), config=config))
+
+
+if __name__ == "__main__":
+    main()
