@@ -169,6 +169,12 @@ class GatheredMixer:
                 f"{self.name} runs under context parallelism without the row's documents; call the model itself "
                 "(its pre-forward hook reads them), not the mixer alone."
             )
+        if x.shape[1] * self.mesh.cp_size != docs.seq_len:  # the documents are the last forward's (see `install`)
+            raise RuntimeError(
+                f"{self.name} got {x.shape[1]} tokens under context parallelism, but the last forward of the model "
+                f"was a row of {docs.seq_len} tokens over {self.mesh.cp_size} ranks; call the model itself, not the "
+                "mixer alone."
+            )
         if x.shape[0] != 1:
             raise ValueError(
                 f"context parallelism takes one packed row per step, got a batch of {x.shape[0]} in {self.name}; "
@@ -258,7 +264,8 @@ def _rows(value, start: int, end: int):
 
 def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> None:
     """Replace the forward of every mixer of `MIXERS` in `model` by its exact CP form (removed with CP). Its stage
-    runs after CP's (`changes.STAGES`) and hands the mixers that forward's documents, for exactly that forward."""
+    runs after CP's (`changes.STAGES`) and hands the mixers that forward's documents; they stay until the next forward,
+    as a checkpointed layer's mixer runs again in backward, outside the model's forward."""
     if mesh.cp_group is None:
         return
     found = find_mixers(model)
@@ -269,10 +276,7 @@ def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> None:
     def begin(module, args, kwargs):
         documents.current = kwargs.get("cp_documents")
 
-    def end(module, args, kwargs, output):
-        documents.current = None
-
-    change = changes.install(model, NAME, pre=begin, post=end, post_always=True, depends_on="context_parallel")
+    change = changes.install(model, NAME, pre=begin, depends_on="context_parallel")
     for _, module in found:
         window = MIXERS[type(module).__name__].window
         if window is None:
