@@ -129,7 +129,8 @@ class ContextParallelTrainerMixin:
             head_dim = getattr(text, "head_dim", None) or getattr(text, "hidden_size", 0) // heads
             dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else model.dtype
             try:
-                kernel = kernel_class(config.backend, self.args.device.type == "cuda", dtype, head_dim).name
+                softcap = getattr(text, "attn_logit_softcapping", None)  # softcapped layers take FlexAttention
+                kernel = kernel_class(config.backend, self.args.device.type == "cuda", dtype, head_dim, softcap).name
             except ImportError as error:
                 kernel = f"none ({error})"
             lines = [
