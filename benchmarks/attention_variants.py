@@ -186,10 +186,12 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny shapes (for CPU)")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--softcap", type=float, default=50.0, help="Gemma 2's attn_logit_softcapping")
-    p.add_argument("--out", default=None, help="JSON file for the results (rank 0)")
+    p.add_argument("--parts", default="sinks,softcap", help="which of (a) sinks and (b) softcap to run")
+    p.add_argument("--seqs", default="32768,131072", help="softcap lengths (the first one tunes kernel_options)")
+    p.add_argument("--out", default=None, help="JSON file for the results (rank 0), rewritten after each part")
     a = p.parse_args()
     a.sink_seq, a.sink_heads, a.sink_head_dim, a.sink_window = 65536, (64, 8), 64, 128
-    a.softcap_seqs, a.softcap_heads, a.softcap_head_dim = [32768, 131072], (16, 16), 128
+    a.softcap_seqs, a.softcap_heads, a.softcap_head_dim = [int(n) for n in a.seqs.split(",")], (16, 16), 128
     if a.smoke:
         a.sink_seq, a.sink_heads, a.sink_head_dim, a.sink_window = 256, (4, 2), 16, 32
         a.softcap_seqs, a.softcap_heads, a.softcap_head_dim, a.iters = [128], (4, 4), 16, 2
@@ -205,10 +207,11 @@ def main() -> None:
         date=time.strftime("%Y-%m-%d"),
     )
     torch._dynamo.config.cache_size_limit = 64  # one compilation per FlexAttention candidate and length
-    results = bench_sinks(a, device, rank, world)
-    results += bench_softcap(a, device)  # every rank on its own GPU, alike (no rank waits in a collective meanwhile)
-    if rank == 0:
-        if a.out:
+    results: list[dict] = []
+    parts = {"sinks": lambda: bench_sinks(a, device, rank, world), "softcap": lambda: bench_softcap(a, device)}
+    for part in a.parts.split(","):
+        results += parts[part]()  # softcap: every rank on its own GPU, alike (no rank waits in a collective)
+        if rank == 0 and a.out:  # a run cut off by a time limit keeps the parts it finished
             os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
             with open(a.out, "w") as f:
                 json.dump({"meta": meta, "results": results}, f, indent=1)

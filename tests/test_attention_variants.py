@@ -333,3 +333,18 @@ def test_trainer_equals_the_stock_trainer_with_flattening(tmp_path):
     for family, _ in TRAINER_CASES:
         torch.save(_stock_run(family), tmp_path / f"{family}.pt")
     run_distributed(_trainer_worker, 2, str(tmp_path), TRAINER_CASES)
+
+
+def test_llama4_temperature_tuning_is_refused_where_it_scales():
+    """Llama 4's temperature tuning scales the queries of its layers without RoPE by their index in the attention's
+    input (under CP, the shard's): exact while the row is shorter than floor_scale (the scale is 1), refused beyond."""
+    config = transformers.Llama4TextConfig(
+        **COMMON, **dict(FAMILIES["llama4_text"], no_rope_layers=[1, 0], floor_scale=16, attn_temperature_tuning=True)
+    )
+    model = apply_context_parallel(
+        transformers.AutoModelForCausalLM.from_config(config), ContextParallelConfig(size=1)
+    )
+    ids = torch.randint(3, VOCAB, (1, 16))
+    model(input_ids=ids[:, :15], position_ids=torch.arange(15)[None])
+    with pytest.raises(ValueError, match=r"temperature tuning on a row of 16 tokens \(floor_scale=16\)"):
+        model(input_ids=ids, position_ids=torch.arange(16)[None])

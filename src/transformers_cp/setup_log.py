@@ -23,7 +23,8 @@ def describe(model: torch.nn.Module, mesh: ContextParallelMesh | None, args, sav
         head_dim = getattr(text, "head_dim", None) or getattr(text, "hidden_size", 0) // heads
         dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else model.dtype
         try:
-            kernel = kernel_class(config.backend, args.device.type == "cuda", dtype, head_dim).name
+            softcap = getattr(text, "attn_logit_softcapping", None)  # softcapped layers take FlexAttention
+            kernel = kernel_class(config.backend, args.device.type == "cuda", dtype, head_dim, softcap).name
         except ImportError as error:
             kernel = f"none ({error})"
         lines = [

@@ -28,9 +28,12 @@ benchmarks/attention_variants.py; empty: FlexAttention's own defaults."""
 
 @functools.cache
 def _flex():
+    """FlexAttention compiled (on CUDA; CPU runs its reference forward). Shapes are left to torch.compile's automatic
+    dynamic shapes: the blocks of a ring change length with the documents of each batch, and a compilation per length
+    would soon exhaust the recompilation limit."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+    return torch.compile(flex_attention) if torch.cuda.is_available() else flex_attention
 
 
 @functools.cache
