@@ -58,8 +58,17 @@ NO_PER_LAYER = dict(hidden_size_per_layer_input=0, vocab_size_per_layer_input=0)
 BLT_LOCAL = dict(hidden_size=64, hidden_size_global=64, num_attention_heads=4, intermediate_size=64)
 MAX_PARAMETERS = 10_000_000  # a tiny model far above this kept a default size the sweep did not shrink
 # Family -> (settings on top of TINY, why). A dict value for a sub-config (`vision_config`, ...) is merged into it.
+_SMALL_MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=2, mamba_chunk_size=8)
+_SMALL_MAMBA2_WHY = "Mamba2 defaults (128 heads, state 256) take minutes a forward on CPU; SSM chunks of 8 tokens"
 OVERRIDES: dict[str, tuple[dict, str]] = {
     "lfm2": (dict(full_attn_idxs=[1, 3]), "defaults to attention only; two conv and two attention layers"),
+    "bamba": (dict(_SMALL_MAMBA2), _SMALL_MAMBA2_WHY),
+    "granitemoehybrid": (dict(_SMALL_MAMBA2), _SMALL_MAMBA2_WHY),
+    "falcon_h1": (dict(_SMALL_MAMBA2, mamba_d_ssm=128), _SMALL_MAMBA2_WHY),
+    "nemotron_h": (
+        dict(mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=8, n_groups=2, chunk_size=8),
+        _SMALL_MAMBA2_WHY,
+    ),
     "lfm2_moe": (
         dict(num_hidden_layers=4, layer_types=["conv", "full_attention"] * 2),
         "derives no layer pattern by default; two conv and two attention layers",
