@@ -10,6 +10,7 @@ from .algorithms.reuse import ForwardReuse
 from .algorithms.ring import RingAttention
 from .algorithms.ulysses import UlyssesAttention, gather_heads, scatter_heads
 from .kernels import select_kernel
+from .layout import Layout
 from .mesh import ContextParallelMesh
 from .plan import Documents, gathered_plan, local_segments, ring_plan
 
@@ -21,13 +22,13 @@ def window_left(sliding_window: int | None, seq_len: int) -> int | None:
     return sliding_window - 1
 
 
-def _gather_spans(mesh: ContextParallelMesh, seq_len: int) -> Spans:
+def _gather_spans(row: Layout, seq_len: int) -> Spans:
     """Where each chunk of the KV all-gathered in ring-rank order belongs in the global order (adjacent chunks of one
     rank merged)."""
     spans: list[Span] = []
-    for rank in range(mesh.layout.ring):
+    for rank in range(row.ring):
         local = 0
-        for start, end in mesh.layout.ring_ranges(seq_len, rank):
+        for start, end in row.ring_ranges(seq_len, rank):
             last = spans[-1] if spans else None
             if last is not None and last.rank == rank and last.start + last.length == start:
                 spans[-1] = last._replace(length=last.length + end - start)
@@ -65,7 +66,7 @@ def context_parallel_attention(
         out = LocalAttention.apply(q, k, v, local_segments(docs, left), kernel, scale, reuse)
     elif config.gathers_keys:
         stride = config.kv_stride(k.shape[1])  # divides the KV heads: `model_checks.check_model`
-        spans = docs.cached(("spans", layout), lambda: _gather_spans(mesh, docs.seq_len))
+        spans = docs.cached(("spans", layout), lambda: _gather_spans(docs.layout(layout), docs.seq_len))
         blocks = gathered_plan(docs, layout, mesh.ring_rank, left)
         out = Llama3Attention.apply(q, k, v, blocks, spans, mesh.ring_group, kernel, scale, stride, reuse)
     else:

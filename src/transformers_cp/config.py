@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, replace
 
 MODES = ("ring", "zigzag", "llama3", "ulysses", "hybrid", "odysseus")
 BACKENDS = ("auto", "torch", "flash_attn")
+BALANCES = ("tokens", "documents")
+BALANCED_MODES = ("ring", "zigzag", "llama3")
 DEFAULT_MODE = "zigzag"
 
 
@@ -53,6 +55,13 @@ class ContextParallelConfig:
             Each layer left out keeps its activations until backward, about tokens × (a few × hidden + 4 ×
             intermediate) × 2 bytes in bf16 (without the intermediate part under the tiled MLP), and saves one forward
             of the layer in backward. No effect without activation checkpointing.
+        auto_recompute: under activation checkpointing with `recompute_layers` unset, choose after the first step how
+            many layers to recompute from the device memory left free (CUDA; elsewhere every layer stays recomputed,
+            as with False). See `auto_recompute.py`.
+        balance: how the ring family (`ring`, `zigzag`, `llama3`) splits a packed row: `tokens` (the mode's layout:
+            equal token ranges) or `documents` (equal tokens and equal causal work per rank, following the row's
+            documents: long documents are zigzagged alone, short ones go whole to one rank, and ring steps that hold
+            no pairs are skipped; see `balance.py`).
     """
 
     size: int | None = None
@@ -65,6 +74,8 @@ class ContextParallelConfig:
     offload_activations: bool = False
     offload_attention_outputs: bool = False
     recompute_layers: int | None = None
+    auto_recompute: bool = True
+    balance: str = "tokens"
 
     def __post_init__(self) -> None:
         if self.size is not None and not _is_count(self.size):
@@ -79,6 +90,16 @@ class ContextParallelConfig:
         if self.backend not in BACKENDS:
             raise ContextParallelConfigError(
                 f"context_parallel_backend={self.backend!r} is unknown; choose one of {', '.join(BACKENDS)}."
+            )
+        if self.balance not in BALANCES:
+            raise ContextParallelConfigError(
+                f"context_parallel_balance={self.balance!r} is unknown; choose one of {', '.join(BALANCES)}."
+            )
+        if self.balance == "documents" and self.mode not in BALANCED_MODES:
+            raise ContextParallelConfigError(
+                f"context_parallel_balance='documents' balances the ring family ({', '.join(BALANCED_MODES)}); mode "
+                f"{self.mode!r} does not take it (ulysses and odysseus attend whole rows, which are balanced already): "
+                "leave context_parallel_balance='tokens' or pick one of those modes."
             )
         if self.heads_k_stride is not None and not _is_count(self.heads_k_stride):
             raise ContextParallelConfigError(
@@ -99,7 +120,7 @@ class ContextParallelConfig:
                 raise ContextParallelConfigError(
                     f"context_parallel_{name} must be an integer >= 0 ({meaning}) or None ({unset}), got {value!r}."
                 )
-        for name in ("offload_activations", "offload_attention_outputs"):
+        for name in ("offload_activations", "offload_attention_outputs", "auto_recompute"):
             if not isinstance(getattr(self, name), bool):
                 raise ContextParallelConfigError(
                     f"context_parallel_{name} must be True or False, got {getattr(self, name)!r}."

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import transformers
 from transformers.data.data_collator import default_data_collator
 
+from .auto_recompute import AutoRecompute
 from .chunked_loss import chunked_loss_state
 from .collator import ContextParallelCollator
 from .engines import is_deepspeed_engine, scope_checkpoint_loads
@@ -75,6 +76,7 @@ class ContextParallelTrainerMixin:
         if self.model is not None:
             self._install_memory_savings(self.model)
         config = arguments_config(self.args)
+        self.add_callback(AutoRecompute(config))
         if config is None:
             return
         if not config.enabled:
