@@ -122,17 +122,20 @@ def _block_pairs(block) -> int:
 
 
 def test_rows_of_short_documents_never_leave_step_zero():
-    """Documents that each fit whole on one rank: the plan has only the rank's own KV, so nothing travels."""
+    """Documents that each fit whole on one rank (none is over 1/SPLIT_SHARE of a rank's work, and they fill the
+    ranks exactly): the plan has only the rank's own KV, so nothing travels. (Where whole documents cannot fill every
+    rank to the same token count, one is split, and its pieces meet at a later step.)"""
     seq, ring = 4096, 4
-    bounds = _row([24] * 170, seq)  # each well under 1/SPLIT_SHARE of a rank's work: none is cut
-    docs = Documents(bounds, seq)
+    docs = Documents(_row([16] * 256, seq), seq)
     for mode in ("zigzag", "contiguous"):
         policy = Layout(mode, ring, 1, "documents")
         for r in range(ring):
             assert [s for s, _ in ring_plan(docs, policy, r, None)] == [0]
-    # the token layout cuts documents at chunk edges, so step 1 holds pairs; later contiguous steps do not
+    # the token layout cuts documents at chunk edges, so step 1 holds pairs; the later contiguous steps do not
+    docs = Documents(_row([24] * 170, seq), seq)
     contiguous = Layout("contiguous", ring, 1)
-    assert [s for s, _ in ring_plan(docs, contiguous, 0, None)] == [0, 1]
+    for r in range(ring):
+        assert [s for s, _ in ring_plan(docs, contiguous, r, None)] == [0, 1]
 
 
 def test_a_single_document_row_keeps_the_zigzag_work():
@@ -140,7 +143,8 @@ def test_a_single_document_row_keeps_the_zigzag_work():
     seq, ring = 64, 4
     zigzag = Layout("zigzag", ring, 1)
     balanced = Layout("zigzag", ring, 1, "documents").for_row([0, seq], seq)
-    assert [balanced.ranges(seq, r) for r in range(ring)] == [zigzag.ranges(seq, r) for r in range(ring)]
+    for r in range(ring):
+        assert torch.equal(balanced.index(seq, r), zigzag.index(seq, r))
 
 
 def test_bad_balance_settings_name_the_setting():
@@ -158,9 +162,8 @@ def _attention_worker(rank, world):
     for mode in ("ring", "zigzag", "llama3"):
         mesh = build_mesh(ContextParallelConfig(size=world, mode=mode, balance="documents"), "cpu")
         seq = 24 * world
-        for (name, lengths), heads, window in itertools.product(
-            _mixes(seq, world).items(), ((2 * world, 2 * world), (2 * world, max(1, world // 2))), (None, 7)
-        ):
+        mha, gqa = (2 * world, 2 * world), (2 * world, max(1, world // 2))
+        for (name, lengths), (heads, window) in itertools.product(_mixes(seq, world).items(), ((mha, None), (gqa, 7))):
             bounds = _row(lengths, seq)
             _check_attention(mesh, seq, bounds, heads, window, f"{mode} {name} heads={heads} window={window}")
     if world == 4:  # the token zigzag, with one document crossing from chunk 4 (rank 3) into chunk 5 (rank 2) only
@@ -226,9 +229,9 @@ def test_balanced_model_matches_the_stock_model():
 
 
 def _trainer_worker(rank, world, expected):
-    for mode in ("zigzag", "llama3"):
-        actual = run_cp("qwen2", world, mode, predict=True, context_parallel_balance="documents")
-        assert_same_run(actual, expected, f"{mode} balanced")
+    # llama3 (its gathered plan and spans); the ring's steps are covered above, through the model and alone
+    actual = run_cp("qwen2", world, "llama3", predict=True, context_parallel_balance="documents")
+    assert_same_run(actual, expected, "llama3 balanced")
 
 
 def test_balanced_trainer_matches_the_stock_trainer():

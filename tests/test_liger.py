@@ -51,3 +51,34 @@ def test_liger_patches_what_context_parallelism_leaves_alone():
     _apply_liger_kernel_to_instance(model=model)
     assert model.get_output_embeddings().forward is head_forward
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_the_tiled_mlp_wraps_a_forward_set_after_it():
+    """Liger binds its SwiGLU forward on each MLP instance when training starts, after the tiled MLP was installed:
+    the Trainer's callback tiles that forward again, so both apply; removal gives Liger's forward back."""
+    from types import SimpleNamespace
+
+    from transformers_cp.liger import KeepTiledMLPUnderLiger
+    from transformers_cp.tiled_mlp import apply_tiled_mlp, remove_tiled_mlp
+
+    model = build_model("qwen2", reference=True)
+    apply_tiled_mlp(model, 8)
+    calls = []
+
+    def liger_like_forward(self, x):  # the same math, counting its calls and their lengths
+        calls.append(x.shape[1])
+        return type(self).forward(self, x)
+
+    for layer in model.model.layers:
+        layer.mlp.__dict__["forward"] = liger_like_forward.__get__(layer.mlp)  # as Liger's _bind_method_to_module
+    batch = DataCollatorWithFlattening(return_tensors="pt")(sft_dataset(2, 4))
+    expected = build_model("qwen2", reference=True)(**batch).loss
+    args = SimpleNamespace(use_liger_kernel=True)
+    KeepTiledMLPUnderLiger(SimpleNamespace(mlp_tile_size=8)).on_train_begin(args, None, None, model=model)
+    loss = model(**batch).loss
+    assert calls and max(calls) <= 8, calls  # Liger's forward ran, tile by tile
+    assert_close(loss, expected, 1e-5, "tiled MLP around a Liger-style forward")
+    remove_tiled_mlp(model)
+    calls.clear()
+    model(**batch)
+    assert calls and max(calls) == batch["input_ids"].shape[1]  # Liger's forward is back, untiled

@@ -30,6 +30,7 @@ import torch
 AUTO_TILE_TOKENS = 8192
 AUTO_MIN_TOKENS = 32768
 _FORWARD_ATTR = "_tiled_mlp_forward"
+_TILED_MARK = "_is_tiled_mlp"  # marks the forward this module installs
 
 
 def _tiles(length: int, tile: int) -> list[tuple[int, int]]:
@@ -205,16 +206,23 @@ def apply_tiled_mlp(model: torch.nn.Module, tile_size: int | None = None) -> tor
             "context_parallel_mlp_tile_size=0."
         )
     for mlp in mlps:
-        original = getattr(mlp, _FORWARD_ATTR, None) or mlp.forward
+        original = getattr(mlp, _FORWARD_ATTR, None)
+        current = mlp.__dict__.get("forward")
+        if original is None or (current is not None and not getattr(current, _TILED_MARK, False)):
+            original = mlp.forward  # first install, or a forward set on the module since (Liger's SwiGLU): tile that
         setattr(mlp, _FORWARD_ATTR, original)
         mlp.forward = _tiled_forward(mlp, original, tile_size)
+        setattr(mlp.forward, _TILED_MARK, True)
     return model
 
 
 def remove_tiled_mlp(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo `apply_tiled_mlp`."""
+    """Undo `apply_tiled_mlp` (a forward another library set on the module before it, such as Liger's, comes back)."""
     for mlp in decoder_mlps(model):
         if hasattr(mlp, _FORWARD_ATTR):
+            original = getattr(mlp, _FORWARD_ATTR)
             del mlp.forward
             delattr(mlp, _FORWARD_ATTR)
+            if getattr(original, "__func__", None) is not type(mlp).forward:
+                mlp.forward = original
     return model

@@ -34,6 +34,7 @@ from .chunked_loss import chunked_loss_state
 from .collator import ContextParallelCollator
 from .engines import is_deepspeed_engine, scope_checkpoint_loads
 from .kernels import kernel_class
+from .liger import KeepTiledMLPUnderLiger
 from .loss import count_label_tokens, loss_scale, reduce_loss_for_logging
 from .memory import apply_memory_savings
 from .mesh import ContextParallelMesh, build_mesh, job_config, settle_gloo_workers_at_exit
@@ -77,6 +78,7 @@ class ContextParallelTrainerMixin:
             self._install_memory_savings(self.model)
         config = arguments_config(self.args)
         self.add_callback(AutoRecompute(config))
+        self.add_callback(KeepTiledMLPUnderLiger(config))
         if config is None:
             return
         if not config.enabled:
