@@ -21,6 +21,7 @@ from transformers_cp.config import ContextParallelConfig, ContextParallelConfigE
 from transformers_cp.layout import Layout
 from transformers_cp.mesh import build_mesh
 from transformers_cp.modeling import apply_context_parallel
+from transformers_cp.modes import MODES
 from transformers_cp.plan import Documents, ring_plan
 
 HEAD_DIM = 8
@@ -150,9 +151,14 @@ def test_a_single_document_row_keeps_the_zigzag_work():
 def test_bad_balance_settings_name_the_setting():
     with pytest.raises(ContextParallelConfigError, match="context_parallel_balance='bytes' is unknown"):
         ContextParallelConfig(balance="bytes")
-    for mode in ("ulysses", "hybrid", "odysseus"):
+    taking = [name for name, mode in MODES.items() if mode.balances_documents]
+    assert taking == ["ring", "zigzag", "llama3"]  # the mode registry says which modes take it
+    for name in MODES:
+        if name in taking:
+            assert ContextParallelConfig(mode=name, balance="documents").balance == "documents"
+            continue
         with pytest.raises(ContextParallelConfigError, match="context_parallel_balance='documents' balances"):
-            ContextParallelConfig(mode=mode, balance="documents")
+            ContextParallelConfig(mode=name, balance="documents")
 
 
 # ---- exactness, gloo ------------------------------------------------------------------------------------------------
