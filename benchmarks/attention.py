@@ -8,7 +8,15 @@ script runs small shapes as a smoke test.
         --out benchmarks/results/attention_2xH200.json
 
 A mode may carry options: `hybrid/u4` (Ulysses degree 4 inside the ring), `ulysses/s2` (two pipeline stages),
-`llama3/k8` (KV heads all-gathered 8 at a time).
+`llama3/k8` (KV heads all-gathered 8 at a time), `zigzag/b` (ring, zigzag or llama3 with
+`context_parallel_balance="documents"`). Documents: `single`, `packed` (lengths 1k–32k) or `lognormal` (median 4k, at
+most 32k); each mode's row records the most loaded rank's causal work over the mean (`work_max_over_mean`).
+
+Packed documents with and without the balance (issue 21):
+
+    torchrun --nproc_per_node 2 benchmarks/attention.py --seqs 131072 --heads 16:16,32:8 \
+        --docs single,packed,lognormal --modes ring,zigzag,llama3,ulysses,ring/b,zigzag/b,llama3/b --check \
+        --no-native --out benchmarks/results/attention_packed_2xH200.json
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import platform
 import random
@@ -27,6 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from transformers_cp.attention import context_parallel_attention
+from transformers_cp.balance import range_work
 from transformers_cp.config import ContextParallelConfig
 from transformers_cp.kernels import Segments, select_kernel
 from transformers_cp.kernels.math import MathKernel
@@ -64,10 +74,17 @@ def timed_iterations(base: int, seq: int) -> int:
 
 
 def doc_lengths(kind: str, seq: int, seed: int = 0) -> list[int]:
-    """One sequence, or documents with lengths drawn from 1k–32k (scaled down for short rows)."""
+    """One sequence, documents with lengths drawn from 1k–32k, or lognormal ones (median 4k, at most 32k), scaled
+    down for short rows."""
     if kind == "single":
         return [seq]
     rng = random.Random(seed)
+    if kind == "lognormal":
+        median, top = max(1, min(4096, seq // 32)), max(2, min(32768, seq // 4))
+        out = []
+        while sum(out) < seq:
+            out.append(min(max(1, min(top, int(rng.lognormvariate(math.log(median), 1.0)))), seq - sum(out)))
+        return out
     lo, hi = min(1024, seq // 8), min(32768, seq // 2)
     out = []
     while sum(out) < seq:
@@ -77,6 +94,15 @@ def doc_lengths(kind: str, seq: int, seed: int = 0) -> list[int]:
 
 def causal_flops(lengths: list[int], heads: int) -> float:
     return sum(4 * n * n * heads * HEAD_DIM / 2 * 3.5 for n in lengths)
+
+
+def work_imbalance(docs: Documents, layout, world: int) -> float:
+    """The most loaded CP rank's causal pairs over the mean (1.0: balanced); after Ulysses' all-to-all every rank
+    attends whole chunks with its share of the heads, which is balanced."""
+    if layout.ring == 1:
+        return 1.0
+    work = [range_work(docs.bounds, layout.ring_ranges(docs.seq_len, r)) for r in range(layout.ring)]
+    return round(max(work) * len(work) / sum(work), 3)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -178,7 +204,7 @@ def bench_shape(a, device, meshes: dict, native_mesh, seq: int, hq: int, hk: int
     v = torch.randn(seq, hk, HEAD_DIM, device=device, dtype=DTYPE, generator=g)
     dout = torch.randn(seq, hq, HEAD_DIM, device=device, dtype=DTYPE, generator=g)
     scale = HEAD_DIM**-0.5
-    iters = timed_iterations(a.iters, seq)
+    iters = timed_iterations(a.iters, seq) if CUDA else a.iters  # on CPU a smoke test: as asked
     row = dict(seq=seq, hq=hq, hk=hk, docs=doc_kind, n_docs=len(lengths), world=world, iters=iters)
     single = single_attention(docs, scale, dense=doc_kind == "single")
     if rank == 0:
@@ -193,7 +219,8 @@ def bench_shape(a, device, meshes: dict, native_mesh, seq: int, hq: int, hk: int
             row["single_err_vs_fp32"] = {n: rel(x, t) for n, x, t in zip(GRADS, ref, truth)}
     default_stages = ulysses.STAGES
     for m, mesh in meshes.items():
-        local = [mesh.layout.shard(t, mesh.cp_rank, dim=0) for t in (q, k, v, dout)]
+        layout = docs.layout(mesh.layout)  # the mode's own, or under /b the one that follows the documents
+        local = [layout.shard(t, mesh.cp_rank, dim=0) for t in (q, k, v, dout)]
         stages = next((int(o[1:]) for o in m.split("/")[1:] if o.startswith("s")), default_stages)
 
         def attn(qq, kk, vv, mesh=mesh, stages=stages):
@@ -212,13 +239,14 @@ def bench_shape(a, device, meshes: dict, native_mesh, seq: int, hq: int, hk: int
             for t in fwd_bwd(attn, *local):
                 parts = [torch.empty_like(t) for _ in range(world)]
                 dist.all_gather(parts, t.contiguous())
-                gathered.append(mesh.layout.unshard(parts, dim=0))
+                gathered.append(layout.unshard(parts, dim=0))
             if rank == 0:
                 entry["err_vs_single"] = {n: rel(x, r) for n, x, r in zip(GRADS, gathered, ref)}
                 if truth is not None:
                     entry["err_vs_fp32"] = {n: rel(x, t) for n, x, t in zip(GRADS, gathered, truth)}
         if rank == 0:
             entry["efficiency"] = round(row["single_ms"] / (world * entry["ms"]), 3)
+            entry["work_max_over_mean"] = work_imbalance(docs, layout, world)
         row[m] = entry
     if native_mesh is not None and doc_kind == "single" and hq == hk:
         for method in ("allgather", "alltoall"):
@@ -256,7 +284,11 @@ def main() -> None:
         degree = next((int(o[1:]) for o in opts if o.startswith("u")), 2 if world % 2 == 0 else 1)
         stride = next((int(o[1:]) for o in opts if o.startswith("k")), None)
         cfg = ContextParallelConfig(
-            size=world, mode=mode, ulysses_size=degree if mode == "hybrid" else None, heads_k_stride=stride
+            size=world,
+            mode=mode,
+            ulysses_size=degree if mode == "hybrid" else None,
+            heads_k_stride=stride,
+            balance="documents" if "b" in opts else "tokens",
         )
         meshes[m] = build_mesh(cfg)
     native_mesh = None

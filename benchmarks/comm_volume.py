@@ -99,9 +99,10 @@ class CollectiveCounter:
             self.bytes += (world - 1) * n // world  # the slice for this rank itself stays
             return exchange_init(exchange, send, group)
 
-        def counted_ring_start(ring, send):
-            self.bytes += send.numel() * send.element_size()
-            return ring_start(ring, send)
+        def counted_ring_start(ring, send, hops=1):
+            if hops % ring.size:  # a full turn sends nothing
+                self.bytes += send.numel() * send.element_size()
+            return ring_start(ring, send, hops)
 
         comm.all_gather, comm.reduce_scatter = counted_all_gather, counted_reduce_scatter
         comm.Exchange.__init__, comm.RingComm.start = counted_exchange, counted_ring_start

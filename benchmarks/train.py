@@ -14,13 +14,24 @@ Long sequences (docs/long_sequences.md): the chunked loss and tiled MLP are on b
 checkpointed layer inputs in host memory, --recompute-layers N checkpoints only the first N decoder layers (the others
 keep their activations and are not recomputed), --fsdp shards parameters, gradients and optimizer state with FSDP2.
 Rank 0 prints the progress of each phase with the elapsed time.
+
+Packed documents: `--docs lognormal` fills each row with documents of lognormal lengths (median 4k, at most 32k,
+scaled down for rows under 64k), packed offline (position_ids restart per document); `--balance documents` splits
+them by causal work (`context_parallel_balance`). The default run chooses its recomputed layers after step 1 from the
+free memory (`context_parallel_auto_recompute`); `--no-auto-recompute` recomputes every layer, as before. `--liger`
+turns on `use_liger_kernel`.
+
+    torchrun --nproc_per_node 2 benchmarks/train.py --shape 1.5b --seqs 65536 --docs lognormal \
+        --modes zigzag,ulysses --balance documents --out benchmarks/results/train_packed_1.5b_2xH200.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import sys
 import time
 
@@ -30,6 +41,8 @@ import transformers
 from comm_volume import step_summary
 
 from transformers_cp import Trainer, TrainingArguments
+from transformers_cp.auto_recompute import AutoRecompute
+from transformers_cp.modes import MODES
 from transformers_cp.offload import activation_offloader
 
 SHAPES = {
@@ -122,10 +135,27 @@ def matmul_peak_tflops() -> float | None:
     return 2 * 8192**3 * 10 / (time.perf_counter() - t0) / 1e12
 
 
-def model_flops(config: transformers.PretrainedConfig, n_params: int, seq: int) -> float:
+def model_flops(config: transformers.PretrainedConfig, n_params: int, lengths: list[int]) -> float:
     """Training FLOPs of one step without recomputation: 6·P per token for the matrix products of the weights, and
-    6·layers·hidden·S per token for causal attention (QK^T and PV, forward and backward, half the square)."""
-    return seq * (6 * n_params + 6 * config.num_hidden_layers * config.hidden_size * seq)
+    6·layers·hidden·n per token of each document of n tokens for causal attention (QK^T and PV, forward and backward,
+    half the square)."""
+    return sum(lengths) * 6 * n_params + sum(
+        6 * config.num_hidden_layers * config.hidden_size * n * n for n in lengths
+    )
+
+
+def document_lengths(docs: str, seq: int, rng: random.Random) -> list[int]:
+    """One sequence, or a row of lognormal documents (median 4k, at most 32k; both scaled by seq / 64k below 64k),
+    the last one cut to fill the row."""
+    if docs == "single":
+        return [seq]
+    scale = min(1.0, seq / 65536)
+    median, top = max(1, int(4096 * scale)), max(2, int(32768 * scale))
+    out: list[int] = []
+    while sum(out) < seq:
+        out.append(max(1, min(top, int(rng.lognormvariate(math.log(median), 1.0)))))
+    out[-1] -= sum(out) - seq
+    return [n for n in out if n > 0]
 
 
 def run_one(
@@ -138,13 +168,17 @@ def run_one(
     savings: dict | None = None,
     comm: bool = False,
     config: transformers.PretrainedConfig | None = None,
+    docs: str = "single",
+    extra: dict | None = None,
 ) -> dict:
     """Train `steps` steps on sequences of `seq` tokens; returns timings or the failure.
 
     `savings`: the long-sequence switches (`context_parallel_loss_chunk_size`, `..._mlp_tile_size`,
     `..._offload_activations`, `..._recompute_layers`) and `fsdp` (True: FSDP2 full sharding of the decoder layers and
     the root). With `comm`, also the bytes sent per rank and step from the shapes (`comm_volume`) and the NCCL kernel
-    time of one profiled step. `config`: another model than the Qwen2 `shape` (benchmarks/hybrid.py)."""
+    time of one profiled step. `config`: another model than the Qwen2 `shape` (benchmarks/hybrid.py). `docs`:
+    "single" or "lognormal" (`document_lengths`); `extra`: more TrainingArguments (the balance, auto recomputation,
+    Liger)."""
     savings = dict(savings or {})
     fsdp = savings.pop("fsdp", False)
     progress(f"{shape} S={seq} {mode}: building the model")
@@ -156,10 +190,15 @@ def run_one(
         model = model.to(torch.bfloat16)
     n_params = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(1)
-    data = [{"input_ids": (ids := torch.randint(0, config.vocab_size, (seq,), generator=g).tolist()), "labels": ids}
-            for _ in range(steps)]  # fmt: skip
+    rng = random.Random(1)
+    rows = [document_lengths(docs, seq, rng) for _ in range(steps)]
+    data = [{"input_ids": (ids := torch.randint(0, config.vocab_size, (seq,), generator=g).tolist()), "labels": ids,
+             "position_ids": [i for n in lengths for i in range(n)]} for lengths in rows]  # fmt: skip
     cp = dict(context_parallel_size=world, context_parallel_mode=mode) if world > 1 else {}
     cp.update(savings)
+    cp.update(extra or {})
+    if world == 1 or not MODES[mode].balances_documents:  # the ring modes' balance (ulysses attends whole rows)
+        cp.pop("context_parallel_balance", None)
     if fsdp:
         cp.update(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]})
     args = TrainingArguments(
@@ -171,7 +210,9 @@ def run_one(
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     row: dict = dict(shape=shape, seq=seq, mode=mode if world > 1 else "single", world=world, params=n_params,
-                     fsdp=fsdp, **{k.removeprefix("context_parallel_"): v for k, v in savings.items()})  # fmt: skip
+                     fsdp=fsdp, docs=docs, docs_per_row=[len(r) for r in rows],
+                     **{k.removeprefix("context_parallel_"): v for k, v in {**savings, **(extra or {})}.items()})  # fmt: skip
+    row["balance"] = cp.get("context_parallel_balance", "tokens")  # as run (only the ring family takes documents)
     if comm and world > 1 and shape in SHAPES:
         row.update(step_summary(mode, SHAPES[shape], n_params, seq, world))
     try:
@@ -186,11 +227,14 @@ def run_one(
         progress("trainer ready")
         trainer.train()
         row["engine"] = type(trainer.model_wrapped).__name__  # e.g. DistributedDataParallel, FSDPQwen2ForCausalLM
+        chosen = [c.chosen for c in trainer.callback_handler.callbacks if isinstance(c, AutoRecompute)]
+        row["auto_recompute_layers"] = chosen[0] if chosen else None  # None: not decided (CPU, or switched off)
         if (offloader := activation_offloader(model)) is not None:
             row["offloaded_gib_per_step"] = round(offloader.moved_bytes / steps / 2**30, 2)
         steady = sorted(timer.times[1:] or timer.times)[len(timer.times[1:] or timer.times) // 2]
+        flops = sum(model_flops(config, n_params, r) for r in rows) / len(rows)  # rows differ only in their documents
         row.update(step_s=round(steady, 3), tokens_per_s_per_gpu=round(seq / steady / world, 1),
-                   model_tflops_per_gpu=round(model_flops(config, n_params, seq) / steady / world / 1e12, 1),
+                   model_tflops_per_gpu=round(flops / steady / world / 1e12, 1),
                    losses=[round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h])  # fmt: skip
         if profiler is not None and profiler.nccl is not None:
             row.update(profiler.nccl)
@@ -257,7 +301,16 @@ def main() -> None:
     p.add_argument("--offload-attention", action="store_true", help="with --offload: CP's kept attention outputs too")
     p.add_argument("--recompute-layers", type=int, default=None, help="checkpoint only the first N decoder layers")
     p.add_argument("--fsdp", action="store_true", help="FSDP2: shard parameters, gradients and optimizer state")
+    p.add_argument(
+        "--docs", default="single", choices=["single", "lognormal"], help="one sequence or packed documents"
+    )
+    p.add_argument("--balance", default="tokens", choices=["tokens", "documents"], help="context_parallel_balance")
+    p.add_argument("--no-auto-recompute", action="store_true", help="recompute every layer (no choice after step 1)")
+    p.add_argument("--liger", action="store_true", help="use_liger_kernel=True")
     a = p.parse_args()
+    extra = dict(context_parallel_auto_recompute=not a.no_auto_recompute, use_liger_kernel=a.liger)
+    if a.balance != "tokens":
+        extra["context_parallel_balance"] = a.balance
     savings = dict(context_parallel_loss_chunk_size=a.loss_chunk, context_parallel_mlp_tile_size=a.mlp_tile,
                    context_parallel_offload_activations=a.offload,
                    context_parallel_offload_attention_outputs=a.offload_attention,
@@ -287,7 +340,7 @@ def main() -> None:
 
     for mode in a.modes.split(","):
         for seq in map(int, a.seqs.split(",")) if a.seqs else []:
-            row = run_one(a.shape, seq, mode, a.steps, world, a.profile, savings, a.comm)
+            row = run_one(a.shape, seq, mode, a.steps, world, a.profile, savings, a.comm, a.docs, extra)
             if peak and "model_tflops_per_gpu" in row:
                 row["mfu"] = round(row["model_tflops_per_gpu"] / peak, 3)
             record(row)

@@ -74,6 +74,14 @@ CONFIG_CASES = [
     pytest.param(
         dict(recompute_layers=1.0), 1, ["context_parallel_recompute_layers", "integer"], id="recompute-float"
     ),
+    pytest.param(dict(auto_recompute=1), 1, ["context_parallel_auto_recompute", "True or False"], id="auto-recompute"),
+    pytest.param(dict(balance="work"), 2, ["context_parallel_balance='work'", "tokens, documents"], id="balance-name"),
+    pytest.param(
+        dict(mode="ulysses", balance="documents"),
+        2,
+        ["context_parallel_balance='documents'", "ring, zigzag, llama3", "'tokens'"],
+        id="balance-ulysses",
+    ),
 ]
 
 

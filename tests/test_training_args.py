@@ -27,6 +27,8 @@ FLAGS = [
     "0",
     "--context_parallel_recompute_layers",
     "3",
+    "--context_parallel_auto_recompute",
+    "false",
 ]
 
 
@@ -43,6 +45,7 @@ def test_flags_parse_and_serialise(tmp_path, monkeypatch):
         loss_chunk_size=4096,
         mlp_tile_size=0,
         recompute_layers=3,
+        auto_recompute=False,
     )
     saved = json.loads(args.to_json_string())
     assert {k: v for k, v in saved.items() if k.startswith("context_parallel_")} == {
@@ -56,12 +59,16 @@ def test_flags_parse_and_serialise(tmp_path, monkeypatch):
         "context_parallel_offload_activations": False,
         "context_parallel_offload_attention_outputs": False,
         "context_parallel_recompute_layers": 3,
+        "context_parallel_auto_recompute": False,
+        "context_parallel_balance": "tokens",
     }
     assert TrainingArguments(**{k: saved[k] for k in saved if k.startswith("context_parallel_")}).context_parallel_size
     (llama3,) = transformers.HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--context_parallel_mode", "llama3", "--context_parallel_heads_k_stride", "2"]
-    )
+        ["--output_dir", str(tmp_path), "--context_parallel_mode", "llama3", "--context_parallel_heads_k_stride", "2",
+         "--context_parallel_balance", "documents"]
+    )  # fmt: skip
     assert llama3.context_parallel_config.kv_stride(8) == 2
+    assert llama3.context_parallel_config.balance == "documents"
 
 
 def test_defaults_turn_context_parallelism_off(tmp_path):

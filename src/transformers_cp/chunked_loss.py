@@ -178,7 +178,8 @@ def apply_chunked_loss(model: torch.nn.Module, chunk_size: int | None = None) ->
         if not state.chunk_for(shift_labels.numel()):
             return None
         state.labels = shift_labels
-        return args, {k: v for k, v in kwargs.items() if k not in ("labels", "shift_labels")}
+        # Liger's forward (use_liger_kernel) refuses `skip_logits` without labels: the head is ours now (see liger.md)
+        return args, {k: v for k, v in kwargs.items() if k not in ("labels", "shift_labels", "skip_logits")}
 
     def post_forward(module, args, kwargs, output):
         labels, ce_sum = state.labels, state.ce_sum

@@ -7,23 +7,24 @@ import torch.distributed as dist
 
 
 class RingComm:
-    """Send to the next rank of a group and receive from the previous one, asynchronously."""
+    """Send to a rank further along the ring of a group and receive from as far back, asynchronously."""
 
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
-        self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
-        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
         self._reqs: list = []
 
-    def start(self, send: torch.Tensor) -> torch.Tensor:
-        """Begin passing `send` one step along the ring; returns the buffer that `wait` fills."""
+    def start(self, send: torch.Tensor, hops: int = 1) -> torch.Tensor:
+        """Begin passing `send` `hops` steps along the ring; returns the buffer that `wait` fills (`send` itself when
+        the hops make a full turn)."""
+        hops %= self.size
+        if hops == 0:
+            return send
         recv = torch.empty(send.shape, dtype=send.dtype, device=send.device)
-        ops = [
-            dist.P2POp(dist.isend, send, self.next, self.group),
-            dist.P2POp(dist.irecv, recv, self.prev, self.group),
-        ]
+        to = dist.get_global_rank(self.group, (self.rank + hops) % self.size)
+        source = dist.get_global_rank(self.group, (self.rank - hops) % self.size)
+        ops = [dist.P2POp(dist.isend, send, to, self.group), dist.P2POp(dist.irecv, recv, source, self.group)]
         self._reqs = dist.batch_isend_irecv(ops)
         return recv
 

@@ -11,6 +11,7 @@ from .modes.base import Mode
 
 MODES = tuple(_REGISTRY)
 BACKENDS = ("auto", "torch", "flash_attn")
+BALANCES = ("tokens", "documents")
 
 
 class ContextParallelConfigError(ValueError):
@@ -32,6 +33,7 @@ class MemorySavings:
     offload_activations: bool = False
     offload_attention_outputs: bool = False
     recompute_layers: int | None = None
+    auto_recompute: bool = True
 
     def __post_init__(self) -> None:
         counts = (  # (field, what the count is, what None means)
@@ -45,7 +47,7 @@ class MemorySavings:
                 raise ContextParallelConfigError(
                     f"context_parallel_{name} must be an integer >= 0 ({meaning}) or None ({unset}), got {value!r}."
                 )
-        for name in ("offload_activations", "offload_attention_outputs"):
+        for name in ("offload_activations", "offload_attention_outputs", "auto_recompute"):
             if not isinstance(getattr(self, name), bool):
                 raise ContextParallelConfigError(
                     f"context_parallel_{name} must be True or False, got {getattr(self, name)!r}."
@@ -69,6 +71,7 @@ class ContextParallelSettings:
     ulysses_size: int | None = None
     heads_k_stride: int | None = None
     backend: str = "auto"
+    balance: str = "tokens"
 
     def __post_init__(self) -> None:
         if self.size is not None and not _is_count(self.size):
@@ -83,6 +86,17 @@ class ContextParallelSettings:
         if self.backend not in BACKENDS:
             raise ContextParallelConfigError(
                 f"context_parallel_backend={self.backend!r} is unknown; choose one of {', '.join(BACKENDS)}."
+            )
+        if self.balance not in BALANCES:
+            raise ContextParallelConfigError(
+                f"context_parallel_balance={self.balance!r} is unknown; choose one of {', '.join(BALANCES)}."
+            )
+        if self.balance == "documents" and not self.spec.balances_documents:
+            taking = ", ".join(name for name, mode in _REGISTRY.items() if mode.balances_documents)
+            raise ContextParallelConfigError(
+                f"context_parallel_balance='documents' balances the ring modes ({taking}); mode {self.mode!r} does "
+                "not take it (ulysses and odysseus attend whole rows, which are balanced already; hybrid splits each "
+                "chunk over its Ulysses group): leave context_parallel_balance='tokens' or pick one of those modes."
             )
         if self.heads_k_stride is not None and not _is_count(self.heads_k_stride):
             raise ContextParallelConfigError(
@@ -183,6 +197,10 @@ class ContextParallelConfig(MemorySavings, ContextParallelSettings):
             `None` gathers half of them at a time, so that the second gather overlaps the first half's attention.
         backend: local attention kernel: `torch` (PyTorch's fused ops, exact math on CPU), `flash_attn`
             (flash-attn, when installed) or `auto` (flash_attn when installed and on CUDA, else torch).
+        balance: how the ring modes (those whose `Mode.balances_documents`: `ring`, `zigzag`, `llama3`) split a
+            packed row: `tokens` (the mode's layout: equal token ranges) or `documents` (equal tokens and equal causal
+            work per rank, following the row's documents: long documents are zigzagged alone, short ones go whole to
+            one rank, and ring steps that hold no pairs are skipped; see `balance.py`).
         loss_chunk_size: tokens per chunk of the LM head + cross-entropy, which then never forms the full logits
             (0 = off; `None` = auto: chunks of 2^28 logits whenever a micro-batch's logits are larger). Saves the
             logits and their gradient: tokens × vocabulary × about 12 bytes, 0.96 TB for 500k tokens of a 152k
@@ -200,8 +218,11 @@ class ContextParallelConfig(MemorySavings, ContextParallelSettings):
             Each layer left out keeps its activations until backward, about tokens × (a few × hidden + 4 ×
             intermediate) × 2 bytes in bf16 (without the intermediate part under the tiled MLP), and saves one forward
             of the layer in backward. No effect without activation checkpointing.
+        auto_recompute: under activation checkpointing with `recompute_layers` unset, choose after the first step how
+            many layers to recompute from the device memory left free (CUDA; elsewhere every layer stays recomputed,
+            as with False). See `auto_recompute.py`.
 
-    The first five fields are the CP settings (`ContextParallelSettings`, what a mesh carries), the others the memory
+    The first six fields are the CP settings (`ContextParallelSettings`, what a mesh carries), the others the memory
     savings, handed on as `memory_savings` (`MemorySavings`, what `memory.apply_memory_savings` installs).
     """
 

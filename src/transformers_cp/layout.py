@@ -5,18 +5,23 @@ row is cut into 2R chunks and ring rank r holds chunks r and 2R−1−r, which b
 With a Ulysses dimension of degree U (the `hybrid` mode) every chunk is further cut into U equal sub-chunks, one per
 Ulysses rank, so that the Ulysses all-to-all gathers whole chunks back and the ring sees the plain zigzag layout.
 CP rank = ring rank · U + Ulysses rank: the Ulysses peers are adjacent ranks.
+
+With `balance="documents"` (the ring family, U = 1) the layout is a policy: `for_row` gives the layout of one row,
+whose ranges follow the row's documents (`balance.py`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
 
+from .balance import balanced_ranges
+
 if TYPE_CHECKING:
     from .config import ContextParallelConfig
-
 
 Range = tuple[int, int]
 
@@ -26,10 +31,20 @@ class Layout:
     kind: str  # "contiguous" | "zigzag"
     ring: int  # ring degree R
     ulysses: int  # Ulysses degree U
+    balance: str = "tokens"  # "tokens" | "documents" (see `for_row`)
+    assigned: tuple[tuple[Range, ...], ...] | None = None  # per ring rank, the ranges of one row (`for_row`)
 
     @classmethod
     def from_config(cls, config: ContextParallelConfig) -> Layout:
-        return cls(config.layout, config.ring_size, config.ulysses_degree)
+        return cls(config.layout, config.ring_size, config.ulysses_degree, config.balance)
+
+    def for_row(self, bounds: Sequence[int], seq_len: int) -> Layout:
+        """The layout of one row with document boundaries `bounds`: itself, or under `balance="documents"` the ranges
+        that give every ring rank the same tokens and about the same causal work (`balance.balanced_ranges`)."""
+        if self.balance != "documents" or self.assigned is not None or self.ring == 1:
+            return self
+        self.check_length(seq_len)
+        return replace(self, assigned=balanced_ranges(bounds, seq_len, self.ring))
 
     @property
     def size(self) -> int:
@@ -55,6 +70,13 @@ class Layout:
     def ring_ranges(self, seq_len: int, ring_rank: int) -> list[Range]:
         """Global ranges a ring rank holds once its Ulysses group has gathered the sequence (whole chunks)."""
         self.check_length(seq_len)
+        if self.assigned is not None:
+            if sum(e - s for s, e in self.assigned[0]) * self.ring != seq_len:
+                raise ValueError(
+                    f"this layout was balanced for another row than one of {seq_len} tokens; take the row's own "
+                    "layout (Layout.for_row)."
+                )
+            return list(self.assigned[ring_rank])
         if self.kind == "contiguous":
             n = seq_len // self.ring
             return [(ring_rank * n, (ring_rank + 1) * n)]

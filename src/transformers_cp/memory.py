@@ -3,15 +3,18 @@ installed on a model in one call.
 
 They work with and without context parallelism: chunked LM-head loss (`chunked_loss`), tiled MLP (`tiled_mlp`),
 offload of the checkpointed layer inputs (`offload`) and partial recomputation, which spends memory the others leave
-free on recomputing fewer layers (`recompute`).
+free on recomputing fewer layers (`recompute`). Two of them act again while the Trainer trains (`training_callbacks`).
 """
 
 from __future__ import annotations
 
 import torch
+import transformers
 
+from .auto_recompute import AutoRecompute
 from .chunked_loss import apply_chunked_loss, chunked_loss_state, chunked_loss_supported, remove_chunked_loss
 from .config import ContextParallelConfig, MemorySavings
+from .liger import KeepTiledMLPUnderLiger
 from .offload import activation_offloader, apply_activation_offload, remove_activation_offload
 from .recompute import apply_partial_recompute, remove_partial_recompute
 from .tiled_mlp import apply_tiled_mlp, decoder_mlps, remove_tiled_mlp
@@ -57,3 +60,9 @@ def memory_savings_on(model: torch.nn.Module, config: MemorySavings) -> list[str
     if config.recompute_layers is not None:
         on.append(f"recomputation of the first {config.recompute_layers} decoder layers only")
     return on or ["none"]
+
+
+def training_callbacks(config: MemorySavings | None) -> list[transformers.TrainerCallback]:
+    """The Trainer's callbacks for the savings: the automatic recompute after step 1 (`auto_recompute`) and the tiled
+    MLP kept around the MLP forwards Liger binds when training starts (`liger`); both do nothing without `config`."""
+    return [AutoRecompute(config), KeepTiledMLPUnderLiger(config)]

@@ -34,6 +34,12 @@ class ContextParallelMesh:
     cp_rank: int
     dp_rank: int
     dp_size: int
+    row_layout: Layout | None = None  # the layout of the row of the last forward (`modeling`), under balance=documents
+
+    @property
+    def current_layout(self) -> Layout:
+        """The layout the row of the last forward was sharded with (the mesh's own, unless it follows documents)."""
+        return self.row_layout or self.layout
 
     @property
     def cp_size(self) -> int:

@@ -44,6 +44,11 @@ def _pre_forward_stage(state: ContextParallelState):
         if inputs is None:
             return args, kwargs
         cu = kwargs.get("cu_seq_lens_q")
+        if cu is None and mesh.layout.balance == "documents" and "cp_documents" not in kwargs:
+            raise ValueError(
+                "context_parallel_balance='documents' shards each row by its documents, so the model needs the row's "
+                "cu_seq_lens_q (the transformers_cp collator and shard_batch pass it); pass it with the shard."
+            )
         bounds = [] if cu is None else [int(b) for b in cu.tolist()]  # read from the device once per forward
         # before any collective, decided alike on every rank
         state.row_max_position = check_batch(module, state, inputs, kwargs, bounds, checksum, marked)
@@ -57,6 +62,7 @@ def _pre_forward_stage(state: ContextParallelState):
             docs.position_ids = kwargs["position_ids"]
             kwargs["cp_documents"] = docs
         forward_documents.begin(kwargs["cp_documents"])  # for models that do not hand keyword arguments to attention
+        mesh.row_layout = kwargs["cp_documents"].layout(mesh.layout)  # how this row was sharded
         kwargs["use_cache"] = False
         return args, kwargs
 

@@ -68,6 +68,10 @@ class Documents:
             pos = e
         return out
 
+    def layout(self, layout: Layout) -> Layout:
+        """The layout this row is sharded with under the policy `layout` (`Layout.for_row`)."""
+        return self.cached(("layout", layout), lambda: layout.for_row(self.bounds, self.seq_len))
+
     def cached(self, key: tuple, build):
         if key not in self._plans:
             self._plans[key] = build()
@@ -156,16 +160,35 @@ def pair_blocks(
     return _coalesce(blocks)
 
 
-def ring_plan(docs: Documents, layout: Layout, ring_rank: int, window_left: int | None) -> list[list[Block]]:
-    """Blocks per ring step; at step s a rank holds the KV of ring rank (rank - s) mod R."""
+def _step_blocks(docs: Documents, layout: Layout, ring_rank: int, window_left: int | None) -> list[list[Block]]:
+    """Blocks per ring step of one ring rank; at step s it holds the KV of ring rank (rank - s) mod R."""
 
     def build():
-        mine = layout.ring_ranges(docs.seq_len, ring_rank)
+        row = docs.layout(layout)
+        mine = row.ring_ranges(docs.seq_len, ring_rank)
         steps = []
         for s in range(layout.ring):
             src = (ring_rank - s) % layout.ring
-            steps.append(pair_blocks(docs, mine, layout.ring_ranges(docs.seq_len, src), window_left))
+            steps.append(pair_blocks(docs, mine, row.ring_ranges(docs.seq_len, src), window_left))
         return steps
+
+    return docs.cached(("ring steps", layout, ring_rank, window_left), build)
+
+
+def ring_plan(
+    docs: Documents, layout: Layout, ring_rank: int, window_left: int | None
+) -> list[tuple[int, list[Block]]]:
+    """(step, blocks) for the ring steps that hold pairs on some rank, in order; step 0 (the rank's own KV) always.
+
+    A step whose blocks are empty on every rank is skipped by all of them alike: the KV then travels the skipped
+    steps in one hop (`algorithms.ring`), so no rank waits for KV that nobody attends to. Short documents that stay
+    on one rank (the `documents` balance, or documents inside a chunk) leave the later steps empty.
+    """
+
+    def build():
+        every = [_step_blocks(docs, layout, r, window_left) for r in range(layout.ring)]
+        used = [s for s in range(layout.ring) if s == 0 or any(steps[s] for steps in every)]
+        return [(s, every[ring_rank][s]) for s in used]
 
     return docs.cached(("ring", layout, ring_rank, window_left), build)
 
@@ -178,7 +201,7 @@ def gathered_plan(docs: Documents, layout: Layout, ring_rank: int, window_left: 
     """
 
     def build():
-        mine = layout.ring_ranges(docs.seq_len, ring_rank)
+        mine = docs.layout(layout).ring_ranges(docs.seq_len, ring_rank)
         blocks = []
         for (a, b), off in zip(mine, _offsets(mine)):
             blocks.append(Block((off, off + b - a), (a, b), diagonal_segments(docs, [(a, b)], window_left)))

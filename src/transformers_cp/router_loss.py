@@ -229,7 +229,7 @@ def install_router_loss(model: torch.nn.Module, mesh: ContextParallelMesh) -> No
             seq_len = inputs.shape[1] * mesh.cp_size
             tokens = int(cu[-1])
             if tokens < seq_len:
-                index = mesh.layout.index(seq_len, mesh.cp_rank, device=inputs.device)
+                index = mesh.current_layout.index(seq_len, mesh.cp_rank, device=inputs.device)
                 real = (index < tokens).float()
         state.tokens.append(_active.set(_Row(mesh, real, state.replicated)))
 

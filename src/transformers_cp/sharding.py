@@ -203,6 +203,7 @@ def build_shard(
 
 def shard_row(row: Mapping[str, torch.Tensor], layout: Layout, cp_rank: int) -> dict[str, torch.Tensor]:
     """This rank's part of a row readied by `pack_row` (`cu_seq_lens_q` stays global)."""
+    layout = layout.for_row(row["cu_seq_lens_q"].tolist(), row["input_ids"].shape[1])
     return {k: layout.shard(v, cp_rank, dim=1) if k in _SEQUENCE_KEYS else v for k, v in row.items()}
 
 
@@ -221,7 +222,8 @@ def gather_sequence(tensor: torch.Tensor, mesh: ContextParallelMesh, dim: int = 
     """The full row of a per-token output (logits, labels, log-probs) from every CP rank's shard, in global token order.
 
     Differentiable: the backward keeps this rank's slice of the row's gradient. That is the gradient of a value every
-    CP rank computes alike from the full row (a replicated loss, see `loss.py`), through this rank's tokens.
+    CP rank computes alike from the full row (a replicated loss, see `loss.py`), through this rank's tokens. Under
+    `balance="documents"` the row is the one of the model's last forward (`mesh.current_layout`).
     """
     if mesh.cp_group is None:
         return tensor
@@ -233,7 +235,7 @@ def gather_sequence(tensor: torch.Tensor, mesh: ContextParallelMesh, dim: int = 
 def _all_gather_row(tensor: torch.Tensor, mesh: ContextParallelMesh, dim: int) -> torch.Tensor:
     shards = [torch.empty_like(tensor) for _ in range(mesh.cp_size)]
     dist.all_gather(shards, tensor.contiguous(), group=mesh.cp_group)
-    return mesh.layout.unshard(shards, dim=dim)
+    return mesh.current_layout.unshard(shards, dim=dim)
 
 
 class _GatherReplicated(torch.autograd.Function):
@@ -241,9 +243,9 @@ class _GatherReplicated(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, mesh: ContextParallelMesh, dim: int) -> torch.Tensor:
-        ctx.mesh, ctx.dim = mesh, dim
+        ctx.mesh, ctx.dim, ctx.layout = mesh, dim, mesh.current_layout
         return _all_gather_row(tensor.detach(), mesh, dim)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return ctx.mesh.layout.shard(grad, ctx.mesh.cp_rank, dim=ctx.dim), None, None
+        return ctx.layout.shard(grad, ctx.mesh.cp_rank, dim=ctx.dim), None, None

@@ -190,7 +190,15 @@ def _tiled_forward(mlp: torch.nn.Module, forward, tile_size: int | None):
                 active[key].append(tensor)
         return out
 
+    tiled.tiles = forward  # what it tiles (`_untiled_forward`)
     return tiled
+
+
+def _untiled_forward(mlp: torch.nn.Module):
+    """The forward to tile: the one the tiled forward on `mlp` tiles, or whatever forward `mlp` has now when that is
+    not a tiled one (none yet, or another library set its own since: Liger's SwiGLU when training starts)."""
+    current = vars(mlp).get("forward")
+    return getattr(current, "tiles", None) or mlp.forward
 
 
 def decoder_mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -199,20 +207,26 @@ def decoder_mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def apply_tiled_mlp(model: torch.nn.Module, tile_size: int | None = None) -> torch.nn.Module:
-    """Run every decoder layer's MLP tile by tile (`tile_size` tokens; None: auto). Idempotent."""
+    """Run every decoder layer's MLP tile by tile (`tile_size` tokens; None: auto). Idempotent; called again after
+    another library replaced some MLP forwards (`liger.KeepTiledMLPUnderLiger`), it tiles those, which then stay when
+    the tiling comes off."""
     mlps = decoder_mlps(model)
     if not mlps:
         raise ValueError(
             f"context_parallel_mlp_tile_size: {type(model).__name__} has no decoder `mlp` modules to tile; set "
             "context_parallel_mlp_tile_size=0."
         )
+    inner = [_untiled_forward(mlp) for mlp in mlps]
     change = changes.install(model, NAME)  # a second call replaces the first
-    for mlp in mlps:
-        change.replace_forward(mlp, _tiled_forward(mlp, mlp.forward, tile_size))
+    for mlp, forward in zip(mlps, inner):
+        if vars(mlp).get("forward") is not forward and getattr(forward, "__func__", None) is not type(mlp).forward:
+            mlp.forward = forward  # another library's forward, put back where removing the first call took it off
+        change.replace_forward(mlp, _tiled_forward(mlp, forward, tile_size))
     return model
 
 
 def remove_tiled_mlp(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo `apply_tiled_mlp`."""
+    """Undo `apply_tiled_mlp` (a forward another library set on the MLPs before it was applied, such as Liger's,
+    stays)."""
     changes.remove(model, NAME)
     return model

@@ -33,7 +33,7 @@ from .config import MemorySavings
 from .engines import is_deepspeed_engine, scope_checkpoint_loads
 from .gathering import gather_over_dp_for_metrics, metrics_over_dp
 from .loss import count_label_tokens, loss_scale, reduce_loss_for_logging
-from .memory import apply_memory_savings, memory_savings_on
+from .memory import apply_memory_savings, memory_savings_on, training_callbacks
 from .mesh import ContextParallelMesh, build_mesh, settle_gloo_workers_at_exit
 from .modeling import apply_context_parallel, context_parallel_mesh
 from .sampler import shard_dataloader_over_dp
@@ -71,6 +71,8 @@ class ContextParallelTrainerMixin:
         if self.model is not None:
             self._install_memory_savings(self.model)
         config = arguments_config(self.args)
+        for callback in training_callbacks(config):
+            self.add_callback(callback)
         if config is None:
             return
         if not config.enabled:

@@ -16,7 +16,7 @@ from typing import Any
 
 import transformers
 
-from .config import BACKENDS, DEFAULT_MODE, MODES, ContextParallelConfig, ContextParallelConfigError
+from .config import BACKENDS, BALANCES, DEFAULT_MODE, MODES, ContextParallelConfig, ContextParallelConfigError
 from .engines import check_engine_support
 
 # transformers 5.23 renamed `gradient_checkpointing` to `activation_checkpointing` (the old name is a deprecated alias);
@@ -100,6 +100,22 @@ class ContextParallelArguments:
         metadata={
             "help": f"With {CHECKPOINTING_FLAG}: checkpoint only the first N decoder layers (0 = none; unset = all); "
             "the others keep their activations and are not recomputed in backward. Works without CP too."
+        },
+    )
+    context_parallel_auto_recompute: bool = field(
+        default=True,
+        metadata={
+            "help": f"With {CHECKPOINTING_FLAG} and context_parallel_recompute_layers unset: after the first step, "
+            "recompute only as many decoder layers as the free device memory requires (CUDA; logged). False "
+            "recomputes every layer. Works without CP too."
+        },
+    )
+    context_parallel_balance: str = field(
+        default="tokens",
+        metadata={
+            "help": "How ring, zigzag and llama3 split a packed row: 'tokens' (equal token ranges) or 'documents' "
+            "(equal tokens and equal causal work per rank, following the row's documents).",
+            "choices": list(BALANCES),
         },
     )
 

@@ -8,6 +8,7 @@ together, interleaved per token ((L, 2, h, D)), so that the gathered buffer is a
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -31,9 +32,30 @@ class Span(NamedTuple):
 Spans = tuple[Span, ...]
 
 
+SPAN_COPIES = 8
+"""Up to this many chunks move with one wide copy each; more (a layout that follows documents) with one indexed copy."""
+
+
+@functools.lru_cache(maxsize=16)
+def _order_index(spans: Spans, device: torch.device) -> torch.Tensor:
+    """For each global position, its row in the flattened (R·L, ...) per-rank buffer."""
+    length = sum(s.length for s in spans) // len({s.rank for s in spans})
+    index = torch.empty(sum(s.length for s in spans), dtype=torch.long)
+    for s in spans:
+        index[s.start : s.start + s.length] = torch.arange(s.length) + s.rank * length + s.local
+    return index.to(device)
+
+
 def _move_chunks(spans: Spans, by_rank: torch.Tensor, in_order: torch.Tensor, to_order: bool) -> None:
     """Copy each chunk between its rows in the (R, L, ...) per-rank buffer and in the (S, ...) global-order one, in
     the direction `to_order` says."""
+    if len(spans) > SPAN_COPIES:
+        index, flat = _order_index(spans, in_order.device), by_rank.flatten(0, 1)
+        if to_order:
+            torch.index_select(flat, 0, index, out=in_order)
+        else:
+            flat.index_copy_(0, index, in_order)
+        return
     for s in spans:
         rank_rows = by_rank[s.rank, s.local : s.local + s.length]
         order_rows = in_order[s.start : s.start + s.length]

@@ -1,7 +1,9 @@
 """Ring attention over any chunked layout (`ring`: contiguous, `zigzag`: balanced 2N chunks).
 
 KV travels around the ring by P2P, the next block in flight while the current one is computed. In backward the
-KV goes around again and each block's dK/dV (float32) travels with it, so it is home after a full turn.
+KV goes around again and each block's dK/dV (float32) travels with it, so it is home after a full turn. Steps that
+hold no pairs on any rank are not in the plan (`plan.ring_plan`): KV and dK/dV jump them in one hop, and when only
+step 0 is left nothing travels at all.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from ..sinks import sinks_grad, with_sinks
 from .merge import Accumulator
 from .reuse import ForwardReuse, forward_once
 
+Steps = list[tuple[int, list[Block]]]
 
-def _ring_forward(q, k, v, steps: list[list[Block]], group: dist.ProcessGroup, kernel: AttentionKernel, scale):
+
+def _ring_forward(q, k, v, steps: Steps, group: dist.ProcessGroup, kernel: AttentionKernel, scale):
     """(out, lse) of the local queries over every KV block of the ring."""
     comm = RingComm(group)
     kv = torch.stack([k, v])
     acc = Accumulator(q)
-    for s, blocks in enumerate(steps):
-        nxt = comm.start(kv) if s + 1 < len(steps) else None
+    for i, (s, blocks) in enumerate(steps):
+        nxt = comm.start(kv, steps[i + 1][0] - s) if i + 1 < len(steps) else None
         acc.attend(q, kv[0], kv[1], blocks, kernel, scale)
         if nxt is not None:
             comm.wait()
@@ -38,7 +42,7 @@ class RingAttention(torch.autograd.Function):
         q,
         k,
         v,
-        steps: list[list[Block]],
+        steps: Steps,
         group,
         kernel: AttentionKernel,
         scale,
@@ -56,12 +60,14 @@ class RingAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, sinks = ctx.saved_tensors
         kv_comm, grad_comm = RingComm(ctx.group), RingComm(ctx.group)
+        steps = ctx.steps
         kv = torch.stack([k, v])
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
         incoming = None
-        for s, blocks in enumerate(ctx.steps):
-            nxt = kv_comm.start(kv) if s + 1 < len(ctx.steps) else None
+        for i, (s, blocks) in enumerate(steps):
+            last = i + 1 == len(steps)
+            nxt = None if last else kv_comm.start(kv, steps[i + 1][0] - s)
             grads = []
             for b in blocks:
                 qs = b.rows
@@ -76,7 +82,8 @@ class RingAttention(torch.autograd.Function):
             for keys, dk_b, dv_b in grads:
                 dkv[0, keys] += dk_b
                 dkv[1, keys] += dv_b
-            incoming = grad_comm.start(dkv)
+            # along with the KV, or home (to the rank s steps back, whose KV we hold) after the last step
+            incoming = grad_comm.start(dkv, -s if last else steps[i + 1][0] - s)
             if nxt is not None:
                 kv_comm.wait()
                 kv = nxt

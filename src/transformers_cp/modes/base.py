@@ -26,6 +26,8 @@ class Mode:
     whole_rows: bool = False  # each rank attends whole rows with its share of the heads instead of its shard
     combines_ulysses_and_ring: bool = False  # a Ulysses degree (`ulysses_size`) and a ring degree of its own
     uses_heads_k_stride: bool = False
+    # takes `balance="documents"`: a ring over whole chunks (U = 1), whose per-row layout may follow the documents
+    balances_documents: bool = False
 
     def accepts_ulysses_size(self, config: ContextParallelConfig) -> bool:
         """Whether `config.ulysses_size` (set) means something in this mode."""

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from ..algorithms.llama3 import Llama3Attention, Span, Spans
+from ..layout import Layout
 from ..plan import gathered_plan
 from .base import Mode, ring_or_local
 
 
-def _gather_spans(mesh, seq_len: int) -> Spans:
+def _gather_spans(row: Layout, seq_len: int) -> Spans:
     """Where each chunk of the KV all-gathered in ring-rank order belongs in the global order (adjacent chunks of one
-    rank merged)."""
+    rank merged), for the row's layout (`Documents.layout`: the mode's, or the one that follows the documents)."""
     spans: list[Span] = []
-    for rank in range(mesh.layout.ring):
+    for rank in range(row.ring):
         local = 0
-        for start, end in mesh.layout.ring_ranges(seq_len, rank):
+        for start, end in row.ring_ranges(seq_len, rank):
             last = spans[-1] if spans else None
             if last is not None and last.rank == rank and last.start + last.length == start:
                 spans[-1] = last._replace(length=last.length + end - start)
@@ -27,6 +28,7 @@ class AllGatherKeys(Mode):
     name = "llama3"
     layout = "zigzag"
     uses_heads_k_stride = True
+    balances_documents = True
 
     def check_model(self, model, config, heads, kv_heads) -> None:
         if kv_heads is not None and kv_heads % config.kv_stride(kv_heads):
@@ -39,7 +41,7 @@ class AllGatherKeys(Mode):
         if mesh.layout.ring == 1:
             return ring_or_local(q, k, v, mesh, docs, kernel, scale, left, reuse, sinks)
         stride = mesh.config.kv_stride(k.shape[1])  # divides the KV heads: `check_model`
-        spans = docs.cached(("spans", mesh.layout), lambda: _gather_spans(mesh, docs.seq_len))
+        spans = docs.cached(("spans", mesh.layout), lambda: _gather_spans(docs.layout(mesh.layout), docs.seq_len))
         blocks = gathered_plan(docs, mesh.layout, mesh.ring_rank, left)
         return Llama3Attention.apply(q, k, v, blocks, spans, mesh.ring_group, kernel, scale, stride, reuse, sinks)
 

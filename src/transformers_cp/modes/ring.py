@@ -7,6 +7,7 @@ from .base import Mode
 
 class Ring(Mode):
     name = "ring"
+    balances_documents = True
 
 
 RING = Ring()

@@ -8,6 +8,7 @@ from .base import Mode
 class Zigzag(Mode):
     name = "zigzag"
     layout = "zigzag"
+    balances_documents = True
 
 
 ZIGZAG = Zigzag()
