@@ -340,7 +340,7 @@ def main() -> None:
 
     for mode in a.modes.split(","):
         for seq in map(int, a.seqs.split(",")) if a.seqs else []:
-            row = run_one(a.shape, seq, mode, a.steps, world, a.profile, savings, a.comm, a.docs, extra)
+            row = run_one(a.shape, seq, mode, a.steps, world, a.profile, savings, a.comm, docs=a.docs, extra=extra)
             if peak and "model_tflops_per_gpu" in row:
                 row["mfu"] = round(row["model_tflops_per_gpu"] / peak, 3)
             record(row)

@@ -186,6 +186,25 @@ MODEL_CASES = [
         ["BloomForCausalLM", "AttentionInterface"],
         id="bloom-alibi",
     ),
+    pytest.param(  # gated attention: q_proj also computes a gate, so odysseus cannot split it by heads
+        lambda: _small(
+            transformers.Qwen3NextConfig,
+            head_dim=8,
+            layer_types=["linear_attention", "full_attention"],
+            linear_num_key_heads=2,
+            linear_num_value_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+            num_experts=2,
+            num_experts_per_tok=1,
+            moe_intermediate_size=8,
+            shared_expert_intermediate_size=8,
+            **_TINY,
+        ),
+        dict(size=2, mode="odysseus"),
+        ["context_parallel_mode='odysseus'", "Qwen3NextAttention", "a gate"],
+        id="qwen3next-gated-attention-odysseus",
+    ),
     pytest.param(  # recurrent layers without an exact path (mixers.py): refused as such, not for their attention
         lambda: transformers.AutoModelForCausalLM.from_config(
             transformers.RwkvConfig(vocab_size=97, hidden_size=16, num_hidden_layers=2, attention_hidden_size=16)

@@ -33,7 +33,7 @@ class MemorySavings:
     offload_activations: bool = False
     offload_attention_outputs: bool = False
     recompute_layers: int | None = None
-    auto_recompute: bool = True
+    auto_recompute: bool = False
 
     def __post_init__(self) -> None:
         counts = (  # (field, what the count is, what None means)
@@ -220,7 +220,8 @@ class ContextParallelConfig(MemorySavings, ContextParallelSettings):
             of the layer in backward. No effect without activation checkpointing.
         auto_recompute: under activation checkpointing with `recompute_layers` unset, choose after the first step how
             many layers to recompute from the device memory left free (CUDA; elsewhere every layer stays recomputed,
-            as with False). See `auto_recompute.py`.
+            as with False). Off by default: its per-layer estimate is made for dense decoder layers and undercounts
+            others (a Qwen3-Next-shaped hybrid ran out of memory after it). See `auto_recompute.py`.
 
     The first six fields are the CP settings (`ContextParallelSettings`, what a mesh carries), the others the memory
     savings, handed on as `memory_savings` (`MemorySavings`, what `memory.apply_memory_savings` installs).

@@ -137,6 +137,13 @@ def check_model(model: torch.nn.Module, size: int) -> None:
         for name in _PROJECTIONS:
             _check_projection(path, module, name)
         d = module.head_dim
+        q, k, v, o = (_projection(module, name)[0] for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        if q.out_features != o.in_features or v.out_features != k.out_features:
+            raise ValueError(
+                f"context_parallel_mode='odysseus' splits q_proj, k_proj, v_proj and o_proj by heads of size {d}, "
+                f"but {type(module).__name__}'s q_proj computes more than its heads' queries (a gate) or its value "
+                "heads differ in size from its key heads; use another context_parallel_mode for this model."
+            )
         check_heads(
             _projection(module, "q_proj")[0].out_features // d,
             _projection(module, "k_proj")[0].out_features // d,
