@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import transformers
 from dpo import word_tokenizer
-from train import CUDA, SHAPES, StepTimer, progress
+from train import CUDA, SHAPES, StepTimer, progress, record_peak
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL
 GENERATIONS = 2
@@ -109,14 +109,8 @@ def run_one(shape: str, prompt: int, completion: int, steps: int, world: int, us
         row["error"] = "OOM"
     except RuntimeError as e:  # NCCL or allocator failures at the edge of memory count as not training
         row["error"] = repr(e)[:300]
-    if CUDA:
-        peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device="cuda")
-        if dist.is_initialized():
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        row["peak_gib"] = round(peak.item(), 1)
     del model
-    if CUDA:
-        torch.cuda.empty_cache()
+    record_peak(row)
     progress(json.dumps(row))
     return row
 

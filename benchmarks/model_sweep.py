@@ -33,6 +33,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from distributed import _entry  # noqa: E402
+from reference import per_document  # noqa: E402
 
 # Shorter than a shard (5, 11, 7), one token (1), and longer than a rank's shard (40 of 64: 32 tokens per rank at
 # world 2, 16 at world 4), so documents start, end and span across shard boundaries at both world sizes.
@@ -241,20 +242,6 @@ def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits[0].float(), targets[0], reduction="sum", ignore_index=-100)
 
 
-def per_document(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits and gradients (summed next-token loss) of each document run alone: the meaning of a packed row."""
-    logits, start = [], 0
-    model.zero_grad()
-    for n in DOCS:
-        doc = ids[:, start : start + n]
-        out = model(input_ids=doc, position_ids=torch.arange(n)[None], use_cache=False).logits
-        logits.append(out.detach())
-        if n > 1:
-            _loss(out[:, :-1], doc[:, 1:]).backward()
-        start += n
-    return torch.cat(logits, 1), _take_grads(model)
-
-
 def _take_grads(model) -> dict[str, torch.Tensor]:
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -288,7 +275,7 @@ _REFERENCES: dict = {}
 def reference(model, ids: torch.Tensor, dtype: torch.dtype) -> tuple:
     """Per-document logits and gradients; in float64 also the errors of the model's own packed row without CP (the
     rounding it does by itself, e.g. in its float32 casts)."""
-    ref_logits, ref_grads = per_document(model, ids)
+    ref_logits, ref_grads = per_document(model, ids, DOCS)
     packed = None
     if dtype == torch.float64:
         position_ids = torch.cat([torch.arange(n) for n in DOCS])[None]

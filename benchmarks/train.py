@@ -158,6 +158,17 @@ def document_lengths(docs: str, seq: int, rng: random.Random) -> list[int]:
     return [n for n in out if n > 0]
 
 
+def record_peak(row: dict) -> None:
+    """Put the run's peak allocated memory (the largest over ranks) into `row`, and free the cache for the next run."""
+    if not CUDA:
+        return
+    peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device="cuda")
+    if dist.is_initialized():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    row["peak_gib"] = round(peak.item(), 1)
+    torch.cuda.empty_cache()
+
+
 def run_one(
     shape: str,
     seq: int,
@@ -243,14 +254,8 @@ def run_one(
         row["error"] = "OOM"
     except RuntimeError as e:  # NCCL or allocator failures at the edge of memory count as not training
         row["error"] = repr(e)[:300]
-    if CUDA:
-        peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device="cuda")
-        if dist.is_initialized():
-            dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        row["peak_gib"] = round(peak.item(), 1)
     del model
-    if CUDA:
-        torch.cuda.empty_cache()
+    record_peak(row)
     return row
 
 

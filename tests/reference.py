@@ -30,3 +30,21 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name
     """Elementwise closeness relative to the tensor's scale (an absolute floor of rtol·max|expected|)."""
     scale = expected.abs().max().item()
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{name}: {m}")
+
+
+def per_document(model, ids: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits and parameter gradients (summed next-token loss) of each document of the packed row `ids` run alone
+    through the stock model: what a packed row means, the reference for layers whose packed-row behaviour is not per
+    document (recurrences, convolutions) as for attention."""
+    logits, start = [], 0
+    model.zero_grad()
+    for n in lengths:
+        doc = ids[:, start : start + n]
+        out = model(input_ids=doc, position_ids=torch.arange(n)[None], use_cache=False).logits
+        logits.append(out.detach())
+        if n > 1:
+            torch.nn.functional.cross_entropy(out[0, :-1], doc[0, 1:], reduction="sum").backward()
+        start += n
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return torch.cat(logits, 1), grads

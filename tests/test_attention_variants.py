@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import transformers
 from distributed import run_distributed
-from reference import assert_close, document_ids
+from reference import assert_close, document_ids, per_document
 from trainer_cases import (
     RTOL,
     VOCAB,
@@ -206,22 +206,6 @@ def test_flex_kernel_forward_on_cpu():
 # --- the models under CP against each document alone -------------------------------------------------------------
 
 
-def per_document(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits and gradients (summed next-token loss) of each document run alone."""
-    logits, start = [], 0
-    model.zero_grad()
-    for n in DOCS:
-        doc = ids[:, start : start + n]
-        out = model(input_ids=doc, position_ids=torch.arange(n)[None], use_cache=False).logits
-        logits.append(out.detach())
-        if n > 1:
-            torch.nn.functional.cross_entropy(out[0, :-1], doc[0, 1:], reduction="sum").backward()
-        start += n
-    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    return torch.cat(logits, 1), grads
-
-
 def _exact_worker(rank, world, cases, checks=()):
     ids = torch.randint(3, VOCAB, (1, sum(DOCS)), generator=torch.Generator().manual_seed(1))
     targets = torch.full_like(ids, -100)
@@ -231,7 +215,7 @@ def _exact_worker(rank, world, cases, checks=()):
     for family, mode, ulysses_size, checkpointing in cases:
         name = f"{family} {mode} rank {rank}{' checkpointed' if checkpointing else ''}"
         model = build(family)
-        ref_logits, ref_grads = per_document(model, ids)
+        ref_logits, ref_grads = per_document(model, ids, DOCS)
         mesh = build_mesh(ContextParallelConfig(size=world, mode=mode, ulysses_size=ulysses_size), "cpu")
         apply_context_parallel(model, mesh.config, mesh=mesh)
         if checkpointing:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import transformers
 from distributed import run_distributed
-from reference import assert_close
+from reference import assert_close, per_document
 from trainer_cases import CPTrainer, StockTrainer, arguments, sft_dataset, train_and_record
 
 import transformers_cp
@@ -128,22 +128,6 @@ def _row(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return ids, position_ids, targets
 
 
-def per_document(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Logits and parameter gradients (summed next-token loss) of each document run alone through the stock model."""
-    logits, start = [], 0
-    model.zero_grad()
-    for n in DOCS:
-        doc = ids[:, start : start + n]
-        out = model(input_ids=doc, position_ids=torch.arange(n)[None], use_cache=False).logits
-        logits.append(out.detach())
-        if n > 1:
-            torch.nn.functional.cross_entropy(out[0, :-1], doc[0, 1:], reduction="sum").backward()
-        start += n
-    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    return torch.cat(logits, 1), grads
-
-
 def _assert_gradient(actual: torch.Tensor, expected: torch.Tensor, floor: float, name: str) -> None:
     """`reference.assert_close` with the sweep's measure of a gradient: relative to the larger of its own scale and
     `floor` (1e-3 of the model's largest gradient), so that one which nearly cancels (fp32 rounding of its terms moves
@@ -158,7 +142,7 @@ def _families_worker(rank: int, world: int) -> None:
               for m in MODES[world]]  # fmt: skip
     for family in FAMILIES:
         model = build(family)
-        ref_logits, ref_grads = per_document(model, ids)
+        ref_logits, ref_grads = per_document(model, ids, DOCS)
         floor = 1e-3 * max(g.abs().max().item() for g in ref_grads.values())
         for mesh in meshes:
             name = f"{family} {mesh.config.mode} on {world} ranks"
@@ -191,7 +175,7 @@ def test_stock_packed_rows():
     ids, position_ids, _ = _row()
     for family in FAMILIES:
         model = build(family)
-        alone, _ = per_document(model, ids)
+        alone, _ = per_document(model, ids, DOCS)
         with torch.no_grad():
             packed = model(input_ids=ids, position_ids=position_ids).logits
         kinds = {type(m).__name__ for _, m in find_mixers(model)}
