@@ -65,7 +65,7 @@ def _worker(rank, world, ref_path):
         # Device memory as a GPU would report it after step 1: room for `headroom_layers` layers' activations.
         auto_recompute.device_headroom = lambda n=headroom_layers: n * 10**9
         auto_recompute.layer_activation_bytes = lambda *args, **kwargs: 10**9
-        trainer = cp_trainer("qwen2", 2, "zigzag", gradient_checkpointing=True)
+        trainer = cp_trainer("qwen2", 2, "zigzag", gradient_checkpointing=True, context_parallel_auto_recompute=True)
         result = train_and_record(trainer)
         name = f"auto recompute, room for {headroom_layers} layers, rank {rank}"
         assert_same_run(result, torch.load(ref_path), name)

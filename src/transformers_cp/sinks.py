@@ -23,16 +23,16 @@ import torch
 
 
 def with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out', lse') of the softmax with the sinks: out (L, H, D), lse (H, L) float32, sinks (H,)."""
-    new_lse = torch.logaddexp(lse, sinks.detach().float()[:, None])
-    scaled = out.float() * torch.exp(lse - new_lse).T.unsqueeze(-1)
+    """(out', lse') of the softmax with the sinks: out (L, H, D), lse (H, L) in the accumulation dtype, sinks (H,)."""
+    new_lse = torch.logaddexp(lse, sinks.detach().to(lse.dtype)[:, None])
+    scaled = out.to(lse.dtype) * torch.exp(lse - new_lse).T.unsqueeze(-1)
     return scaled.to(out.dtype), new_lse
 
 
 def sinks_grad(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     """The sinks' gradient, from the sink-including (out', lse') that `with_sinks` returned."""
-    delta = (dout.float() * out.float()).sum(-1)  # (L, H)
-    return -(torch.exp(sinks.detach().float()[:, None] - lse) * delta.T).sum(-1).to(sinks.dtype)
+    delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)  # (L, H)
+    return -(torch.exp(sinks.detach().to(lse.dtype)[:, None] - lse) * delta.T).sum(-1).to(sinks.dtype)
 
 
 def heads_block(sinks: torch.Tensor | None, heads: int, block: int) -> torch.Tensor | None:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import all_gather, contiguous, copy_rows, reduce_scatter
-from ..kernels import AttentionKernel
+from ..kernels import AttentionKernel, accumulation_dtype
 from ..plan import Block
 from ..sinks import sinks_grad, with_sinks
 from .merge import Accumulator
@@ -96,7 +96,7 @@ def _llama3_forward(q, k, v, blocks: list[Block], spans, group, kernel: Attentio
     g = q.shape[1] // k.shape[1]
     n_strides = k.shape[1] // kv_stride
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=accumulation_dtype(q.dtype), device=q.device)
     kv = torch.stack([k, v], dim=1)
     pending = _gather(kv[:, :, _heads(0, kv_stride, g)[1]], group, spans)
     for i in range(n_strides):
@@ -155,8 +155,8 @@ class Llama3Attention(torch.autograd.Function):
                 pending = _gather(kv[:, :, _heads(i + 1, stride, g)[1]], ctx.group, ctx.spans)
             qh, kh = _heads(i, stride, g)
             qs, outs, douts = (contiguous(t[:, qh]) for t in (q, out, dout))
-            dq_acc = torch.zeros(qs.shape, dtype=torch.float32, device=q.device)
-            dfull = torch.zeros(full.shape, dtype=torch.float32, device=q.device)
+            dq_acc = torch.zeros(qs.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
+            dfull = torch.zeros(full.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
             for b in ctx.blocks:
                 rows, keys = b.rows, b.keys
                 dq_b, dk_b, dv_b = ctx.kernel.backward(

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import RingComm
-from ..kernels import AttentionKernel
+from ..kernels import AttentionKernel, accumulation_dtype
 from ..plan import Block
 from ..sinks import sinks_grad, with_sinks
 from .merge import Accumulator
@@ -62,8 +62,9 @@ class RingAttention(torch.autograd.Function):
         kv_comm, grad_comm = RingComm(ctx.group), RingComm(ctx.group)
         steps = ctx.steps
         kv = torch.stack([k, v])
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+        acc = accumulation_dtype(q.dtype)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
         incoming = None
         for i, (s, blocks) in enumerate(steps):
             last = i + 1 == len(steps)

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from .base import AttentionKernel, Segments
+from .base import AttentionKernel, Segments, accumulation_dtype
 from .flash_attn import FlashAttnKernel, is_flash_attn_available
 from .flex import FlexKernel
 from .math import MathKernel
 from .torch_fused import TorchKernel
 
-__all__ = ["AttentionKernel", "Segments", "kernel_class", "select_kernel", "is_flash_attn_available"]
+__all__ = [
+    "AttentionKernel",
+    "Segments",
+    "accumulation_dtype",
+    "kernel_class",
+    "select_kernel",
+    "is_flash_attn_available",
+]
 
 
 def _fused_ok(is_cuda: bool, dtype: torch.dtype, head_dim: int) -> bool:

@@ -75,3 +75,9 @@ class AttentionKernel(Protocol):
         seg: Segments,
         scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype attention accumulates in: float32 for half-precision and float32 inputs, float64 for float64 ones
+    (so that a float64 check measures the model, not CP's rounding)."""
+    return torch.promote_types(dtype, torch.float32)

@@ -1,4 +1,5 @@
-"""Exact attention in float32 matrix products: the CPU path, and the reference for float32 inputs anywhere.
+"""Exact attention in float32 matrix products (float64 for float64 inputs): the CPU path, and the reference for float32
+inputs anywhere.
 
 Query rows are processed in blocks so that memory stays bounded by `block_rows × keys` scores per head. With a logit
 softcap c the scores are c·tanh(s / c); the backward multiplies each score's gradient by the derivative
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Segments
+from .base import Segments, accumulation_dtype
 
 BLOCK_ROWS = 1024
 
@@ -38,9 +39,9 @@ def _blocks(seg: Segments):
 
 
 def _grouped(x: torch.Tensor, hk: int) -> torch.Tensor:
-    """(L, Hq, D) -> (Hk, G, L, D) float32, so that GQA broadcasts instead of repeating KV."""
+    """(L, Hq, D) -> (Hk, G, L, D) in the accumulation dtype, so that GQA broadcasts instead of repeating KV."""
     length, hq, d = x.shape
-    return x.float().permute(1, 0, 2).reshape(hk, hq // hk, length, d)
+    return x.to(accumulation_dtype(x.dtype)).permute(1, 0, 2).reshape(hk, hq // hk, length, d)
 
 
 def _ungrouped(x: torch.Tensor) -> torch.Tensor:
@@ -67,13 +68,13 @@ class MathKernel:
         return s, t
 
     def forward(self, q, k, v, seg: Segments, scale: float):
-        hk = k.shape[1]
-        out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+        hk, acc = k.shape[1], accumulation_dtype(q.dtype)
+        out = torch.zeros(q.shape, dtype=acc, device=q.device)
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=acc, device=q.device)
         for q0, k0, lq, lk, rows in _blocks(seg):
             qs = _grouped(q[q0 + rows.start : q0 + rows.stop], hk)
-            ks = k[k0 : k0 + lk].float().permute(1, 0, 2)[:, None]
-            vs = v[k0 : k0 + lk].float().permute(1, 0, 2)[:, None]
+            ks = k[k0 : k0 + lk].to(acc).permute(1, 0, 2)[:, None]
+            vs = v[k0 : k0 + lk].to(acc).permute(1, 0, 2)[:, None]
             s, _ = self._scores(qs, ks, rows, lk, lq, seg, scale)
             m = torch.logsumexp(s, dim=-1, keepdim=True)
             p = torch.exp(s - m.nan_to_num(neginf=0.0))
@@ -83,15 +84,15 @@ class MathKernel:
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, seg: Segments, scale: float):
-        hk = k.shape[1]
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+        hk, acc = k.shape[1], accumulation_dtype(q.dtype)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dk = torch.zeros(k.shape, dtype=acc, device=q.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=q.device)
         for q0, k0, lq, lk, rows in _blocks(seg):
             sl = slice(q0 + rows.start, q0 + rows.stop)
             qs, dos, os_ = (_grouped(t[sl], hk) for t in (q, dout, out))
-            ks = k[k0 : k0 + lk].float().permute(1, 0, 2)[:, None]
-            vs = v[k0 : k0 + lk].float().permute(1, 0, 2)[:, None]
+            ks = k[k0 : k0 + lk].to(acc).permute(1, 0, 2)[:, None]
+            vs = v[k0 : k0 + lk].to(acc).permute(1, 0, 2)[:, None]
             m = lse[:, sl].reshape(hk, -1, len(rows), 1)
             s, t = self._scores(qs, ks, rows, lk, lq, seg, scale)
             p = torch.exp(s - m.nan_to_num(neginf=0.0, posinf=0.0))
