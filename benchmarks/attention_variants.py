@@ -27,6 +27,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from attention import timed
 
 from transformers_cp.algorithms.local import LocalAttention
 from transformers_cp.attention import context_parallel_attention
@@ -49,20 +50,6 @@ FLEX_CANDIDATES: list[dict] = [
     {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 8, "fwd_num_stages": 2, "bwd_BLOCK_M1": 64,
      "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64, "bwd_num_warps": 8, "bwd_num_stages": 2},
 ]  # fmt: skip
-
-
-def timed(fn, iters: int, warmup: int = 2) -> float:
-    """Mean milliseconds of `fn` after a warm-up, one synchronisation at the end."""
-    for _ in range(warmup):
-        fn()
-    if CUDA:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if CUDA:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3 / iters
 
 
 def causal_tflop(seq: int, heads: int, head_dim: int) -> float:
@@ -101,7 +88,7 @@ def bench_sinks(a, device, rank: int, world: int) -> list[dict]:
                     step(attn, q, k, v, dout, sinks if with_sinks else None)
 
                 dist.barrier()
-                times[with_sinks] = timed(run, a.iters)
+                times[with_sinks] = timed(run, a.iters, lockstep=False)
             rows.append(
                 dict(part="sinks", mode=mode, seq=seq, heads=f"{hq}:{hk}", head_dim=d, window=window,
                      ms_without=times[False], ms_with=times[True], overhead=times[True] / times[False] - 1)
@@ -149,7 +136,7 @@ def softcap_at(a, device, seq: int, tuned: dict | None) -> list[dict]:
         flex.KERNEL_OPTIONS.clear()
         flex.KERNEL_OPTIONS.update(options or {})
         try:
-            ms = timed(lambda: step(attn, q, k, v, dout), iters)
+            ms = timed(lambda: step(attn, q, k, v, dout), iters, lockstep=False)
             row = dict(part="softcap", seq=seq, heads=f"{hq}:{hk}", head_dim=d, kernel=name, options=options, ms=ms,
                        tflops=work / ms * 1e3)  # fmt: skip
         except Exception as e:  # noqa: BLE001 - a candidate the GPU cannot run (shared memory) is an outcome

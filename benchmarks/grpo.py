@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 import transformers
 from dpo import word_tokenizer
-from train import CUDA, SHAPES, StepTimer, progress, record_peak
+from train import CUDA, SHAPES, StepTimer, failure_recorded, progress, record_peak
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL
 GENERATIONS = 2
@@ -93,7 +93,7 @@ def run_one(shape: str, prompt: int, completion: int, steps: int, world: int, us
         torch.cuda.reset_peak_memory_stats()
     row: dict = dict(shape=shape, trainer="trl" if use_trl else f"transformers_cp cp={world}", gpus=world,
                      prompt_tokens=prompt, completion_tokens=completion, rollout="generate" if generate else "fixed")  # fmt: skip
-    try:
+    with failure_recorded(row):
         trainer = GRPOTrainer(
             model=model, reward_funcs=parity_reward, args=args, train_dataset=datasets.Dataset.from_list(prompts),
             processing_class=word_tokenizer(config.vocab_size), callbacks=[timer],
@@ -105,10 +105,6 @@ def run_one(shape: str, prompt: int, completion: int, steps: int, world: int, us
         row.update(step_s=round(sorted(times)[len(times) // 2], 3), losses=[round(h["loss"], 5) for h in history],
                    completion_lengths=[h["completions/mean_length"] for h in history])  # fmt: skip
         del trainer
-    except torch.OutOfMemoryError:
-        row["error"] = "OOM"
-    except RuntimeError as e:  # NCCL or allocator failures at the edge of memory count as not training
-        row["error"] = repr(e)[:300]
     del model
     record_peak(row)
     progress(json.dumps(row))

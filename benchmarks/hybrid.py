@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import os
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 import transformers
-from train import CUDA, longest, progress, run_one
+from train import CUDA, ResultsFile, longest, progress, run_one
 
 SMOKE = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
@@ -99,17 +97,11 @@ def main() -> None:
     meta = dict(command=" ".join(([f"torchrun --nproc_per_node {world}"] if world > 1 else ["python"]) + sys.argv),
                 machine=f"{world}x {torch.cuda.get_device_name() if CUDA else 'cpu'}", torch=torch.__version__,
                 transformers=transformers.__version__, kernels=kernels(), date=time.strftime("%Y-%m-%d"))  # fmt: skip
-    rows: list[dict] = []
+    results = ResultsFile(meta, a.out, rank)
 
     def record(row: dict) -> None:
         row.pop("model_tflops_per_gpu", None)  # train.py's count is for attention-only models
-        rows.append(row)
-        if rank == 0:
-            print(json.dumps({k: v for k, v in row.items() if k != "tried"}), flush=True)
-            if a.out:
-                os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-                with open(a.out, "w") as f:
-                    json.dump({"meta": meta, "results": rows}, f, indent=1)
+        results.record(row)
 
     for shape in a.shapes.split(","):
         config = SHAPES[shape](a.smoke)

@@ -28,6 +28,7 @@ turns on `use_liger_kernel`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -158,6 +159,36 @@ def document_lengths(docs: str, seq: int, rng: random.Random) -> list[int]:
     return [n for n in out if n > 0]
 
 
+@contextlib.contextmanager
+def failure_recorded(row: dict):
+    """Run a training inside; running out of memory, or an NCCL or allocator failure at the edge of memory, is
+    recorded in `row` as not training instead of ending the benchmark."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        row["error"] = "OOM"
+    except RuntimeError as e:
+        row["error"] = repr(e)[:300]
+
+
+class ResultsFile:
+    """Rows printed as they come (rank 0) and the JSON rewritten after each: a run cut off by a time limit keeps
+    what it measured."""
+
+    def __init__(self, meta: dict, out: str | None, rank: int) -> None:
+        self.meta, self.out, self.rank, self.rows = meta, out, rank, []
+
+    def record(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.rank != 0:
+            return
+        print(json.dumps({k: v for k, v in row.items() if k != "tried"}), flush=True)
+        if self.out:
+            os.makedirs(os.path.dirname(self.out) or ".", exist_ok=True)
+            with open(self.out, "w") as f:
+                json.dump({"meta": self.meta, "results": self.rows}, f, indent=1)
+
+
 def record_peak(row: dict) -> None:
     """Put the run's peak allocated memory (the largest over ranks) into `row`, and free the cache for the next run."""
     if not CUDA:
@@ -226,7 +257,7 @@ def run_one(
     row["balance"] = cp.get("context_parallel_balance", "tokens")  # as run (only the ring family takes documents)
     if comm and world > 1 and shape in SHAPES:
         row.update(step_summary(mode, SHAPES[shape], n_params, seq, world))
-    try:
+    with failure_recorded(row):
         callbacks = [timer]
         profiler = None
         if (profile_dir or comm) and CUDA:
@@ -250,10 +281,6 @@ def run_one(
         if profiler is not None and profiler.nccl is not None:
             row.update(profiler.nccl)
         del trainer
-    except torch.OutOfMemoryError:
-        row["error"] = "OOM"
-    except RuntimeError as e:  # NCCL or allocator failures at the edge of memory count as not training
-        row["error"] = repr(e)[:300]
     del model
     record_peak(row)
     return row
@@ -326,22 +353,12 @@ def main() -> None:
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     peak = matmul_peak_tflops()
-    rows = []
     meta = dict(command=f"torchrun --nproc_per_node {world} {' '.join(sys.argv)}",
                 machine=f"{world}x {torch.cuda.get_device_name() if CUDA else 'cpu'}", torch=torch.__version__,
                 transformers=transformers.__version__, matmul_peak_tflops=peak, date=time.strftime("%Y-%m-%d"),
                 env=f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')}")  # fmt: skip
 
-    def record(row: dict) -> None:
-        """Print the row and rewrite the JSON at once: a run cut off by a time limit keeps what it measured."""
-        rows.append(row)
-        if rank != 0:
-            return
-        print(json.dumps({k: v for k, v in row.items() if k != "tried"}), flush=True)
-        if a.out:
-            os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-            with open(a.out, "w") as f:
-                json.dump({"meta": meta, "results": rows}, f, indent=1)
+    record = ResultsFile(meta, a.out, rank).record
 
     for mode in a.modes.split(","):
         for seq in map(int, a.seqs.split(",")) if a.seqs else []:
