@@ -239,7 +239,8 @@ def build(model_type: str, dtype: torch.dtype = torch.float32) -> torch.nn.Modul
 
 
 def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits[0].float(), targets[0], reduction="sum", ignore_index=-100)
+    """The summed next-token loss in the logits' own dtype, as `reference.per_document` computes it."""
+    return torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="sum", ignore_index=-100)
 
 
 def _take_grads(model) -> dict[str, torch.Tensor]:
