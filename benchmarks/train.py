@@ -35,6 +35,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -212,6 +213,7 @@ def run_one(
     config: transformers.PretrainedConfig | None = None,
     docs: str = "single",
     extra: dict | None = None,
+    edit: Callable[[torch.nn.Module], None] | None = None,
 ) -> dict:
     """Train `steps` steps on sequences of `seq` tokens; returns timings or the failure.
 
@@ -220,7 +222,7 @@ def run_one(
     the root). With `comm`, also the bytes sent per rank and step from the shapes (`comm_volume`) and the NCCL kernel
     time of one profiled step. `config`: another model than the Qwen2 `shape` (benchmarks/hybrid.py). `docs`:
     "single" or "lognormal" (`document_lengths`); `extra`: more TrainingArguments (the balance, auto recomputation,
-    Liger)."""
+    Liger); `edit`: a change to the built model before training (benchmarks/attention_models.py removes the sinks)."""
     savings = dict(savings or {})
     fsdp = savings.pop("fsdp", False)
     progress(f"{shape} S={seq} {mode}: building the model")
@@ -230,6 +232,8 @@ def run_one(
         model = transformers.AutoModelForCausalLM.from_config(config)
     if CUDA:
         model = model.to(torch.bfloat16)
+    if edit is not None:
+        edit(model)
     n_params = sum(p.numel() for p in model.parameters())
     g = torch.Generator().manual_seed(1)
     rng = random.Random(1)
