@@ -138,11 +138,31 @@ def probe_correctness(hq: int, hk: int, seq: int = 1024, d: int = 128) -> dict:
     return res
 
 
+class _CudnnVarlen:
+    """cuDNN's varlen attention op (documents through cu_seqlens) behind the kernel interface, for this probe: on
+    torch 2.11 its gradients were wrong and it was slower than the `torch` kernel, so the package does not use it."""
+
+    def forward(self, q, k, v, seg: Segments, scale: float):
+        cu_q, cu_k = seg.tensors(q.device)
+        r = torch.ops.aten._cudnn_attention_forward(
+            q, k, v, None, cu_q, cu_k, seg.max_q, seg.max_k, True, 0.0, True, False, scale=scale
+        )
+        return r[0], r[1].reshape(q.shape[0], q.shape[1]).T
+
+    def backward(self, dout, q, k, v, out, lse, seg: Segments, scale: float):
+        seed, off = torch.zeros(2, dtype=torch.uint64, device=q.device), torch.empty(0, device=q.device)
+        cu_q, cu_k = seg.tensors(q.device)
+        lse = lse.T.unsqueeze(-1).contiguous()
+        return torch.ops.aten._cudnn_attention_backward(
+            dout, q, k, v, out, lse, seed, off, None, cu_q, cu_k, seg.max_q, seg.max_k, 0.0, True, scale=scale
+        )
+
+
 def probe_cudnn_varlen(hq: int, hk: int, lengths=(3000, 7000, 1, 6000), d: int = 128) -> dict:
-    """The `torch` kernel on packed causal documents with cuDNN's varlen call and without it (the varlen flash op
-    and per-document cuDNN calls): errors against the math kernel on `lengths`, and fwd+bwd time on a 64k row of
+    """Packed causal documents through cuDNN's varlen op and through the `torch` kernel (the varlen flash op and
+    per-document cuDNN calls): errors against the math kernel on `lengths`, and fwd+bwd time on a 64k row of
     lognormal documents (median 4k, at most 32k)."""
-    from transformers_cp.kernels import torch_fused
+    from transformers_cp.kernels.torch_fused import TorchKernel
 
     res: dict = {}
     scale = d**-0.5
@@ -164,28 +184,22 @@ def probe_cudnn_varlen(hq: int, hk: int, lengths=(3000, 7000, 1, 6000), d: int =
     big[-1] -= sum(big) - 65536
     big_seg, (bq, bk, bv, bdout) = inputs([n for n in big if n > 0])
     flops = sum(4 * n * n * hq * d / 2 * 3.5 for n in big)
-    for varlen in (True, False):
-        torch_fused.CUDNN_VARLEN = varlen
-        name = "cudnn_varlen" if varlen else "flash_varlen_and_cudnn_per_document"
-        kern = torch_fused.TorchKernel()
+    for name, kern in (("cudnn_varlen", _CudnnVarlen()), ("torch_kernel", TorchKernel())):
         try:
-            seg_copy = Segments(seg.cu_q, seg.cu_k, True)  # fresh caches per setting
-            out, lse = kern.forward(q, k, v, seg_copy, scale)
-            grads = kern.backward(dout, q, k, v, out, lse, seg_copy, scale)
+            out, lse = kern.forward(q, k, v, seg, scale)
+            grads = kern.backward(dout, q, k, v, out, lse, seg, scale)
             row = dict(out=_rel(out, ref_out), lse=_rel(lse, ref_lse))
             row.update({n: _rel(a, b) for n, a, b in zip(("dq", "dk", "dv"), grads, ref)})
-            big_copy = Segments(big_seg.cu_q, big_seg.cu_k, True)
 
-            def step(s=big_copy, kern=kern):
-                o, lse_ = kern.forward(bq, bk, bv, s, scale)
-                kern.backward(bdout, bq, bk, bv, o, lse_, s, scale)
+            def step(kern=kern):
+                o, lse_ = kern.forward(bq, bk, bv, big_seg, scale)
+                kern.backward(bdout, bq, bk, bv, o, lse_, big_seg, scale)
 
             ms = _time(step)
             row.update(packed_64k_ms=round(ms, 2), packed_64k_tflops=round(flops / ms / 1e9, 1), documents=len(big))
             res[name] = row
         except Exception as e:  # noqa: BLE001
             res[name] = {"error": repr(e)[:400]}
-    torch_fused.CUDNN_VARLEN = hasattr(torch.ops.aten, "_cudnn_attention_forward")
     return res
 
 
