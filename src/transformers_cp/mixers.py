@@ -266,6 +266,8 @@ def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> None:
     """Replace the forward of every mixer of `MIXERS` in `model` by its exact CP form (removed with CP). Its stage
     runs after CP's (`changes.STAGES`) and hands the mixers that forward's documents; they stay until the next forward,
     as a checkpointed layer's mixer runs again in backward, outside the model's forward."""
+    from . import mixers_mamba2  # it builds on GatheredMixer
+
     if mesh.cp_group is None:
         return
     found = find_mixers(model)
@@ -279,7 +281,9 @@ def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> None:
     change = changes.install(model, NAME, pre=begin, depends_on="context_parallel")
     for _, module in found:
         window = MIXERS[type(module).__name__].window
-        if window is None:
+        if type(module).__name__ in mixers_mamba2.CLASSES:
+            mixers_mamba2.install(change, module, mesh, documents)
+        elif window is None:
             change.replace_forward(module, GatheredMixer(module, mesh, documents))
         else:
             change.replace_forward(module, HaloMixer(module, mesh, documents, getattr(module, window).kernel_size[0]))
