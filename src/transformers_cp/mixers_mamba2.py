@@ -20,12 +20,13 @@ convolution's kernel). Two hooks on the mixer's own submodules, live only during
 x, B, C and Δ for the correction are recomputed from `in_proj`'s output (the depthwise convolution again: cheap);
 everything else is the stock path. Where mamba_ssm is installed, the mixer's training path is its fused kernel,
 which takes no incoming state: the mixer runs its unfused path (mamba_ssm's chunk scan and causal-conv1d kernels)
-during the call (`training` off for that module; it has no dropout). A chunk shorter than k − 1 tokens, or a mixer
-given other per-token arguments, takes `GatheredMixer`.
+during the call (`training` off for that module; it has no dropout). Chunks shorter than k − 1 take their halo from
+several chunks. A mixer given other per-token arguments (none of these classes today) takes `GatheredMixer`.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,7 @@ CLASSES = (
 class _Plan:
     """Where each piece of this rank's shard sits in the expanded row and where its incoming values come from."""
 
-    pieces: list[tuple[int, int, int, bool]]  # (expanded start, expanded end, chunk index in `order`, continues)
+    pieces: list[tuple[int, int, int, bool]]  # (expanded start, end, chunk's position in `order`, continues)
     source: torch.Tensor  # per expanded row: its row of the shard, or L for a spacer (a zero row)
     keep: torch.Tensor  # the expanded rows of the shard's own positions, in shard order
     spacers: torch.Tensor  # the expanded spacer rows
@@ -63,20 +64,23 @@ class _Plan:
     mine: list[int]  # positions in `order` of this rank's chunks, in shard order
 
 
-def _plan(docs: Documents, mesh: ContextParallelMesh, k: int) -> _Plan | None:
-    """The row's plan for this rank, or None where a chunk is shorter than k − 1 (`GatheredMixer` then)."""
+def _plan(docs: Documents, mesh: ContextParallelMesh, k: int) -> _Plan:
+    """The row's plan for this rank."""
     layout = docs.layout(mesh.layout)
-    ranges = [layout.ranges(docs.seq_len, r) for r in range(mesh.cp_size)]
-    halo = k - 1
-    if any(b - a < halo for chunks in ranges for a, b in chunks):
-        return None
-    starts = set(docs.bounds)
+    ranges = [[(a, b) for a, b in layout.ranges(docs.seq_len, r) if b > a] for r in range(mesh.cp_size)]
+    halo, starts = k - 1, set(docs.bounds)
     slots = max(len(chunks) for chunks in ranges)
     chunks = sorted((a, b, r, i) for r, cs in enumerate(ranges) for i, (a, b) in enumerate(cs))
     order = [(r, i, a not in starts, not any(a < s < b for s in starts)) for a, b, r, i in chunks]
-    ends = {b: r * slots + i for a, b, r, i in chunks}  # the chunk ending at a position: its gathered slot
     position = {(r, i): n for n, (r, i, _, _) in enumerate(order)}
     mine = [position[mesh.cp_rank, i] for i in range(len(ranges[mesh.cp_rank]))]
+    zero = mesh.cp_size * slots * halo  # the zero row after the gathered tails
+
+    def gathered_row(p: int) -> int:
+        """The row of the gathered tails holding the input at global position p (among its chunk's last k − 1)."""
+        a, b, r, i = chunks[bisect.bisect_right([c[0] for c in chunks], p) - 1]
+        return (r * slots + i) * halo + p - (b - halo)
+
     pieces, source, keep, spacers, halo_rows, tails = [], [], [], [], [], []
     shard = sum(b - a for a, b in ranges[mesh.cp_rank])
     offset = 0
@@ -87,20 +91,20 @@ def _plan(docs: Documents, mesh: ContextParallelMesh, k: int) -> _Plan | None:
             spacers.extend(range(first, first + halo))
             source.extend([shard] * halo)
             doc_start = docs.span(s)[0]
-            for p in range(s - halo, s):  # the inputs before the piece: the chunk ending at s holds them
-                inside = s != doc_start and p >= doc_start
-                halo_rows.append(ends[s] * halo + p - (s - halo) if inside else mesh.cp_size * slots * halo)
+            for p in range(s - halo, s):  # the document's inputs before the piece, zeros before its start
+                halo_rows.append(gathered_row(p) if s == a and p >= doc_start else zero)
             keep.extend(range(len(source), len(source) + e - s))
             source.extend(range(offset + s - a, offset + e - a))
             pieces.append((first + halo, len(source), mine[slot], s == a and s != doc_start))
-        tails.append(keep[len(keep) - halo :])
+        tail = keep[max(len(keep) - halo, len(keep) - (b - a)) :]
+        tails.append([None] * (halo - len(tail)) + tail)  # a chunk shorter than k − 1: zeros in front
         offset += b - a
-    for _ in range(slots - len(ranges[mesh.cp_rank])):
-        tails.append([len(source)] * halo)  # a missing chunk slot: rows past the end, read as zeros
+    tails += [[None] * halo] * (slots - len(ranges[mesh.cp_rank]))  # this rank has fewer chunks than another
     as_tensor = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    tail_rows = [len(source) if i is None else i for t in tails for i in t]  # None: the zero row after the rows
     return _Plan(
-        pieces, as_tensor(source), as_tensor(keep), as_tensor(spacers), as_tensor(halo_rows),
-        as_tensor([i for t in tails for i in t]), slots, order, mine,
+        pieces, as_tensor(source), as_tensor(keep), as_tensor(spacers), as_tensor(halo_rows), as_tensor(tail_rows),
+        slots, order, mine,
     )  # fmt: skip
 
 
@@ -126,12 +130,10 @@ class StatePassingMixer(GatheredMixer):
 
     def __call__(self, *args, **kwargs):
         docs, x, per_token, fixed = self._split(args, kwargs)
-        plan = None if per_token else docs.cached(("mamba2_plan", self.k, self.mesh.cp_rank), lambda: _plan(
-            docs, self.mesh, self.k))  # fmt: skip
-        if plan is None:
+        if per_token:  # none of these classes takes one today
             return super().__call__(*args, **kwargs)
-        device = x.device
-        plan = docs.cached(("mamba2_plan", self.k, self.mesh.cp_rank, str(device)), lambda: _to(plan, device))
+        key = ("mamba2_plan", self.k, self.mesh.cp_rank, str(x.device))
+        plan = docs.cached(key, lambda: _to(_plan(docs, self.mesh, self.k), x.device))
         rows = torch.cat([x, x.new_zeros(1, 1, x.shape[-1])], dim=1).index_select(1, plan.source)
         self.call = {"plan": plan}
         module = self.module
