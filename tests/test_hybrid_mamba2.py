@@ -122,20 +122,23 @@ def test_families_equal_each_document_alone(world):
 TRAINER_FAMILY = "nemotron_h"
 
 
-def _trainer_run(context_parallel_size: int, mode: str = "zigzag") -> dict:
+def _trainer_run(context_parallel_size: int, mode: str = "zigzag", **kwargs) -> dict:
     data = dict(model=build(TRAINER_FAMILY), train_dataset=sft_dataset(13, 0), eval_dataset=sft_dataset(7, 1))
     if context_parallel_size == 1:
         args = transformers.TrainingArguments(**arguments())
         return train_and_record(StockTrainer(args=args, data_collator=_pad_rows, **data))
-    cp = arguments(context_parallel_size=context_parallel_size, context_parallel_mode=mode)
+    cp = arguments(context_parallel_size=context_parallel_size, context_parallel_mode=mode, **kwargs)
     return train_and_record(CPTrainer(args=transformers_cp.TrainingArguments(**cp), **data))
 
 
 def _trainer_worker(rank: int, world: int, expected: dict) -> None:
     _assert_same_training(_trainer_run(world, "zigzag"), expected, f"{TRAINER_FAMILY} Trainer zigzag")
+    # recomputation runs each mixer again in backward, with its hooks and collectives, in the same order on every rank
+    checkpointed = _trainer_run(world, "ring", gradient_checkpointing=True)
+    _assert_same_training(checkpointed, expected, f"{TRAINER_FAMILY} Trainer ring, gradient checkpointing")
 
 
 def test_trainer_gradient_accumulation():
-    """transformers_cp.Trainer (zigzag, gradient accumulation 2) on Nemotron-H equals the stock Trainer on one
+    """transformers_cp.Trainer (zigzag; ring with gradient checkpointing; gradient accumulation 2) on Nemotron-H equals the stock Trainer on one
     right-padded document per row (its mixers do not see the padding after a document)."""
     run_distributed(_trainer_worker, 2, _trainer_run(1), timeout=900)
