@@ -179,7 +179,8 @@ class StatePassingMixer(GatheredMixer):
         return ((y + correction.to(y.dtype)[None]), *rest)
 
     def _ssm_inputs(self, projected: torch.Tensor):
-        """Δ (L', H), x (L', H, P), B and C (L', H, N) and the gate of the expanded row, as the stock path makes them."""
+        """Δ (L', G, H/G), x (L', G, H/G, P), B and C (L', G, N) and the gate of the expanded row, as the stock path
+        makes them (heads grouped by the B and C they share, G groups)."""
         module = self.module
         mup = getattr(module, "mup_vector", None)
         if mup is not None:
@@ -193,58 +194,58 @@ class StatePassingMixer(GatheredMixer):
                         groups=module.conv_dim)[0, :, : xbc.shape[0]]  # fmt: skip
         conv = ACT2FN[module.activation](conv).to(xbc.dtype).T
         heads, groups, state = module.num_heads, module.n_groups, module.ssm_state_size
-        x, b, c = conv.split([module.intermediate_size, groups * state, groups * state], dim=-1)
+        x, b, c = conv.float().split([module.intermediate_size, groups * state, groups * state], dim=-1)
         dt = F.softplus(dt + module.dt_bias.to(dt.dtype))
         low, high = module.time_step_limit
-        dt = torch.clamp(dt, low, high).float()
-        per_head = lambda t: t.float().view(-1, groups, state).repeat_interleave(heads // groups, dim=1)  # noqa: E731
-        return dt, x.float().view(-1, heads, module.head_dim), per_head(b), per_head(c), gate
+        dt = torch.clamp(dt, low, high).float().view(-1, groups, heads // groups)
+        x = x.view(-1, groups, heads // groups, module.head_dim)
+        return dt, x, b.view(-1, groups, state), c.view(-1, groups, state), gate
 
     def _correction(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The additive correction of the scan output (L', H·P) and the gate (L', H·P)."""
         plan, module = self.call["plan"], self.module
         dt, x, b, c, gate = self._ssm_inputs(self.call["projected"])
-        a = -torch.exp(module.A_log.float())
+        a = -torch.exp(module.A_log.float()).view(dt.shape[1:])
         cum = torch.cumsum((dt * a).double(), dim=0)  # log-decay from the row's start, float64 against cancellation
-        cum = torch.cat([cum.new_zeros(1, cum.shape[1]), cum])  # cum[t] = before expanded row t
+        cum = torch.cat([cum.new_zeros(1, *cum.shape[1:]), cum])  # cum[t] = before expanded row t
 
         def final_state(lo: int, hi: int) -> torch.Tensor:
-            """State after rows [lo, hi) from a zero state: (H, P, N)."""
+            """State after rows [lo, hi) from a zero state: (G, H/G, P, N)."""
             w = torch.exp((cum[hi] - cum[lo + 1 : hi + 1]).float()) * dt[lo:hi]
-            return torch.einsum("th,thn,thp->hpn", w, b[lo:hi], x[lo:hi])
+            return torch.einsum("tgjp,tgn->gjpn", w[..., None] * x[lo:hi], b[lo:hi])
 
         def decay(lo: int, hi: int) -> torch.Tensor:
-            return torch.exp((cum[hi] - cum[lo]).float())[:, None, None]
+            return torch.exp((cum[hi] - cum[lo]).float())[..., None, None]
 
         # the stock run's state entering each piece (it carries across pieces and spacers), and each chunk's last piece
-        heads, head_dim, size = module.num_heads, module.head_dim, b.shape[-1]
-        carried, stock, last, halo = x.new_zeros(heads, head_dim, size), [], {}, self.k - 1
+        heads, shape = module.num_heads, (*x.shape[1:], b.shape[-1])  # a state: (G, H/G, P, N)
+        carried, stock, last, halo = x.new_zeros(shape), [], {}, self.k - 1
         for s, e, chunk, _ in plan.pieces:
             carried = decay(s - halo, s) * carried + final_state(s - halo, s)
             stock.append(carried)
             own = final_state(s, e)
-            last[chunk] = (own, (cum[e] - cum[s]).float())
+            last[chunk] = (own, (cum[e] - cum[s]).float().flatten())
             carried = decay(s, e) * carried + own
         rows = [torch.cat([last[n][0].flatten(), last[n][1]]) for n in plan.mine]
-        rows += [x.new_zeros(heads * head_dim * size + heads)] * (plan.slots - len(rows))  # a rank with fewer chunks
+        rows += [x.new_zeros(carried.numel() + heads)] * (plan.slots - len(rows))  # a rank with fewer chunks
         gathered = AllGather.apply(torch.stack(rows), self.mesh.cp_group)  # rank order, then slot order
         entering, state = {}, None
         for n, (rank, slot, continues, one_piece) in enumerate(plan.order):
             row = gathered[rank * plan.slots + slot]
-            own = row[:-heads].view(heads, head_dim, size)
+            own = row[:-heads].view(shape)
             entering[n] = state if continues else None  # the first chunk starts a document
             if continues and one_piece:
-                state = torch.exp(row[-heads:])[:, None, None] * state + own
+                state = torch.exp(row[-heads:]).view(shape[:2])[..., None, None] * state + own
             else:
                 state = own
         pieces, position = [], 0
         for (s, e, chunk, continues), before in zip(plan.pieces, stock):
             true = entering[chunk] if continues else torch.zeros_like(before)
             decays = torch.exp((cum[s + 1 : e + 1] - cum[s]).float())
-            pieces.append(x.new_zeros(s - position, heads, head_dim))
-            pieces.append(torch.einsum("thn,hpn->thp", c[s:e], true - before) * decays[..., None])
+            pieces.append(x.new_zeros(s - position, *x.shape[1:]))
+            pieces.append(torch.einsum("tgn,gjpn->tgjp", c[s:e], true - before) * decays[..., None])
             position = e
-        pieces.append(x.new_zeros(c.shape[0] - position, heads, head_dim))
+        pieces.append(x.new_zeros(c.shape[0] - position, *x.shape[1:]))
         correction = torch.cat(pieces).flatten(1) + 0 * gathered.sum()
         return correction, gate
 
