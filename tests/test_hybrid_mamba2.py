@@ -17,6 +17,7 @@ import transformers
 from distributed import run_distributed
 from reference import assert_close, per_document
 from test_hybrid import COMMON, FAMILIES, VOCAB, _assert_gradient, _assert_same_training, _pad_rows
+from test_hybrid import build as build_other
 from trainer_cases import CPTrainer, StockTrainer, arguments, sft_dataset, train_and_record
 
 import transformers_cp
@@ -52,13 +53,14 @@ def _row(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor, tor
     return ids, position_ids, targets
 
 
-def _check(model, mesh, lengths: list[int], seed: int, reference: tuple, name: str) -> None:
+def _check(model, mesh, lengths: list[int], seed: int, reference: tuple, name: str, passing: bool = True) -> None:
+    """CP on one row against `reference` (each document alone); `passing`: the mixers are Mamba2's and pass state."""
     ids, position_ids, targets = _row(lengths, seed)
     ref_logits, ref_grads = reference
     floor = 1e-3 * max(g.abs().max().item() for g in ref_grads.values())
     apply_context_parallel(model, mesh.config, mesh=mesh)
-    mixers = find_mixers(model)
-    assert mixers and all(type(m).__name__ in CLASSES for _, m in mixers), name
+    mixers = find_mixers(model) if passing else []
+    assert not passing or mixers and all(type(m).__name__ in CLASSES for _, m in mixers), name
     assert all(isinstance(m.forward, StatePassingMixer) for _, m in mixers), f"{name}: state passing not installed"
     bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
     layout = mesh.layout.for_row(bounds, sum(lengths))
@@ -67,7 +69,7 @@ def _check(model, mesh, lengths: list[int], seed: int, reference: tuple, name: s
     calls = []
     with _watch(mixers, calls):
         logits = model(input_ids=shard(ids), position_ids=shard(position_ids), **extra).logits
-    assert calls and all(calls), f"{name}: a mixer took the gathered form"
+    assert not passing or calls and all(calls), f"{name}: a mixer took the gathered form"
     torch.nn.functional.cross_entropy(logits[0], shard(targets)[0], reduction="sum").backward()
     assert_close(logits.detach(), shard(ref_logits), RTOL, f"{name}: logits")
     for key, p in model.named_parameters():
@@ -117,6 +119,23 @@ def _families_worker(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_families_equal_each_document_alone(world):
     run_distributed(_families_worker, world, timeout=900)
+
+
+def _other_forms_worker(rank: int, world: int) -> None:
+    for family in ("jamba", "lfm2"):  # the gathered form, and the halo form (or its gathered fallback)
+        model = build_other(family)
+        for seed, lengths in enumerate(ROWS):
+            reference = per_document(model, _row(lengths, seed)[0], lengths)
+            for layout in LAYOUTS[-2:]:
+                mesh = build_mesh(ContextParallelConfig(size=world, **layout), "cpu")
+                name = f"{family} {layout} on {world} ranks, row {lengths}"
+                _check(model, mesh, lengths, seed, reference, name, passing=False)
+
+
+def test_other_forms_follow_balanced_rows():
+    """The gathered and halo forms of the other mixers take the row's own ranges under
+    `context_parallel_balance="documents"`, where ranks hold chunks of other lengths and counts."""
+    run_distributed(_other_forms_worker, 2, timeout=600)
 
 
 TRAINER_FAMILY = "nemotron_h"
