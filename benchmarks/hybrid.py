@@ -7,9 +7,10 @@ training with gradient checkpointing through transformers_cp's Trainer (`train.r
     python benchmarks/hybrid.py --smoke --out /tmp/hybrid_smoke.json        # CPU, tiny shapes, seconds
 
 "One GPU" runs are context_parallel_size=1 in the same 2-process job (each GPU trains its own sequence, data
-parallel), so tokens/s per GPU compares directly. The mixers run through `transformers_cp.mixers` (each mixer's
-input gathered over the CP group, the stock mixer per document); the JSON says which kernels the stock mixers found
-(flash-linear-attention, mamba_ssm, causal-conv1d, else transformers' torch path).
+parallel), so tokens/s per GPU compares directly. The mixers run through `transformers_cp.mixers`: Nemotron-H's
+Mamba2 layers by state passing (`mixers_mamba2`: each rank scans its own tokens), the gated delta rule gathered (each
+mixer's input gathered over the CP group, the stock mixer per document); the JSON says which kernels the stock
+mixers found (flash-linear-attention, mamba_ssm, causal-conv1d, else transformers' torch path).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A packed row's documents are independent: every recurrence and convolution restarts at each document start, and the
 meaning of a row is each document run alone through the stock model. `MIXERS` names transformers' own mixer classes
-(no copy of their code); `install` replaces each one's forward by one of two exact forms (docs/hybrid.md):
+(no copy of their code); `install` replaces each one's forward by one of these exact forms (docs/hybrid.md):
 
 - `GatheredMixer`, for every mixer, in every mode and layout: the mixer's input is all-gathered over the CP group into
   global order (`comm.AllGather`, whose backward sums the gradient over ranks and keeps this rank's slice), with
@@ -13,6 +13,8 @@ meaning of a row is each document run alone through the stock model. `MIXERS` na
   reaches the row's end; (c+1)/2× on average with contiguous layouts).
 - `HaloMixer`, for mixers whose only look-back is a short convolution of k taps (LFM2's ShortConv): each chunk gets
   the k − 1 inputs before it from the rank that holds them, about 1× compute.
+- `mixers_mamba2.StatePassingMixer`, for the Mamba2 family (`mixers_mamba2.CLASSES`): each rank runs the stock mixer
+  on its own tokens (about 1× compute), the convolution's halo and the scan's incoming state passed across ranks.
 
 Documents arrive as the `Documents` object the CP pre-forward hook builds for attention (`cp_documents`).
 """
@@ -140,7 +142,7 @@ class GatheredMixer:
 
     def _order(self, docs: Documents, device: torch.device) -> torch.Tensor:
         """Rows of the rank-order gather, in global order."""
-        layout, size = self.mesh.layout, self.mesh.cp_size
+        layout, size = docs.layout(self.mesh.layout), self.mesh.cp_size  # the row's own (balanced) ranges
 
         def build():
             return torch.argsort(torch.cat([layout.index(docs.seq_len, r) for r in range(size)])).to(device)
@@ -201,7 +203,7 @@ class GatheredMixer:
     def __call__(self, *args, **kwargs):
         docs, x, per_token, fixed = self._split(args, kwargs)
         rows = {self.hidden: self._global(x, docs), **{k: self._global(v, docs) for k, v in per_token.items()}}
-        mine = self.mesh.layout.ranges(docs.seq_len, self.mesh.cp_rank)
+        mine = docs.layout(self.mesh.layout).ranges(docs.seq_len, self.mesh.cp_rank)
         outputs, extra = {}, None
         for start, end in zip(docs.bounds, docs.bounds[1:]):
             reach = max((min(b, end) for a, b in mine if a < end and b > start), default=None)
@@ -230,9 +232,11 @@ class HaloMixer(GatheredMixer):
 
     def __call__(self, *args, **kwargs):
         docs, x, per_token, fixed = self._split(args, kwargs)
-        layout, k = self.mesh.layout, self.halo
-        mine = layout.ranges(docs.seq_len, self.mesh.cp_rank)
-        if per_token or k == 0 or min(b - a for a, b in mine) < k:
+        layout, k = docs.layout(self.mesh.layout), self.halo
+        every = [layout.ranges(docs.seq_len, r) for r in range(self.mesh.cp_size)]
+        mine = every[self.mesh.cp_rank]
+        # decided alike on every rank (balanced rows give ranks chunks of other lengths and counts)
+        if per_token or k == 0 or any(b - a < k for c in every for a, b in c) or len({len(c) for c in every}) > 1:
             return super().__call__(*args, **kwargs)
         offsets = [0]
         for a, b in mine:
@@ -266,6 +270,8 @@ def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> None:
     """Replace the forward of every mixer of `MIXERS` in `model` by its exact CP form (removed with CP). Its stage
     runs after CP's (`changes.STAGES`) and hands the mixers that forward's documents; they stay until the next forward,
     as a checkpointed layer's mixer runs again in backward, outside the model's forward."""
+    from . import mixers_mamba2  # it builds on GatheredMixer
+
     if mesh.cp_group is None:
         return
     found = find_mixers(model)
@@ -279,7 +285,9 @@ def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> None:
     change = changes.install(model, NAME, pre=begin, depends_on="context_parallel")
     for _, module in found:
         window = MIXERS[type(module).__name__].window
-        if window is None:
+        if type(module).__name__ in mixers_mamba2.CLASSES:
+            mixers_mamba2.install(change, module, mesh, documents)
+        elif window is None:
             change.replace_forward(module, GatheredMixer(module, mesh, documents))
         else:
             change.replace_forward(module, HaloMixer(module, mesh, documents, getattr(module, window).kernel_size[0]))

@@ -1,0 +1,263 @@
+"""Mamba2-family mixers under context parallelism by state passing: each rank runs only its own tokens (about 1×
+the mixer's compute), exact against each document run alone.
+
+The stock mixer (transformers' own forward, no copy of it) runs once per call on an *expanded* shard: every piece of
+the shard (a stretch of one document inside one chunk of the layout) is preceded by k − 1 spacer rows (k = the
+convolution's kernel). Two hooks on the mixer's own submodules, live only during that call, make it exact:
+
+- on `in_proj` (output): the spacer rows' convolution inputs become the k − 1 inputs that precede the piece in
+  global order (from the rank holding them, one all-gather of every chunk's last k − 1 rows; the backward sums their
+  gradients back to the owner), zeros before a document start. The convolution of each piece is then its own.
+- on the gated norm (input; for Falcon-H1 without `mamba_rms_norm`, on `out_proj`'s input with the gate applied):
+  the scan output y gains the state correction. The SSM is h_t = exp(A·Δ_t) h_{t−1} + Δ_t B_t x_tᵀ,
+  y_t = C_tᵀ h_t + D x_t, so a piece whose stock run entered with state h_s where the truth is h_in has
+  y_t(true) = y_t(stock) + C_tᵀ exp(A·Σ_{piece start≤s≤t} Δ_s) (h_in − h_s). The stock run (one scan over the
+  expanded shard, no document resets) carries h_s; h_in is zero at a document start, else the state leaving the
+  chunk before in global order. Both come from each piece's final state from a zero start plus its total decay, an
+  affine composition: h_s along the expanded shard, h_in over the CP group (one all-gather of every chunk's last
+  piece (decay, state); its backward returns the states' gradients).
+
+x, B, C and Δ for the correction are recomputed from `in_proj`'s output (the depthwise convolution again: cheap);
+everything else is the stock path. Where mamba_ssm is installed, the mixer's training path is its fused kernel,
+which takes no incoming state: the mixer runs its unfused path (mamba_ssm's chunk scan and causal-conv1d kernels)
+during the call (`training` off for that module; it has no dropout). Chunks shorter than k − 1 take their halo from
+several chunks. A mixer given other per-token arguments (none of these classes today) takes `GatheredMixer`.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from .comm import AllGather
+from .mesh import ContextParallelMesh
+from .mixers import GatheredMixer, _Documents
+from .plan import Documents
+
+CLASSES = (
+    "NemotronHMamba2Mixer",
+    "GraniteMoeHybridMambaLayer",
+    "FalconH1Mixer",
+    "BambaMixer",
+    "Zamba2MambaMixer",
+    "Mamba2Mixer",
+)
+"""transformers' Mamba2 mixers (near-copies of `Mamba2Mixer`) that take the state-passing form."""
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where each piece of this rank's shard sits in the expanded row and where its incoming values come from."""
+
+    pieces: list[tuple[int, int, int, bool]]  # (expanded start, end, chunk's position in `order`, continues)
+    source: torch.Tensor  # per expanded row: its row of the shard, or L for a spacer (a zero row)
+    keep: torch.Tensor  # the expanded rows of the shard's own positions, in shard order
+    spacers: torch.Tensor  # the expanded spacer rows
+    halo: torch.Tensor  # per spacer row: its row of the gathered tails, or the zero row after them
+    tails: torch.Tensor  # per chunk slot of this rank (`slots` of them): its last k − 1 expanded rows
+    slots: int  # chunk slots per rank in the gathers (the most chunks any rank holds)
+    order: list[tuple[int, int, bool, bool]]  # every chunk in global order: (rank, slot, continues, one piece)
+    mine: list[int]  # positions in `order` of this rank's chunks, in shard order
+
+
+def _plan(docs: Documents, mesh: ContextParallelMesh, k: int) -> _Plan:
+    """The row's plan for this rank."""
+    layout = docs.layout(mesh.layout)
+    ranges = [[(a, b) for a, b in layout.ranges(docs.seq_len, r) if b > a] for r in range(mesh.cp_size)]
+    halo, starts = k - 1, set(docs.bounds)
+    slots = max(len(chunks) for chunks in ranges)
+    chunks = sorted((a, b, r, i) for r, cs in enumerate(ranges) for i, (a, b) in enumerate(cs))
+    order = [(r, i, a not in starts, not any(a < s < b for s in starts)) for a, b, r, i in chunks]
+    position = {(r, i): n for n, (r, i, _, _) in enumerate(order)}
+    mine = [position[mesh.cp_rank, i] for i in range(len(ranges[mesh.cp_rank]))]
+    zero = mesh.cp_size * slots * halo  # the zero row after the gathered tails
+
+    def gathered_row(p: int) -> int:
+        """The row of the gathered tails holding the input at global position p (among its chunk's last k − 1)."""
+        a, b, r, i = chunks[bisect.bisect_right([c[0] for c in chunks], p) - 1]
+        return (r * slots + i) * halo + p - (b - halo)
+
+    pieces, source, keep, spacers, halo_rows, tails = [], [], [], [], [], []
+    shard = sum(b - a for a, b in ranges[mesh.cp_rank])
+    offset = 0
+    for slot, (a, b) in enumerate(ranges[mesh.cp_rank]):
+        cuts = [a, *sorted(s for s in starts if a < s < b), b]
+        for s, e in zip(cuts, cuts[1:]):
+            first = len(source)
+            spacers.extend(range(first, first + halo))
+            source.extend([shard] * halo)
+            doc_start = docs.span(s)[0]
+            for p in range(s - halo, s):  # the document's inputs before the piece, zeros before its start
+                halo_rows.append(gathered_row(p) if s == a and p >= doc_start else zero)
+            keep.extend(range(len(source), len(source) + e - s))
+            source.extend(range(offset + s - a, offset + e - a))
+            pieces.append((first + halo, len(source), mine[slot], s == a and s != doc_start))
+        tail = keep[max(len(keep) - halo, len(keep) - (b - a)) :]
+        tails.append([None] * (halo - len(tail)) + tail)  # a chunk shorter than k − 1: zeros in front
+        offset += b - a
+    tails += [[None] * halo] * (slots - len(ranges[mesh.cp_rank]))  # this rank has fewer chunks than another
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    tail_rows = [len(source) if i is None else i for t in tails for i in t]  # None: the zero row after the rows
+    return _Plan(
+        pieces, as_tensor(source), as_tensor(keep), as_tensor(spacers), as_tensor(halo_rows), as_tensor(tail_rows),
+        slots, order, mine,
+    )  # fmt: skip
+
+
+class StatePassingMixer(GatheredMixer):
+    """The state-passing forward of one Mamba2-family mixer (see the module docstring)."""
+
+    def __init__(self, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents) -> None:
+        super().__init__(module, mesh, documents)
+        self.module = module
+        self.k = module.conv1d.kernel_size[0]
+        self.call: dict | None = None  # the current call's plan and in_proj output, for the hooks
+        gated_norm = getattr(module, "mamba_rms_norm", True)  # Falcon-H1 may gate without a norm
+        self.gate_at_output = not gated_norm
+
+    def hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """The two hooks on the mixer's submodules (live only while this forward runs)."""
+        module = self.module
+        target = module.out_proj if self.gate_at_output else module.norm
+        return [
+            module.in_proj.register_forward_hook(self._after_in_proj),
+            target.register_forward_pre_hook(self._before_norm),
+        ]
+
+    def __call__(self, *args, **kwargs):
+        docs, x, per_token, fixed = self._split(args, kwargs)
+        if per_token:  # none of these classes takes one today
+            return super().__call__(*args, **kwargs)
+        key = ("mamba2_plan", self.k, self.mesh.cp_rank, str(x.device))
+        plan = docs.cached(key, lambda: _to(_plan(docs, self.mesh, self.k), x.device))
+        rows = torch.cat([x, x.new_zeros(1, 1, x.shape[-1])], dim=1).index_select(1, plan.source)
+        self.call = {"plan": plan}
+        module = self.module
+        training = module.training
+        try:
+            module.training = False  # the fused training kernel (mamba_ssm) takes no incoming state
+            out, extra = self._run({self.hidden: rows}, fixed)
+        finally:
+            module.training = training
+            self.call = None
+        out = out.index_select(1, plan.keep)
+        return out if extra is None else (out, *extra)
+
+    def _columns(self) -> tuple[int, int]:
+        """in_proj's output columns of the convolution's input (x, B, C), which precede the heads' Δ."""
+        module = self.module
+        end = -module.num_heads
+        return end - module.conv_dim, end
+
+    def _after_in_proj(self, _module, _args, out: torch.Tensor):
+        if self.call is None:
+            return None
+        plan = self.call["plan"]
+        lo, hi = self._columns()
+        xbc = out[0, :, lo:hi]
+        tails = torch.cat([xbc, xbc.new_zeros(1, xbc.shape[-1])]).index_select(0, plan.tails)
+        gathered = AllGather.apply(tails, self.mesh.cp_group)  # rank order, then slot order, then row
+        spacer_rows = torch.cat([gathered, gathered.new_zeros(1, xbc.shape[-1])]).index_select(0, plan.halo)
+        xbc = xbc.index_put((plan.spacers,), spacer_rows)
+        # every rank's gather must reach the backward (its reduce-scatter is a collective), used or not
+        xbc = xbc + 0 * gathered.sum()
+        out = torch.cat([out[..., :lo], xbc[None], out[..., hi:]], dim=-1)
+        self.call["projected"] = out
+        return out
+
+    def _before_norm(self, _module, args):
+        if self.call is None:
+            return None
+        y, *rest = args
+        correction, gate = self._correction()
+        if self.gate_at_output:
+            correction = correction * F.silu(gate)
+        return ((y + correction.to(y.dtype)[None]), *rest)
+
+    def _ssm_inputs(self, projected: torch.Tensor):
+        """Δ (L', G, H/G), x (L', G, H/G, P), B and C (L', G, N) and the gate of the expanded row, as the stock path
+        makes them (heads grouped by the B and C they share, G groups)."""
+        module = self.module
+        mup = getattr(module, "mup_vector", None)
+        if mup is not None:
+            projected = projected * mup
+        projected = projected[0]
+        lo, hi = self._columns()
+        xbc, dt = projected[:, lo:hi], projected[:, hi:]
+        gate = projected[:, lo - module.intermediate_size : lo]
+        weight = module.conv1d.weight
+        conv = F.conv1d(xbc.T[None].to(weight.dtype), weight, module.conv1d.bias, padding=self.k - 1,
+                        groups=module.conv_dim)[0, :, : xbc.shape[0]]  # fmt: skip
+        conv = ACT2FN[module.activation](conv).to(xbc.dtype).T
+        heads, groups, state = module.num_heads, module.n_groups, module.ssm_state_size
+        x, b, c = conv.float().split([module.intermediate_size, groups * state, groups * state], dim=-1)
+        dt = F.softplus(dt + module.dt_bias.to(dt.dtype))
+        low, high = module.time_step_limit
+        dt = torch.clamp(dt, low, high).float().view(-1, groups, heads // groups)
+        x = x.view(-1, groups, heads // groups, module.head_dim)
+        return dt, x, b.view(-1, groups, state), c.view(-1, groups, state), gate
+
+    def _correction(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The additive correction of the scan output (L', H·P) and the gate (L', H·P)."""
+        plan, module = self.call["plan"], self.module
+        dt, x, b, c, gate = self._ssm_inputs(self.call["projected"])
+        a = -torch.exp(module.A_log.float()).view(dt.shape[1:])
+        cum = torch.cumsum((dt * a).double(), dim=0)  # log-decay from the row's start, float64 against cancellation
+        cum = torch.cat([cum.new_zeros(1, *cum.shape[1:]), cum])  # cum[t] = before expanded row t
+
+        def final_state(lo: int, hi: int) -> torch.Tensor:
+            """State after rows [lo, hi) from a zero state: (G, H/G, P, N)."""
+            w = torch.exp((cum[hi] - cum[lo + 1 : hi + 1]).float()) * dt[lo:hi]
+            return torch.einsum("tgjp,tgn->gjpn", w[..., None] * x[lo:hi], b[lo:hi])
+
+        def decay(lo: int, hi: int) -> torch.Tensor:
+            return torch.exp((cum[hi] - cum[lo]).float())[..., None, None]
+
+        # the stock run's state entering each piece (it carries across pieces and spacers), and each chunk's last piece
+        heads, shape = module.num_heads, (*x.shape[1:], b.shape[-1])  # a state: (G, H/G, P, N)
+        carried, stock, last, halo = x.new_zeros(shape), [], {}, self.k - 1
+        for s, e, chunk, _ in plan.pieces:
+            carried = decay(s - halo, s) * carried + final_state(s - halo, s)
+            stock.append(carried)
+            own = final_state(s, e)
+            last[chunk] = (own, (cum[e] - cum[s]).float().flatten())
+            carried = decay(s, e) * carried + own
+        rows = [torch.cat([last[n][0].flatten(), last[n][1]]) for n in plan.mine]
+        rows += [x.new_zeros(carried.numel() + heads)] * (plan.slots - len(rows))  # a rank with fewer chunks
+        gathered = AllGather.apply(torch.stack(rows), self.mesh.cp_group)  # rank order, then slot order
+        entering, state = {}, None
+        for n, (rank, slot, continues, one_piece) in enumerate(plan.order):
+            row = gathered[rank * plan.slots + slot]
+            own = row[:-heads].view(shape)
+            entering[n] = state if continues else None  # the first chunk starts a document
+            if continues and one_piece:
+                state = torch.exp(row[-heads:]).view(shape[:2])[..., None, None] * state + own
+            else:
+                state = own
+        pieces, position = [], 0
+        for (s, e, chunk, continues), before in zip(plan.pieces, stock):
+            true = entering[chunk] if continues else torch.zeros_like(before)
+            decays = torch.exp((cum[s + 1 : e + 1] - cum[s]).float())
+            pieces.append(x.new_zeros(s - position, *x.shape[1:]))
+            pieces.append(torch.einsum("tgn,gjpn->tgjp", c[s:e], true - before) * decays[..., None])
+            position = e
+        pieces.append(x.new_zeros(c.shape[0] - position, *x.shape[1:]))
+        correction = torch.cat(pieces).flatten(1) + 0 * gathered.sum()
+        return correction, gate
+
+
+def _to(plan: _Plan, device: torch.device) -> _Plan:
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(plan).items()}
+    return _Plan(**moved)
+
+
+def install(change, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents) -> None:
+    """Give a Mamba2-family mixer its state-passing forward and hooks, removed with `change`."""
+    mixer = StatePassingMixer(module, mesh, documents)
+    change.replace_forward(module, mixer)
+    for handle in mixer.hooks():
+        change.track(handle)

@@ -1,0 +1,163 @@
+"""Mamba2-family mixers under CP by state passing (`mixers_mamba2.StatePassingMixer`: each rank runs only its own
+tokens) equal each document run alone through the stock model: logits and every parameter gradient (fp32, relative
+1e-5), for Nemotron-H, Bamba, GraniteMoeHybrid, Falcon-H1, Zamba2 and Mamba2, in zigzag, ring, llama3 and ulysses and
+the documents-balanced zigzag and ring layouts, on 2 and 4 gloo ranks; two packed rows: documents of one token,
+shorter than a shard and longer than one (spanning every chunk of the row), starting at a chunk boundary and a
+token before one (the convolution's halo then mixes zeros and inputs). On 4 ranks, chunks of 2 tokens
+(shorter than the halo of 3) take it from two chunks. `transformers_cp.Trainer` with gradient accumulation equals the stock Trainer on one document per
+row. One distributed job per world size loops over every case.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import transformers
+from distributed import run_distributed
+from reference import assert_close, per_document
+from test_hybrid import COMMON, FAMILIES, VOCAB, _assert_gradient, _assert_same_training, _pad_rows
+from test_hybrid import build as build_other
+from trainer_cases import CPTrainer, StockTrainer, arguments, sft_dataset, train_and_record
+
+import transformers_cp
+from transformers_cp import ContextParallelConfig, apply_context_parallel, build_mesh, remove_context_parallel
+from transformers_cp.mixers import find_mixers
+from transformers_cp.mixers_mamba2 import CLASSES, StatePassingMixer
+
+RTOL = 1e-5
+CONFIGS = {
+    **{f: FAMILIES[f] for f in ("nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "zamba2")},
+    "mamba2": dict(num_heads=4, head_dim=16, state_size=8, n_groups=2, chunk_size=8, conv_kernel=4,
+                   num_hidden_layers=2),
+}  # fmt: skip
+ROWS = ([1, 3, 20, 1, 7], [7, 23, 2])  # 32 tokens each: chunks of 8 (2 ranks, zigzag) or 4 (4 ranks)
+LAYOUTS = [dict(mode=m) for m in ("zigzag", "ring", "llama3", "ulysses")] + [
+    dict(mode=m, balance="documents") for m in ("zigzag", "ring")
+]
+
+
+def build(family: str) -> transformers.PreTrainedModel:
+    config = transformers.CONFIG_MAPPING[family](**{**COMMON, **CONFIGS[family]})
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
+
+
+def _row(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, position_ids (restarting per document) and next-token targets (-100 at document ends)."""
+    ids = torch.randint(3, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(seed))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    targets = torch.full_like(ids, -100)
+    targets[:, :-1] = ids[:, 1:]
+    targets[0, torch.tensor(lengths).cumsum(0) - 1] = -100
+    return ids, position_ids, targets
+
+
+def _check(model, mesh, lengths: list[int], seed: int, reference: tuple, name: str, passing: bool = True) -> None:
+    """CP on one row against `reference` (each document alone); `passing`: the mixers are Mamba2's and pass state."""
+    ids, position_ids, targets = _row(lengths, seed)
+    ref_logits, ref_grads = reference
+    floor = 1e-3 * max(g.abs().max().item() for g in ref_grads.values())
+    apply_context_parallel(model, mesh.config, mesh=mesh)
+    mixers = find_mixers(model) if passing else []
+    assert not passing or mixers and all(type(m).__name__ in CLASSES for _, m in mixers), name
+    assert all(isinstance(m.forward, StatePassingMixer) for _, m in mixers), f"{name}: state passing not installed"
+    bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    layout = mesh.layout.for_row(bounds, sum(lengths))
+    shard = lambda t: layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
+    extra = {"cu_seq_lens_q": torch.tensor(bounds)} if mesh.config.balance == "documents" else {}
+    calls = []
+    with _watch(mixers, calls):
+        logits = model(input_ids=shard(ids), position_ids=shard(position_ids), **extra).logits
+    assert not passing or calls and all(calls), f"{name}: a mixer took the gathered form"
+    torch.nn.functional.cross_entropy(logits[0], shard(targets)[0], reduction="sum").backward()
+    assert_close(logits.detach(), shard(ref_logits), RTOL, f"{name}: logits")
+    for key, p in model.named_parameters():
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(grad, group=mesh.cp_group)
+        _assert_gradient(grad, ref_grads.get(key, torch.zeros_like(p)), floor, f"{name}: gradient of {key}")
+    model.zero_grad()
+    remove_context_parallel(model)
+    assert not any("forward" in vars(m) for _, m in mixers), f"{name}: mixer forward not restored"
+    assert not any(m.in_proj._forward_hooks for _, m in mixers), f"{name}: in_proj hook not removed"
+
+
+class _watch:
+    """Records, per mixer call, whether it ran the state-passing form (not its gathered fallback)."""
+
+    def __init__(self, mixers, calls: list) -> None:
+        self.mixers, self.calls = mixers, calls
+
+    def __enter__(self):
+        self.handles = [m.in_proj.register_forward_hook(self._seen) for _, m in self.mixers]
+        return self
+
+    def _seen(self, module, args, out):
+        mixer = next(m for _, m in self.mixers if m.in_proj is module)
+        self.calls.append(mixer.forward.call is not None)
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def _families_worker(rank: int, world: int) -> None:
+    meshes = [build_mesh(ContextParallelConfig(size=world, **layout), "cpu") for layout in LAYOUTS]
+    for family in CONFIGS:
+        model = build(family)
+        for seed, lengths in enumerate(ROWS):
+            reference = per_document(model, _row(lengths, seed)[0], lengths)
+            for mesh in meshes:
+                name = f"{family} {mesh.config.mode} balance={mesh.config.balance} on {world} ranks, row {lengths}"
+                _check(model, mesh, lengths, seed, reference, name)
+        if world == 4:  # chunks of 2 tokens, shorter than the convolution's halo of 3: it comes from two chunks
+            lengths = [3, 12, 1]
+            reference = per_document(model, _row(lengths, 2)[0], lengths)
+            _check(model, meshes[0], lengths, 2, reference, f"{family} zigzag, chunks of 2 tokens")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_families_equal_each_document_alone(world):
+    run_distributed(_families_worker, world, timeout=900)
+
+
+def _other_forms_worker(rank: int, world: int) -> None:
+    for family in ("jamba", "lfm2"):  # the gathered form, and the halo form (or its gathered fallback)
+        model = build_other(family)
+        for seed, lengths in enumerate(ROWS):
+            reference = per_document(model, _row(lengths, seed)[0], lengths)
+            for layout in LAYOUTS[-2:]:
+                mesh = build_mesh(ContextParallelConfig(size=world, **layout), "cpu")
+                name = f"{family} {layout} on {world} ranks, row {lengths}"
+                _check(model, mesh, lengths, seed, reference, name, passing=False)
+
+
+def test_other_forms_follow_balanced_rows():
+    """The gathered and halo forms of the other mixers take the row's own ranges under
+    `context_parallel_balance="documents"`, where ranks hold chunks of other lengths and counts."""
+    run_distributed(_other_forms_worker, 2, timeout=600)
+
+
+TRAINER_FAMILY = "nemotron_h"
+
+
+def _trainer_run(context_parallel_size: int, mode: str = "zigzag", **kwargs) -> dict:
+    data = dict(model=build(TRAINER_FAMILY), train_dataset=sft_dataset(13, 0), eval_dataset=sft_dataset(7, 1))
+    if context_parallel_size == 1:
+        args = transformers.TrainingArguments(**arguments())
+        return train_and_record(StockTrainer(args=args, data_collator=_pad_rows, **data))
+    cp = arguments(context_parallel_size=context_parallel_size, context_parallel_mode=mode, **kwargs)
+    return train_and_record(CPTrainer(args=transformers_cp.TrainingArguments(**cp), **data))
+
+
+def _trainer_worker(rank: int, world: int, expected: dict) -> None:
+    _assert_same_training(_trainer_run(world, "zigzag"), expected, f"{TRAINER_FAMILY} Trainer zigzag")
+    # recomputation runs each mixer again in backward, with its hooks and collectives, in the same order on every rank
+    checkpointed = _trainer_run(world, "ring", gradient_checkpointing=True)
+    _assert_same_training(checkpointed, expected, f"{TRAINER_FAMILY} Trainer ring, gradient checkpointing")
+
+
+def test_trainer_gradient_accumulation():
+    """transformers_cp.Trainer (zigzag; ring with gradient checkpointing; gradient accumulation 2) on Nemotron-H equals the stock Trainer on one
+    right-padded document per row (its mixers do not see the padding after a document)."""
+    run_distributed(_trainer_worker, 2, _trainer_run(1), timeout=900)
