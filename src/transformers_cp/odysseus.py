@@ -216,6 +216,9 @@ def _attention_forward(module: torch.nn.Module, mesh: ContextParallelMesh, rotar
     original = module.forward
     signature = inspect.signature(original)
     group = mesh.cp_group
+    # attention without positions (Jamba's, Nemotron-H's: the recurrent layers place the tokens) takes neither
+    # parameter; one that computes rotary embeddings itself takes position_ids, which would be the shard's
+    positionless = not {"position_embeddings", "position_ids"} & set(signature.parameters)
 
     def forward(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
@@ -226,15 +229,16 @@ def _attention_forward(module: torch.nn.Module, mesh: ContextParallelMesh, rotar
                 "flatten the batch into one row (transformers_cp's collator does)."
             )
         embeddings = bound.arguments.get("position_embeddings")
-        if embeddings is None:
+        if embeddings is None and not positionless:
             raise ValueError(
                 f"context_parallel_mode='odysseus' needs the position embeddings that {type(module).__name__} "
                 "receives from its decoder layer; use another context_parallel_mode for this model."
             )
         bound.arguments["hidden_states"] = AllGather.apply(hidden[0], group)[None]
-        single = isinstance(embeddings, torch.Tensor)  # Llama 4: one complex tensor, not (cos, sin)
-        full = rotary.full((embeddings,) if single else embeddings, group)
-        bound.arguments["position_embeddings"] = full[0] if single else full
+        if embeddings is not None:
+            single = isinstance(embeddings, torch.Tensor)  # Llama 4: one complex tensor, not (cos, sin)
+            full = rotary.full((embeddings,) if single else embeddings, group)
+            bound.arguments["position_embeddings"] = full[0] if single else full
         out, weights = original(*bound.args, **bound.kwargs)
         return ReduceScatter.apply(out[0], group)[None], weights
 
