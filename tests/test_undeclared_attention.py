@@ -1,7 +1,8 @@
 """Models whose class does not declare transformers' AttentionInterface (`_supports_attention_backend`) but whose
 attention goes through it and whose decoder reads position_ids (BioGPT, StableLM, Whisper's decoder): check_model
 takes them, and under CP each equals every document of the packed row run alone (logits and every gradient, float32);
-and odysseus on attention without positions (Nemotron-H's, whose recurrent layers place the tokens).
+and odysseus on attention without positions (Nemotron-H's, whose recurrent layers place the tokens) and on attention
+whose output projection is `out_proj` (LFM2's).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ CASES = [(family, mode) for family in CONFIGS for mode in ("zigzag", "llama3", "
 
 
 def build(family: str) -> transformers.PreTrainedModel:
-    if family == "nemotron_h":
+    if family in ("nemotron_h", "lfm2"):
         return build_hybrid(family)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(CONFIGS[family](), attn_implementation="eager")
@@ -81,4 +82,4 @@ def _worker(rank: int, world: int, cases: list) -> None:
 
 
 def test_undeclared_interface_families_equal_each_document_alone():
-    run_distributed(_worker, 2, CASES + [("nemotron_h", "odysseus")])
+    run_distributed(_worker, 2, CASES + [("nemotron_h", "odysseus"), ("lfm2", "odysseus")])

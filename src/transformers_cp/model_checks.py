@@ -18,7 +18,7 @@ import transformers
 from .config import ContextParallelConfig, ContextParallelConfigError
 from .mesh import job_config, node_size
 from .mixers import check_mixers
-from .model_info import text_config
+from .model_info import decoder_layers, text_config
 from .router_loss import check_router_loss
 
 logger = transformers.utils.logging.get_logger(f"transformers.{__name__}")  # shown as transformers' own logs are
@@ -60,14 +60,6 @@ def sparse_attention(text_config) -> list[str]:
     ]
 
 
-def _decoder(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The language model's decoder, and the part of it that holds its layers (not a vision or audio tower, nor an
-    embedding extension)."""
-    decoder = (model.get_decoder() if hasattr(model, "get_decoder") else None) or model
-    layers = getattr(decoder, "layers", None)
-    return decoder, layers if isinstance(layers, torch.nn.ModuleList) else decoder
-
-
 def _dispatches_attention(cls: type) -> bool:
     """Whether `cls.forward` looks its attention function up in transformers' registry (ALL_ATTENTION_FUNCTIONS),
     read from the names its code uses."""
@@ -80,7 +72,7 @@ def undeclared_attention(model: torch.nn.Module) -> str | None:
     same: every attention module of its decoder layers calls the attention function through transformers' registry
     (so CP's replaces it) and its decoder reads position_ids (so each token gets its place in the whole row and in its
     document). BioGPT, StableLM and Whisper's decoder are such models; the model sweep checks them."""
-    decoder, scope = _decoder(model)
+    decoder, scope = decoder_layers(model)
     kinds = {type(m) for m in scope.modules() if type(m).__name__.lower().endswith("attention")}
     own = sorted(cls.__name__ for cls in kinds if not _dispatches_attention(cls))
     name = type(model).__name__
@@ -103,7 +95,7 @@ def undeclared_attention(model: torch.nn.Module) -> str | None:
 
 def sequence_mixers(model: torch.nn.Module) -> list[str]:
     """'module (class)' for the modules of the language model's decoder layers that mix tokens without attention."""
-    inside = set(_decoder(model)[1].modules())
+    inside = set(decoder_layers(model)[1].modules())
     found = []
     for name, module in model.named_modules():
         kind = type(module).__name__
