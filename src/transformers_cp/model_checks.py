@@ -3,8 +3,10 @@
 CP shards the sequence and exchanges attention's keys and values, and the inputs of the recurrent and convolution
 mixers `mixers.py` makes exact. A layer that looks along the sequence in any other way (another 1-D convolution or
 recurrence, compressed or indexed sparse attention) would run on this rank's shard alone or without its pattern, and
-dropout changes a softmax the CP kernels compute without it: each would make the result silently wrong, so
-`check_model` refuses such models. Attention sinks, logit softcapping and chunked attention are computed exactly
+dropout changes a softmax the CP kernels compute without it; attention a model computes itself, or positions its
+decoder numbers from the input's length, would be the shard's (`undeclared_attention`, for models that do not declare
+transformers' AttentionInterface); LayerDrop would skip layers per rank: each would make the result silently wrong (or
+hang), so `check_model` refuses such models. Attention sinks, logit softcapping and chunked attention are computed exactly
 (`sinks`, the kernels' softcap, `chunked`). Nothing here talks to other ranks, so every rank raises the same error.
 """
 
