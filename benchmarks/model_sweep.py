@@ -324,7 +324,11 @@ def compare(rank: int, world: int, model_type: str, mode: str, dtype: torch.dtyp
         _loss(logits, shard(_targets(ids))).backward()
     except Exception as e:  # noqa: BLE001 - the outcome is the record; every rank fails alike or the job stalls
         record = {"status": stage, "why": repr(e)[:400]}
-        if stage == "rejected_at_apply" and "not pluggable" in str(e) and calls_attention_interface(model):
+        if (
+            stage == "rejected_at_apply"
+            and "_supports_attention_backend" in str(e)
+            and calls_attention_interface(model)
+        ):
             record["declared_pluggable"] = compare(rank, world, model_type, mode, dtype, pluggable=True)
         return record
     grads = {}

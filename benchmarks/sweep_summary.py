@@ -18,15 +18,18 @@ import re
 
 def short(why: str) -> str:
     """The reason of a record's exception, without its type, CP's common opening and the suggested fix."""
-    text = re.sub(r"^\w+\((['\"])(.*)\1\)$", r"\2", why.strip(), flags=re.S)
+    text = re.sub(r"^\w+\((['\"])(.*?)(\1\))?$", r"\2", why.strip(), flags=re.S)  # the record cuts long ones
     text = " ".join(text.replace("\\n", " ").replace("`", "'").split())  # no code spans: the docs tests run those
     text = text.replace("context parallel attention does not support ", "").replace("\\'", "'")
-    if "not pluggable" in text:  # the model's class name leads; the reason is the same for each
-        return (
-            "attention not declared pluggable through transformers' AttentionInterface (_supports_attention_backend)"
-        )
+    if "_supports_attention_backend" in text:  # the model's class name leads; the reason is one of a few
+        text = "AttentionInterface not declared (_supports_attention_backend), and " + text.split(", and ", 1)[-1]
+        text = re.sub(r" \([A-Za-z0-9_, ]+\)(?= (?:compute|takes))|: it would see .*|: it numbers .*", "", text)
+        return text.replace(" (e.g. ALiBi in Bloom, Falcon or MPT)", "").replace("whose decoder", "its decoder")
+    if text.startswith("these sequence mixers"):  # module paths differ per family: their classes name the kind
+        kinds = dict.fromkeys(re.findall(r"\((\w+)\)", text.split("):", 1)[0]))
+        return f"sequence mixers with no exact path ({', '.join(kinds)}, ...)"
     text = re.sub(r": across ranks it computes exactly only .*", "", text)
-    return re.split(r"; (?:use|pass|call|set|switch|remove) ", text)[0].rstrip(".")[:160]
+    return re.split(r"; (?:use|pass|call|set|switch|remove) ", text)[0].rstrip(".")[:280]
 
 
 def probe(records) -> str:

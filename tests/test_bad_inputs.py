@@ -177,15 +177,44 @@ MODEL_CASES = [
             transformers.FalconConfig, num_hidden_layers=1, hidden_size=16, num_attention_heads=2, alibi=True
         ),
         dict(size=2),
-        ["FalconForCausalLM", "AttentionInterface", "ALiBi"],
+        ["ALiBi position biases", "RoPE"],
         id="falcon-alibi",
     ),
-    pytest.param(
+    pytest.param(  # attention computed by the model itself, behind an undeclared AttentionInterface
         lambda: _small(transformers.BloomConfig, n_layer=1, hidden_size=16, n_head=2),
         dict(size=2),
-        ["BloomForCausalLM", "AttentionInterface"],
-        id="bloom-alibi",
+        ["BloomForCausalLM", "_supports_attention_backend", "(BloomAttention) compute attention themselves"],
+        id="bloom-own-attention",
     ),
+    pytest.param(  # attention through AttentionInterface, but positions numbered by the decoder itself
+        lambda: _small(
+            transformers.BartConfig,
+            d_model=16,
+            decoder_layers=1,
+            decoder_attention_heads=2,
+            decoder_ffn_dim=16,
+            encoder_layers=1,
+            encoder_attention_heads=2,
+            encoder_ffn_dim=16,
+        ),
+        dict(size=2),
+        ["BartForCausalLM", "_supports_attention_backend", "BartDecoder", "takes no position_ids"],
+        id="bart-positions",
+    ),  # fmt: skip
+    pytest.param(
+        lambda: _small(
+            transformers.OPTConfig,
+            num_hidden_layers=1,
+            hidden_size=16,
+            ffn_dim=16,
+            num_attention_heads=2,
+            word_embed_proj_dim=16,
+            layerdrop=0.1,
+        ),
+        dict(size=2),
+        ["LayerDrop (layerdrop=0.1)", "which layers to skip", "layerdrop=0.0"],
+        id="opt-layerdrop",
+    ),  # fmt: skip
     pytest.param(  # gated attention: q_proj also computes a gate, so odysseus cannot split it by heads
         lambda: _small(
             transformers.Qwen3NextConfig,
@@ -231,7 +260,7 @@ MODEL_CASES = [
     pytest.param(
         lambda: _small(transformers.DogeConfig, keep_window_size=4, **_TINY),
         dict(size=2),
-        ["sparse attention", "keep_window_size=4"],
+        ["Doge's dynamic mask", "bias per key and head", "keep_window_size=4", "picks the keys"],
         id="doge-dynamic-mask",
     ),
     pytest.param(

@@ -50,7 +50,14 @@ def test_merge_replaces_only_the_named_families(tmp_path: Path, monkeypatch: pyt
 
 def test_summary_groups(tmp_path: Path) -> None:
     refused = "ValueError('context parallel attention does not support attention sinks (x); use a model without.')"
-    flag = 'ValueError("context parallel attention does not support X, whose attention is not pluggable through")'
+    flag = (
+        "ValueError(\"context parallel attention does not support XForCausalLM, which does not declare transformers' "
+        "AttentionInterface (_supports_attention_backend), and whose decoder (XDecoder) takes no position_ids: it "
+        'numbers its positions; use another.")'
+    )
+    mixers = (
+        "ValueError('context parallel attention does not support these sequence mixers (m.a (RwkvBlock), m.b (Conv"
+    )
     records = [
         {"command": "python benchmarks/model_sweep.py", "machine": "m", "minutes": 1.0},
         record("llama", "zigzag", "match", logit_err=1e-7, grad_err=1e-7),
@@ -63,6 +70,7 @@ def test_summary_groups(tmp_path: Path) -> None:
         record("biogpt", "zigzag", "rejected_at_apply", why=flag,
                declared_pluggable={"status": "match", "logit_err": 0.0, "grad_err": 0.0}),
         record("blt", "zigzag", "build_failed", why="ValueError('not tiny: `w`')"),
+        record("rwkv", "zigzag", "rejected_at_apply", why=mixers),  # cut short, as the sweep cuts long messages
     ]  # fmt: skip
     path = tmp_path / "sweep.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -71,6 +79,11 @@ def test_summary_groups(tmp_path: Path) -> None:
     assert "- dsv3 (the other modes match): odysseus w2 refused: needs q_proj" in text
     assert "**Mismatch** (1 families" in text and "packed without CP 1.0e-06" in text
     assert "- attention sinks (x): gpt_oss" in text
+    assert (
+        "- AttentionInterface not declared (_supports_attention_backend), and its decoder takes no position_ids;"
+        in text
+    )
     assert "  - match: biogpt" in text
+    assert "- sequence mixers with no exact path (RwkvBlock, ...): rwkv" in text
     assert "- blt (zigzag w2): build_failed: not tiny: 'w'" in text
     assert "`" not in text.split("\n", 1)[1]  # no code spans: the documentation tests would run them

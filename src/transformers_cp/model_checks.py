@@ -3,12 +3,16 @@
 CP shards the sequence and exchanges attention's keys and values, and the inputs of the recurrent and convolution
 mixers `mixers.py` makes exact. A layer that looks along the sequence in any other way (another 1-D convolution or
 recurrence, compressed or indexed sparse attention) would run on this rank's shard alone or without its pattern, and
-dropout changes a softmax the CP kernels compute without it: each would make the result silently wrong, so
-`check_model` refuses such models. Attention sinks, logit softcapping and chunked attention are computed exactly
+dropout changes a softmax the CP kernels compute without it; attention a model computes itself, or positions its
+decoder numbers from the input's length, would be the shard's (`undeclared_attention`, for models that do not declare
+transformers' AttentionInterface); LayerDrop would skip layers per rank: each would make the result silently wrong (or
+hang), so `check_model` refuses such models. Attention sinks, logit softcapping and chunked attention are computed exactly
 (`sinks`, the kernels' softcap, `chunked`). Nothing here talks to other ranks, so every rank raises the same error.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 import transformers
@@ -16,7 +20,7 @@ import transformers
 from .config import ContextParallelConfig, ContextParallelConfigError
 from .mesh import job_config, node_size
 from .mixers import check_mixers
-from .model_info import text_config
+from .model_info import decoder_layers, text_config
 from .router_loss import check_router_loss
 
 logger = transformers.utils.logging.get_logger(f"transformers.{__name__}")  # shown as transformers' own logs are
@@ -46,9 +50,9 @@ def foreign_layer_types(text_config) -> list[str]:
     return found
 
 
-SPARSE_ATTENTION_FIELDS = ("index_topk", "keep_window_size")
+SPARSE_ATTENTION_FIELDS = ("index_topk",)
 """Config fields of sparse attention that picks, per query, which keys softmax sees: an indexer's top-k
-(DeepSeek-V3.2 style) or a dynamic mask's (Doge)."""
+(DeepSeek-V3.2 style)."""
 
 
 def sparse_attention(text_config) -> list[str]:
@@ -58,12 +62,42 @@ def sparse_attention(text_config) -> list[str]:
     ]
 
 
+def _dispatches_attention(cls: type) -> bool:
+    """Whether `cls.forward` looks its attention function up in transformers' registry (ALL_ATTENTION_FUNCTIONS),
+    read from the names its code uses."""
+    code = getattr(inspect.unwrap(cls.forward), "__code__", None)
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+
+
+def undeclared_attention(model: torch.nn.Module) -> str | None:
+    """Why CP cannot take a model whose class leaves `_supports_attention_backend` unset, or None where it can all the
+    same: every attention module of its decoder layers calls the attention function through transformers' registry
+    (so CP's replaces it) and its decoder reads position_ids (so each token gets its place in the whole row and in its
+    document). BioGPT, StableLM and Whisper's decoder are such models; the model sweep checks them."""
+    decoder, scope = decoder_layers(model)
+    kinds = {type(m) for m in scope.modules() if type(m).__name__.lower().endswith("attention")}
+    own = sorted(cls.__name__ for cls in kinds if not _dispatches_attention(cls))
+    name = type(model).__name__
+    if own or not kinds:
+        modules = f"its attention modules ({', '.join(own)}) compute" if own else "it computes"
+        return (
+            f"{name}, which does not declare transformers' AttentionInterface (_supports_attention_backend), and "
+            f"{modules} attention themselves, not through it (e.g. ALiBi in Bloom, Falcon or MPT): it would see this "
+            "rank's shard of the sequence alone"
+        )
+    if "position_ids" not in inspect.signature(decoder.forward).parameters:
+        return (
+            f"{name}, which does not declare transformers' AttentionInterface (_supports_attention_backend), and whose "
+            f"decoder ({type(decoder).__name__}) takes no position_ids: it numbers its position embeddings from its "
+            "input's own length, so each rank's shard, and each packed document, would be embedded at the wrong "
+            "positions"
+        )
+    return None
+
+
 def sequence_mixers(model: torch.nn.Module) -> list[str]:
     """'module (class)' for the modules of the language model's decoder layers that mix tokens without attention."""
-    decoder = (model.get_decoder() if hasattr(model, "get_decoder") else None) or model
-    layers = getattr(decoder, "layers", None)
-    scope = layers if isinstance(layers, torch.nn.ModuleList) else decoder
-    inside = set(scope.modules())  # the decoder layers: not a vision or audio tower, nor an embedding extension
+    inside = set(decoder_layers(model)[1].modules())
     found = []
     for name, module in model.named_modules():
         kind = type(module).__name__
@@ -77,6 +111,10 @@ def sequence_mixers(model: torch.nn.Module) -> list[str]:
 DROPOUT_FIELDS = ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop")
 """Config fields that hold the attention dropout probability in transformers' models."""
 
+LAYERDROP_FIELDS = ("layerdrop", "decoder_layerdrop")
+"""Config fields of LayerDrop in transformers' decoders (BioGPT, OPT, Whisper, ...): in training each process draws
+which layers to skip, so ranks could skip different layers and their attention exchanges would not pair up."""
+
 
 def unsupported(setting: str, fix: str) -> ValueError:
     return ValueError(f"context parallel attention does not support {setting}; {fix}")
@@ -86,24 +124,31 @@ def check_model(model: torch.nn.Module, config: ContextParallelConfig) -> None:
     """Reject model settings CP cannot honour. `config` is resolved against the world size; nothing here talks to
     other ranks, so every rank raises the same error before the mesh's groups are made or any collective runs."""
     exact_mixers = check_mixers(model)  # recurrent / conv mixers with an exact path, or a refusal naming them
-    if not exact_mixers and not getattr(model, "_supports_attention_backend", True):
-        raise unsupported(
-            f"{type(model).__name__}, whose attention is not pluggable through transformers' AttentionInterface "
-            "(its attention, e.g. ALiBi in Bloom, Falcon or MPT, would silently run on the local shard only)",
-            "use a model whose attention supports attn_implementation choices (Llama, Qwen2/3, Mistral, ...).",
-        )
     text = text_config(model)
     heads = getattr(text, "num_attention_heads", None)
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     for name in DROPOUT_FIELDS:
         if getattr(text, name, None):
             raise unsupported(f"attention dropout ({name}={getattr(text, name)})", f"set the model's {name}=0.0.")
+    for name in LAYERDROP_FIELDS:
+        if getattr(text, name, None):
+            raise unsupported(
+                f"LayerDrop ({name}={getattr(text, name)}): each rank would draw on its own which layers to skip",
+                f"set the model's {name}=0.0.",
+            )
     if getattr(text, "alibi", False) or getattr(text, "use_alibi", False):
         raise unsupported("ALiBi position biases", "use a RoPE model.")
     sparse = sparse_attention(text)
     if sparse:
         raise unsupported(
             f"sparse attention that picks the keys each query sees ({', '.join(sparse)})",
+            "use a model with dense (full or sliding-window) attention.",
+        )
+    if hasattr(text, "keep_window_size"):
+        raise unsupported(
+            "Doge's dynamic mask: a learned, input-dependent bias per key and head added to every score (CP's "
+            f"attention kernels take none) and, on rows longer than keep_window_size={text.keep_window_size}, only "
+            "each query's top keep_window_size keys kept (sparse attention that picks the keys each query sees)",
             "use a model with dense (full or sliding-window) attention.",
         )
     layer_kinds = [] if exact_mixers else foreign_layer_types(text)
@@ -120,6 +165,14 @@ def check_model(model: torch.nn.Module, config: ContextParallelConfig) -> None:
             f"modules that mix tokens outside attention ({', '.join(mixers[:3])}{more}): they would see this rank's "
             "shard of the sequence alone",
             "use a model without convolutions or recurrent / state-space / linear-attention layers.",
+        )
+    undeclared = (
+        None if exact_mixers or getattr(model, "_supports_attention_backend", True) else undeclared_attention(model)
+    )
+    if undeclared:
+        raise unsupported(
+            undeclared,
+            "use a model whose attention supports attn_implementation choices (Llama, Qwen2/3, Mistral, ...).",
         )
     config.spec.check_model(model, config, heads, kv_heads)
     check_router_loss(model)

@@ -13,6 +13,14 @@ def text_config(model: torch.nn.Module):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def decoder_layers(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The language model's decoder, and the part of it that holds its layers (not a vision or audio tower, nor an
+    embedding extension)."""
+    decoder = (model.get_decoder() if hasattr(model, "get_decoder") else None) or model
+    layers = getattr(decoder, "layers", None)
+    return decoder, layers if isinstance(layers, torch.nn.ModuleList) else decoder
+
+
 def max_positions(model: torch.nn.Module) -> int | None:
     """The longest document the model's positions cover: max_position_embeddings, times the RoPE scaling factor
     where the config scales RoPE beyond it; for longrope, whose max_position_embeddings is the extended length, the

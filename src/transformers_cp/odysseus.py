@@ -32,11 +32,14 @@ import torch.nn.functional as F
 from .algorithms.ulysses import kv_heads_for_rank
 from .changes import Change
 from .comm import AllGather, ReduceScatter, all_gather
+from .model_info import decoder_layers
 
 if TYPE_CHECKING:
     from .mesh import ContextParallelMesh
 
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+_OUTPUT_PROJECTIONS = ("o_proj", "out_proj")  # out_proj: LFM2's (inside the decoder layers only, see below)
+_HEAD_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
 
 
 @dataclass(frozen=True)
@@ -86,16 +89,28 @@ def _projection(module: torch.nn.Module, name: str) -> tuple[torch.nn.Linear, li
     return None
 
 
+def _output_name(module: torch.nn.Module) -> str:
+    """The name of an attention module's output projection (`_named_attention_modules` found one)."""
+    return next(name for name in _OUTPUT_PROJECTIONS if isinstance(getattr(module, name, None), torch.nn.Module))
+
+
 def _named_attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """Modules with a head_dim, q/k/v projections and an output projection: o_proj, or out_proj within the decoder
+    layers (vision towers name theirs out_proj too, and run on their own inputs, not the sequence shard)."""
+    inside = set(decoder_layers(model)[1].modules())
+    outputs = lambda m: _OUTPUT_PROJECTIONS if m in inside else _OUTPUT_PROJECTIONS[:1]  # noqa: E731
     found = [
         (name, m)
         for name, m in model.named_modules()
-        if hasattr(m, "head_dim") and all(isinstance(getattr(m, p, None), torch.nn.Module) for p in _PROJECTIONS)
+        if hasattr(m, "head_dim")
+        and all(isinstance(getattr(m, p, None), torch.nn.Module) for p in _PROJECTIONS)
+        and any(isinstance(getattr(m, p, None), torch.nn.Module) for p in outputs(m))
     ]
     if not found:
         raise ValueError(
             f"context_parallel_mode='odysseus' needs attention modules with separate q_proj, k_proj, v_proj and "
-            f"o_proj linear layers, which {type(model).__name__} does not have; use another context_parallel_mode."
+            f"o_proj (or out_proj) linear layers, which {type(model).__name__} does not have; use another "
+            "context_parallel_mode."
         )
     return found
 
@@ -134,10 +149,10 @@ def _check_projection(path: str, module: torch.nn.Module, name: str) -> None:
 def check_model(model: torch.nn.Module, size: int) -> None:
     """Raise before any collective if the model's heads cannot be split over `size` ranks."""
     for path, module in _named_attention_modules(model):
-        for name in _PROJECTIONS:
+        for name in (*_PROJECTIONS, _output_name(module)):
             _check_projection(path, module, name)
         d = module.head_dim
-        q, k, v, o = (_projection(module, name)[0] for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        q, k, v, o = (_projection(module, name)[0] for name in (*_PROJECTIONS, _output_name(module)))
         if q.out_features != o.in_features or v.out_features != k.out_features:
             raise ValueError(
                 f"context_parallel_mode='odysseus' splits q_proj, k_proj, v_proj and o_proj by heads of size {d}, "
@@ -149,7 +164,7 @@ def check_model(model: torch.nn.Module, size: int) -> None:
             _projection(module, "k_proj")[0].out_features // d,
             size,
         )
-        for name in ("q_norm", "k_norm"):
+        for name in _HEAD_NORMS:
             weight = getattr(getattr(module, name, None), "weight", None)
             if weight is not None and weight.numel() != d:
                 raise ValueError(
@@ -216,6 +231,9 @@ def _attention_forward(module: torch.nn.Module, mesh: ContextParallelMesh, rotar
     original = module.forward
     signature = inspect.signature(original)
     group = mesh.cp_group
+    # attention without positions (Jamba's, Nemotron-H's: the recurrent layers place the tokens) takes neither
+    # parameter; one that computes rotary embeddings itself takes position_ids, which would be the shard's
+    positionless = not {"position_embeddings", "position_ids"} & set(signature.parameters)
 
     def forward(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
@@ -226,15 +244,16 @@ def _attention_forward(module: torch.nn.Module, mesh: ContextParallelMesh, rotar
                 "flatten the batch into one row (transformers_cp's collator does)."
             )
         embeddings = bound.arguments.get("position_embeddings")
-        if embeddings is None:
+        if embeddings is None and not positionless:
             raise ValueError(
                 f"context_parallel_mode='odysseus' needs the position embeddings that {type(module).__name__} "
                 "receives from its decoder layer; use another context_parallel_mode for this model."
             )
         bound.arguments["hidden_states"] = AllGather.apply(hidden[0], group)[None]
-        single = isinstance(embeddings, torch.Tensor)  # Llama 4: one complex tensor, not (cos, sin)
-        full = rotary.full((embeddings,) if single else embeddings, group)
-        bound.arguments["position_embeddings"] = full[0] if single else full
+        if embeddings is not None:
+            single = isinstance(embeddings, torch.Tensor)  # Llama 4: one complex tensor, not (cos, sin)
+            full = rotary.full((embeddings,) if single else embeddings, group)
+            bound.arguments["position_embeddings"] = full[0] if single else full
         out, weights = original(*bound.args, **bound.kwargs)
         return ReduceScatter.apply(out[0], group)[None], weights
 
@@ -257,7 +276,7 @@ def install(model: torch.nn.Module, mesh: ContextParallelMesh, change: Change) -
             change.replace_forward(base, _row_projection(base, rows))
             for _, lora_b in adapters:
                 change.replace_forward(lora_b, _row_projection(lora_b, rows))
-        base, adapters = _projection(module, "o_proj")
+        base, adapters = _projection(module, _output_name(module))
         change.replace_forward(base, _column_projection(base, plan.q, with_bias=first))
         for lora_a, lora_b in adapters:
             change.replace_forward(lora_a, _column_projection(lora_a, plan.q, with_bias=first))

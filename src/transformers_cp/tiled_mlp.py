@@ -71,30 +71,33 @@ def _split(whole: torch.Tensor, like: torch.Tensor, batch: int, seq: int, start:
 
 class _Recording:
     """Runs a forward under a private collector with the keys of the active one: what the model's output recorders
-    record inside the MLP (router logits of MoE blocks) is kept per call instead of going to the model's outputs."""
+    record inside the MLP (router logits of MoE blocks) is kept per call instead of going to the model's outputs.
+    An MLP that returns a tuple (gpt-oss's MoE block: its output and its router scores) has its other outputs joined
+    over the tiles the same way, ahead of the recorded ones; `extra` counts them (None: the MLP returns a tensor)."""
 
     def __init__(self, keys: tuple[str, ...]) -> None:
         self.keys = keys
         self.order: list[str] = []  # the key of each output recorded in a tile, in recording order
+        self.extra: int | None = None
 
     def __call__(self, forward, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if not self.keys:
-            return forward(x), []
-        collector = _collector()
+        collector = _collector() if self.keys else None
         private = {key: [] for key in self.keys}
-        token = collector.set(private)
+        token = collector.set(private) if collector is not None else None
         try:
             out = forward(x)
         finally:
-            collector.reset(token)
+            if token is not None:
+                collector.reset(token)
+        extra = list(out[1:]) if isinstance(out, tuple) else None
         order = [key for key in self.keys for _ in private[key]]
-        if self.order and order != self.order:
+        if (self.order and order != self.order) or (self.extra is not None and len(extra or ()) != self.extra):
             raise ValueError(
-                "context_parallel_mlp_tile_size: the MLP records different outputs in different tiles; set "
+                "context_parallel_mlp_tile_size: the MLP records or returns different outputs in different tiles; set "
                 "context_parallel_mlp_tile_size=0."
             )
-        self.order = order
-        return out, [t for key in self.keys for t in private[key]]
+        self.order, self.extra = order, None if extra is None else len(extra)
+        return (out if extra is None else out[0]), (extra or []) + [t for key in self.keys for t in private[key]]
 
 
 def _recording() -> _Recording:
@@ -106,23 +109,26 @@ def _recording() -> _Recording:
 def _forward_tiles(forward, x: torch.Tensor, tile: int, record: _Recording) -> tuple[torch.Tensor, list]:
     """forward over x's sequence tiles, filled into one output (never the tiles and their concatenation at once), and
     each recorded output joined over the tiles."""
-    out, recorded = None, []
-    spans = _tiles(x.shape[1], tile)
+    out, recorded, flat = None, [], False
+    batch, spans = x.shape[0], _tiles(x.shape[1], tile)
     for start, end in spans:
         part, parts = record(forward, x[:, start:end])
-        if out is None:
-            out = part.new_empty(part.shape[0], x.shape[1], *part.shape[2:])
+        if out is None:  # (B, t, ...), or flattened (B·t, ...) as Llama 4's MoE block returns it
+            flat = not (part.dim() >= 2 and tuple(part.shape[:2]) == (batch, end - start))
+            rest = part.shape[1:] if flat else part.shape[2:]
+            out = part.new_empty(batch, x.shape[1], *rest)
             recorded = [[] for _ in parts]
-        out[:, start:end] = part
+        out[:, start:end] = part.reshape(batch, end - start, *out.shape[2:]) if flat else part
         for i, p in enumerate(parts):
             recorded[i].append(p)
     lengths = [end - start for start, end in spans]
-    return out, [_join(parts, x.shape[0], lengths) for parts in recorded]
+    out = out.flatten(0, 1) if flat else out
+    return out, [_join(parts, batch, lengths) for parts in recorded]
 
 
 class TiledMLPFunction(torch.autograd.Function):
-    """out = cat_t forward(x[:, t]), and the outputs the model records inside the MLP (router logits) joined over the
-    tiles; backward recomputes each tile and returns the parameters' summed gradients."""
+    """out = cat_t forward(x[:, t]), and the MLP's other outputs and those the model records inside it (router logits)
+    joined over the tiles; backward recomputes each tile and returns the parameters' summed gradients."""
 
     @staticmethod
     def forward(ctx, forward, tile: int, record: _Recording, x: torch.Tensor, *params: torch.Tensor):
@@ -146,7 +152,7 @@ class TiledMLPFunction(torch.autograd.Function):
             outputs, grads_in = [], []
             if grad_out is not None:
                 outputs.append(out)
-                grads_in.append(grad_out[:, start:end])
+                grads_in.append(_split(grad_out, out, batch, seq, start, end))
             for part, grad in zip(parts, grad_recorded):
                 if grad is not None and part.requires_grad:
                     outputs.append(part)
@@ -183,12 +189,13 @@ def _tiled_forward(mlp: torch.nn.Module, forward, tile_size: int | None):
                     "gathering hooks do not run for a tile's recomputation; set context_parallel_mlp_tile_size=0."
                 )
             out, *recorded = TiledMLPFunction.apply(forward, tile, record, x, *params)
+        extra, recorded = recorded[: record.extra or 0], recorded[record.extra or 0 :]
         # Recorded once per MLP call, over the whole sequence, with the gradient path through the Function.
         if recorded:
             active = _collector().get()
             for key, tensor in zip(record.order, recorded):
                 active[key].append(tensor)
-        return out
+        return out if record.extra is None else (out, *extra)
 
     tiled.tiles = forward  # what it tiles (`_untiled_forward`)
     return tiled
@@ -201,9 +208,18 @@ def _untiled_forward(mlp: torch.nn.Module):
     return getattr(current, "tiles", None) or mlp.forward
 
 
+MLP_NAMES = ("mlp", "feed_forward")
+"""transformers' names for a decoder layer's feed-forward block (`feed_forward`: Llama 4 and a few others)."""
+
+
 def decoder_mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The `mlp` modules of the model's decoder layers (transformers' naming for the feed-forward block)."""
-    return [module.mlp for module in model.modules() if isinstance(getattr(module, "mlp", None), torch.nn.Module)]
+    """The feed-forward blocks of the model's decoder layers."""
+    return [
+        block
+        for module in model.modules()
+        for block in (getattr(module, name, None) for name in MLP_NAMES)
+        if isinstance(block, torch.nn.Module)
+    ]
 
 
 def apply_tiled_mlp(model: torch.nn.Module, tile_size: int | None = None) -> torch.nn.Module:
@@ -213,8 +229,8 @@ def apply_tiled_mlp(model: torch.nn.Module, tile_size: int | None = None) -> tor
     mlps = decoder_mlps(model)
     if not mlps:
         raise ValueError(
-            f"context_parallel_mlp_tile_size: {type(model).__name__} has no decoder `mlp` modules to tile; set "
-            "context_parallel_mlp_tile_size=0."
+            f"context_parallel_mlp_tile_size: {type(model).__name__} has no decoder `mlp` / `feed_forward` modules to "
+            "tile; set context_parallel_mlp_tile_size=0."
         )
     inner = [_untiled_forward(mlp) for mlp in mlps]
     change = changes.install(model, NAME)  # a second call replaces the first
