@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import random
+import time
 
 import torch
 import torch.nn.functional as F
@@ -203,6 +204,47 @@ def probe_cudnn_varlen(hq: int, hk: int, lengths=(3000, 7000, 1, 6000), d: int =
     return res
 
 
+def probe_new_lengths(hq: int, hk: int, d: int = 128, docs: int = 6) -> dict:
+    """What a document length never seen before costs: fwd+bwd of a lone causal document through the `torch`
+    kernel at a new length (cuDNN builds its plans) and again at the same length (cached plans), without the
+    rounding of `torch_fused._bucket`; and the rounded path's errors against the math kernel (3001 tokens, run at
+    3008)."""
+    from transformers_cp.kernels import torch_fused
+
+    scale, res = d**-0.5, {}
+    rng = random.Random(1)
+    t = [torch.randn(16384, h, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hk, hk, hq)]
+    kern = torch_fused.TorchKernel()
+
+    def run(n: int) -> float:
+        seg = Segments((0, n), (0, n), causal=True)
+        q, k, v, dout = (x[:n] for x in t)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out, lse = kern.forward(q, k, v, seg, scale)
+        kern.backward(dout, q, k, v, out, lse, seg, scale)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+
+    torch_fused.CUDNN_BUCKETS = 1
+    first, again = [], []
+    for n in (rng.randrange(2100, 16000) for _ in range(docs)):
+        first.append(run(n))
+        again.append(run(n))
+    res["unrounded"] = dict(ms_new_length=round(sum(first) / docs, 2), ms_same_length=round(sum(again) / docs, 2))
+    torch_fused.CUDNN_BUCKETS = 32
+    n = 3001
+    seg = Segments((0, n), (0, n), causal=True)
+    q, k, v, dout = (x[:n] for x in t)
+    out, lse = kern.forward(q, k, v, seg, scale)
+    grads = kern.backward(dout, q, k, v, out, lse, seg, scale)
+    ref_out, ref_lse = MathKernel().forward(q, k, v, seg, scale)
+    ref = MathKernel().backward(dout, q, k, v, ref_out, ref_lse, seg, scale)
+    res["rounded_3001_to_3008"] = dict(out=_rel(out, ref_out), lse=_rel(lse, ref_lse))
+    res["rounded_3001_to_3008"].update({f"d{m}": _rel(a, b) for m, a, b in zip("qkv", grads, ref)})
+    return res
+
+
 def probe_speed(seq: int, hq: int, hk: int, d: int = 128) -> dict:
     """Causal fwd+bwd of one sequence: SDPA's own choice, each SDPA backend, and the varlen flash op."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -265,6 +307,7 @@ def main() -> None:
         out[f"correct_{hq}_{hk}"] = probe_correctness(hq, hk)
         out[f"speed_{hq}_{hk}_S{a.seq}"] = probe_speed(a.seq, hq, hk)
         out[f"cudnn_varlen_{hq}_{hk}"] = probe_cudnn_varlen(hq, hk)
+        out[f"new_lengths_{hq}_{hk}"] = probe_new_lengths(hq, hk)
     print(json.dumps(out, indent=1))
 
 

@@ -16,6 +16,7 @@ import torch
 from .base import Segments, flash_windows
 
 CUDNN_MAX_HEAD_DIM = 128
+CUDNN_BUCKETS = 32  # lone causal documents run at lengths rounded up to n/32 (`_bucket`)
 CUDNN_MIN_DOCUMENT = 2048  # documents at least this long get a cuDNN call of their own; shorter runs share one
 
 
@@ -30,6 +31,26 @@ def _dense_shape(seg: Segments, q: torch.Tensor, k: torch.Tensor) -> tuple[int, 
     if seg.cu_q != tuple(range(0, n * lq + 1, lq)) or seg.cu_k != tuple(range(0, n * lk + 1, lk)):
         return None
     return n, lq, lk
+
+
+def _bucket(n: int) -> int:
+    """The length a lone causal document of n tokens runs at in cuDNN: n rounded up to a multiple of the largest
+    power of two not above n/32, so at most about 3 % longer (193 lengths from 2k to 128k).
+
+    cuDNN builds an execution plan per new shape (tens of milliseconds, forward and backward apart), and packed rows
+    bring new document lengths every step; rounded lengths make the plans few and reused. Zero rows appended to a
+    causal square are exact for the real rows: they see no padded key, and with zero output gradient the padded
+    queries add nothing to dK, dV."""
+    if CUDNN_BUCKETS <= 1 or n < CUDNN_BUCKETS:
+        return n
+    step = 1 << max(0, (n // CUDNN_BUCKETS).bit_length() - 1)
+    return -(-n // step) * step
+
+
+def _padded(x: torch.Tensor, rows: int, value: float = 0.0) -> torch.Tensor:
+    """`x` with zero (or `value`) rows appended along dim 0 up to `rows`."""
+    extra = rows - x.shape[0]
+    return x if extra == 0 else torch.cat([x, x.new_full((extra, *x.shape[1:]), value)])
 
 
 def _pieces(seg: Segments, head_dim: int) -> list[tuple[Segments, int, int]]:
@@ -124,6 +145,9 @@ class TorchKernel:
 
     def _forward(self, q, k, v, seg: Segments, scale: float):
         dense = _dense_shape(seg, q, k)
+        if dense is not None and dense[0] == 1 and seg.causal and (n := dense[1]) != (m := _bucket(dense[1])):
+            out, lse = self._forward(*(_padded(t, m) for t in (q, k, v)), Segments((0, m), (0, m), True), scale)
+            return out[:n], lse[:, :n]
         if dense is not None:
             n, lq, _ = dense
             r = torch.ops.aten._scaled_dot_product_cudnn_attention(
@@ -151,6 +175,11 @@ class TorchKernel:
     def _backward(self, dout, q, k, v, out, lse, seg: Segments, scale: float):
         seed, offset = _no_dropout_state(q.device)
         dense = _dense_shape(seg, q, k)
+        if dense is not None and dense[0] == 1 and seg.causal and (n := dense[1]) != (m := _bucket(dense[1])):
+            padded = (_padded(t, m) for t in (dout, q, k, v, out))
+            lse_p = _padded(lse.T, m).T  # 0, not -inf: the padded rows' probabilities stay finite (times zero)
+            grads = self._backward(*padded, lse_p, Segments((0, m), (0, m), True), scale)
+            return tuple(g[:n] for g in grads)
         if dense is not None:
             n, lq, lk = dense
             lse_b = lse.reshape(q.shape[1], n, lq).transpose(0, 1).unsqueeze(-1).contiguous()
