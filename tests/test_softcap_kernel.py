@@ -15,9 +15,10 @@ import sys
 
 import pytest
 import torch
+from reference import assert_close
 from softcap_kernel_job import CASES, HEADS, SOFTCAPS
 
-from transformers_cp.kernels import kernel_class
+from transformers_cp.kernels import Segments, flex, kernel_class
 from transformers_cp.kernels.flex import FlexKernel
 from transformers_cp.kernels.math import MathKernel
 from transformers_cp.kernels.torch_fused import TorchKernel
@@ -61,3 +62,25 @@ def test_softcap_kernel_without_triton_is_flex(monkeypatch):
     monkeypatch.setattr(kernels, "is_flash_attn_available", lambda: False)
     assert kernels.kernel_class("auto", True, torch.bfloat16, 128, 50.0) is FlexKernel
     assert kernels.kernel_class("torch", True, torch.bfloat16, 128, None) is TorchKernel
+
+
+def test_flex_exp_score_mod_is_the_softcap():
+    """FlexKernel's 'exp' score_mod is softcap·tanh(s / softcap), value and derivative, also where exp(2|s|/softcap)
+    overflows float32; and its FlexAttention forward (CPU) matches the math kernel."""
+    score = torch.cat([torch.linspace(-400.0, 400.0, 801), torch.tensor([-1e-6, 0.0, 1e-6])]).double()
+    for dtype in (torch.float32, torch.float64):
+        got_s, want_s = (score.to(dtype).requires_grad_() for _ in range(2))
+        got = flex._softcap_mod(0.7, "exp")(got_s, 0, 0, 0, 0)
+        want = flex._softcap_mod(0.7, "tanh")(want_s, 0, 0, 0, 0)
+        got.sum().backward()
+        want.sum().backward()
+        tol = 1e-6 if dtype == torch.float32 else 1e-12
+        assert_close(got.detach(), want.detach(), tol, f"{dtype} value")
+        assert_close(got_s.grad, want_s.grad, tol, f"{dtype} derivative")
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(40, 2, 8, generator=g) * 2 for _ in range(3))
+    seg = Segments((0, 13, 40), (0, 13, 40), True, 9)
+    out, lse = flex.FlexKernel(0.7, tanh="exp").forward(q, k, v, seg, 0.9)
+    ref_out, ref_lse = MathKernel(0.7).forward(q, k, v, seg, 0.9)
+    assert_close(out, ref_out, 1e-5, "flex exp out")
+    assert_close(lse, ref_lse, 1e-5, "flex exp lse")

@@ -33,6 +33,8 @@ from triton.language.extra import libdevice
 from .base import Segments
 
 TANH_MODES = {"exp": 0, "libdevice": 1, "approx": 2}
+TANH = "exp"
+"""The tanh for half-precision inputs: the fastest exact one that benchmarks/softcap_kernels.py measured."""
 LOG2E = math.log2(math.e)
 
 
@@ -71,9 +73,10 @@ def _configs(table: list[tuple[int, int, int, int]], names: tuple[str, str]) -> 
 
 # (rows, keys, warps, stages) candidates for H100/H200; the autotuner keeps the fastest per key. Candidates that do not
 # fit in shared memory (head dim 256) fail to compile and are skipped by the autotuner.
-FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
-DQ_CONFIGS = [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)]
-DKV_CONFIGS = [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (32, 32, 4, 2)]  # (keys, rows, ...)
+# (ptxas for sm_90 at head dim 128: these spill at most a few hundred bytes.)
+FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
+DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3)]
+DKV_CONFIGS = [(128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 2), (128, 64, 8, 2)]  # (keys, rows, ...)
 TUNE_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "SOFTCAP", "TANH", "LONG"]
 
 
@@ -222,10 +225,12 @@ def _fwd_kernel(Q, K, V, OUT, LSE, CU_Q, CU_K, sq_t, sq_h, sk_t, sk_h, sv_t, sv_
     l_i = tl.zeros([BM], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_range(m0, lq, lk, off, window, CAUSAL, WINDOW, BM, BN)
-    args = (lq, lk, off, window, QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, rows, Kb, Vb, sk_t, sv_t, lo, full_lo, *args, True, BN)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, rows, Kb, Vb, sk_t, sv_t, full_lo, full_hi, *args, False, BN)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, rows, Kb, Vb, sk_t, sv_t, full_hi, hi, *args, True, BN)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, rows, Kb, Vb, sk_t, sv_t, lo, full_lo, lq, lk, off, window,
+        QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, True, BN)  # fmt: skip
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, rows, Kb, Vb, sk_t, sv_t, full_lo, full_hi, lq, lk, off, window,
+        QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, False, BN)  # fmt: skip
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, rows, Kb, Vb, sk_t, sv_t, full_hi, hi, lq, lk, off, window,
+        QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, True, BN)  # fmt: skip
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -309,10 +314,12 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, sq_t, sq_h, sk_t, sk_h, 
     Vb = V + k0.to(tl.int64) * sv_t + hk * sv_h
     dq = tl.zeros([BM, D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_range(m0, lq, lk, off, window, CAUSAL, WINDOW, BM, BN)
-    args = (lq, lk, off, window, QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION)
-    dq = _dq_blocks(dq, q, do, lse, delta, rows, Kb, Vb, sk_t, sv_t, lo, full_lo, *args, True, BN)
-    dq = _dq_blocks(dq, q, do, lse, delta, rows, Kb, Vb, sk_t, sv_t, full_lo, full_hi, *args, False, BN)
-    dq = _dq_blocks(dq, q, do, lse, delta, rows, Kb, Vb, sk_t, sv_t, full_hi, hi, *args, True, BN)
+    dq = _dq_blocks(dq, q, do, lse, delta, rows, Kb, Vb, sk_t, sv_t, lo, full_lo, lq, lk, off, window, QK_SCALE,
+        CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, True, BN)  # fmt: skip
+    dq = _dq_blocks(dq, q, do, lse, delta, rows, Kb, Vb, sk_t, sv_t, full_lo, full_hi, lq, lk, off, window, QK_SCALE,
+        CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, False, BN)  # fmt: skip
+    dq = _dq_blocks(dq, q, do, lse, delta, rows, Kb, Vb, sk_t, sv_t, full_hi, hi, lq, lk, off, window, QK_SCALE,
+        CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, True, BN)  # fmt: skip
     ptrs = DQ + base * sdq_t + h * sdq_h + local[:, None] * sdq_t + dims[None, :]
     tl.store(ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(rows[:, None] < lq) & (dims[None, :] < HEAD_DIM))
 
@@ -368,16 +375,17 @@ def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, sq_t, sq_h, sk_t, s
     dk = tl.zeros([BN, D], dtype=tl.float32)
     dv = tl.zeros([BN, D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _row_range(n0, lq, lk, off, window, CAUSAL, WINDOW, BM, BN)
-    args = (lq, lk, off, window, QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION)
     for g in range(GROUP):
         h = hk * GROUP + g
         Qb = Q + q0.to(tl.int64) * sq_t + h * sq_h
         DOb = DO + q0.to(tl.int64) * sdo_t + h * sdo_h
         LSEb, DELTAb = LSE + h * slse_h + q0, DELTA + h * sd_h + q0
-        ptrs = (Qb, DOb, LSEb, DELTAb, sq_t, sdo_t)
-        dk, dv = _dkv_blocks(dk, dv, k, v, cols, *ptrs, lo, full_lo, *args, True, BM)
-        dk, dv = _dkv_blocks(dk, dv, k, v, cols, *ptrs, full_lo, full_hi, *args, False, BM)
-        dk, dv = _dkv_blocks(dk, dv, k, v, cols, *ptrs, full_hi, hi, *args, True, BM)
+        dk, dv = _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, lo, full_lo, lq, lk, off,
+            window, QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, True, BM)  # fmt: skip
+        dk, dv = _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, full_lo, full_hi, lq, lk, off,
+            window, QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, False, BM)  # fmt: skip
+        dk, dv = _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, full_hi, hi, lq, lk, off,
+            window, QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, True, BM)  # fmt: skip
     mask = (cols[:, None] < lk) & (dims[None, :] < HEAD_DIM)
     tl.store(DK + base * sdk_t + hk * sdk_h + local[:, None] * sdk_t + dims[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=mask)  # fmt: skip
@@ -400,7 +408,8 @@ class TritonSoftcapKernel:
 
     name = "triton"
 
-    def __init__(self, softcap: float | None = None, tanh: str = "exp") -> None:
+    def __init__(self, softcap: float | None = None, tanh: str | None = None) -> None:
+        tanh = tanh or TANH
         if tanh not in TANH_MODES:
             raise ValueError(f"tanh={tanh!r}: choose one of {sorted(TANH_MODES)}")
         self.softcap = softcap
