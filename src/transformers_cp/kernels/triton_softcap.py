@@ -393,6 +393,19 @@ def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, sq_t, sq_h, sk_t, s
              dv.to(DV.dtype.element_ty), mask=mask)  # fmt: skip
 
 
+@triton.jit
+def _tanh_kernel(X, Y, N, TANH: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + i, _tanh(tl.load(X + i, mask=i < N), TANH), mask=i < N)
+
+
+def tanh(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """tanh of float32 `x` by the kernel's formula `mode`: what benchmarks/softcap_kernels.py measures the error of."""
+    y = torch.empty_like(x)
+    _tanh_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), TANH_MODES[mode], 1024)
+    return y
+
+
 def _rowwise(x: torch.Tensor) -> torch.Tensor:
     """(T, H, D) with unit stride along D (any token and head strides)."""
     return x if x.stride(-1) == 1 else x.contiguous()
