@@ -8,7 +8,8 @@ Candidates (each one's failure, at compile time or in the check, is recorded and
   flex autograd [tanh|exp] FlexAttention's own forward+backward (no merged out/lse: not usable by a ring; the issue's
                            0.35×), with torch.tanh or the one-exp score_mod
   flex [tanh|exp]          FlexKernel: its backward recomputes the forward with autograd to take a merged out/lse
-  triton [exp|libdevice|approx]  TritonSoftcapKernel with each tanh formula (see kernels/triton_softcap.py)
+  triton [exp|libdevice|approx] [atomic]  TritonSoftcapKernel with each tanh formula, dQ in its own kernel or by
+                           atomic adds in the dK/dV kernel (see kernels/triton_softcap.py)
   triton (no softcap)      the same kernel without a softcap: its own speed against cuDNN
 
 Exactness: on 4096 tokens in documents of 1000/1500/96/1500, causal with a 700-token window, GQA 32:8, the softcap
@@ -46,10 +47,10 @@ DTYPE = torch.bfloat16 if CUDA else torch.float32
 REFERENCE = "cudnn (no softcap)"
 
 
-def triton_kernel(softcap: float | None, tanh: str | None = None):
+def triton_kernel(softcap: float | None, tanh: str | None = None, dq: str = "separate"):
     from transformers_cp.kernels.triton_softcap import TritonSoftcapKernel
 
-    return TritonSoftcapKernel(softcap, tanh=tanh)
+    return TritonSoftcapKernel(softcap, tanh=tanh, dq=dq)
 
 
 def candidates(softcap: float) -> dict[str, tuple[Callable, bool, bool]]:
@@ -64,6 +65,9 @@ def candidates(softcap: float) -> dict[str, tuple[Callable, bool, bool]]:
         "triton exp": (lambda: triton_kernel(softcap, "exp"), False, True),
         "triton libdevice": (lambda: triton_kernel(softcap, "libdevice"), False, True),
         "triton approx": (lambda: triton_kernel(softcap, "approx"), False, True),
+        "triton exp atomic": (lambda: triton_kernel(softcap, "exp", "atomic"), False, True),
+        "triton libdevice atomic": (lambda: triton_kernel(softcap, "libdevice", "atomic"), False, True),
+        "triton approx atomic": (lambda: triton_kernel(softcap, "approx", "atomic"), False, True),
         "triton (no softcap)": (lambda: triton_kernel(None), False, False),
     }
 
@@ -71,10 +75,14 @@ def candidates(softcap: float) -> dict[str, tuple[Callable, bool, bool]]:
 CHOICES = {  # candidate -> the settings that make kernel_class pick it
     "flex tanh": {"SOFTCAP_KERNEL": "flex", "flex.SCORE_MOD": "tanh"},
     "flex exp": {"SOFTCAP_KERNEL": "flex", "flex.SCORE_MOD": "exp"},
-    "triton exp": {"SOFTCAP_KERNEL": "triton", "triton_softcap.TANH": "exp"},
-    "triton libdevice": {"SOFTCAP_KERNEL": "triton", "triton_softcap.TANH": "libdevice"},
-    "triton approx": {"SOFTCAP_KERNEL": "triton", "triton_softcap.TANH": "approx"},
-}
+    **{
+        f"triton {tanh}{' atomic' * (dq == 'atomic')}": {
+            "SOFTCAP_KERNEL": "triton", "triton_softcap.TANH": tanh, "triton_softcap.DQ": dq
+        }
+        for tanh in ("exp", "libdevice", "approx")
+        for dq in ("separate", "atomic")
+    },
+}  # fmt: skip
 
 
 def causal_tflop(seq: int, heads: int, head_dim: int) -> float:

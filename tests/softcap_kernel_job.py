@@ -8,6 +8,7 @@ Prints one JSON object: each check's name and None, or the assertion's message. 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -115,6 +116,10 @@ def checks(kernel_cls) -> dict:
                 out[name] = lambda c=case, h=heads, s=softcap: against_math(kernel_cls, c, h, s)
     for softcap in SOFTCAPS:
         out[f"merged blocks softcap={softcap}"] = lambda s=softcap: merged_blocks(kernel_cls, s)
+    atomic = functools.partial(kernel_cls, dq="atomic")
+    for case in ("causal documents window", "prefix causal"):
+        out[f"atomic dq {case}"] = lambda c=case: against_math(atomic, c, HEADS[1], 1.5)
+    out["atomic dq merged blocks"] = lambda: merged_blocks(atomic, 1.5)
     out["strided inputs"] = lambda: strided_inputs(kernel_cls)
     return out
 
@@ -124,6 +129,12 @@ def main() -> None:
     from transformers_cp.kernels.triton_softcap import TritonSoftcapKernel
 
     results = {}
+    try:
+        TritonSoftcapKernel(1.0, dq="both")
+    except ValueError as e:
+        results["bad setting refused"] = None if "dq=" in str(e) else str(e)
+    else:
+        results["bad setting refused"] = "dq='both' was taken"
     for name, check in checks(TritonSoftcapKernel).items():
         try:
             check()

@@ -28,6 +28,10 @@ NAMES = [
     *(f"{c} heads={h[0]}:{h[1]} d={h[2]} softcap={s}" for c in CASES for h in HEADS for s in SOFTCAPS),
     *(f"merged blocks softcap={s}" for s in SOFTCAPS),
     "strided inputs",
+    "atomic dq causal documents window",
+    "atomic dq prefix causal",
+    "atomic dq merged blocks",
+    "bad setting refused",
 ]
 
 

@@ -35,6 +35,11 @@ from .base import Segments
 TANH_MODES = {"exp": 0, "libdevice": 1, "approx": 2}
 TANH = "exp"
 """The tanh for half-precision inputs: the fastest exact one that benchmarks/softcap_kernels.py measured."""
+DQ_MODES = ("separate", "atomic")
+DQ = "separate"
+"""How the backward computes dQ: 'separate', its own kernel over key blocks (recomputes S and dP: 7 matrix products
+per tile pair instead of 5, deterministic), or 'atomic', in the dK/dV kernel with float32 atomic adds (FlashAttention-2's
+way: 5 products, not bitwise reproducible). benchmarks/softcap_kernels.py times both."""
 LOG2E = math.log2(math.e)
 
 
@@ -77,7 +82,7 @@ def _configs(table: list[tuple[int, int, int, int]], names: tuple[str, str]) -> 
 FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
 DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3)]
 DKV_CONFIGS = [(128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 2), (128, 64, 8, 2)]  # (keys, rows, ...)
-TUNE_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "SOFTCAP", "TANH", "LONG"]
+TUNE_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "SOFTCAP", "TANH", "LONG", "ATOMIC_DQ"]
 
 
 @triton.jit
@@ -325,11 +330,12 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, sq_t, sq_h, sk_t, sk_h, 
 
 
 @triton.jit
-def _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, sq, sdo, start, end, lq, lk, off, window, QK_SCALE,
-                CAP_SCALE, HEAD_DIM: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                SOFTCAP: tl.constexpr, TANH: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr,
-                BM: tl.constexpr):  # fmt: skip
-    """Transposed tiles (keys × rows): P^T = exp(S^T − lse), dV += P^T·dO, dK += dS^T·Q."""
+def _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, DQb, sq, sdo, sdq, start, end, lq, lk, off, window,
+                QK_SCALE, CAP_SCALE, HEAD_DIM: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
+                WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, TANH: tl.constexpr, PRECISION: tl.constexpr,
+                ATOMIC_DQ: tl.constexpr, MASK: tl.constexpr, BM: tl.constexpr):  # fmt: skip
+    """Transposed tiles (keys × rows): P^T = exp(S^T − lse), dV += P^T·dO, dK += dS^T·Q; with ATOMIC_DQ also
+    dQ += dS·K, added atomically into a float32 buffer (unscaled)."""
     dims = tl.arange(0, D)
     for m in range(start, end, BM):
         rows = m + tl.arange(0, BM)
@@ -347,16 +353,27 @@ def _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, sq, sdo, start, end, 
         dst = pt * (dpt - delta[None, :])
         if SOFTCAP:
             dst = dst * (1.0 - t * t)
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+        dst = dst.to(q.dtype)
+        dk += tl.dot(dst, q, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(dst), k, input_precision=PRECISION)
+            ptrs = DQb + rows[:, None] * sdq + dims[None, :]
+            if MASK:
+                tl.atomic_add(ptrs, dq, mask=(rows[:, None] < lq) & (dims[None, :] < HEAD_DIM), sem="relaxed")
+            elif D != HEAD_DIM:
+                tl.atomic_add(ptrs, dq, mask=dims[None, :] < HEAD_DIM, sem="relaxed")
+            else:
+                tl.atomic_add(ptrs, dq, sem="relaxed")
     return dk, dv
 
 
-@triton.autotune(configs=_configs(DKV_CONFIGS, ("BN", "BM")), key=TUNE_KEY)
+@triton.autotune(configs=_configs(DKV_CONFIGS, ("BN", "BM")), key=TUNE_KEY, reset_to_zero=["DQ"])
 @triton.jit
-def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h,
-                sdk_t, sdk_h, sdv_t, sdv_h, slse_h, sd_h, scale, QK_SCALE, CAP_SCALE, window, LONG,
+def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h,
+                sdk_t, sdk_h, sdv_t, sdv_h, sdq_t, sdq_h, slse_h, sd_h, scale, QK_SCALE, CAP_SCALE, window, LONG,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, TANH: tl.constexpr, PRECISION: tl.constexpr,
+                ATOMIC_DQ: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
     """One key block of one KV head: every query head of its group in turn (GQA without atomics)."""
     pid, hk, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -380,12 +397,16 @@ def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, sq_t, sq_h, sk_t, s
         Qb = Q + q0.to(tl.int64) * sq_t + h * sq_h
         DOb = DO + q0.to(tl.int64) * sdo_t + h * sdo_h
         LSEb, DELTAb = LSE + h * slse_h + q0, DELTA + h * sd_h + q0
-        dk, dv = _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, lo, full_lo, lq, lk, off,
-            window, QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, True, BM)  # fmt: skip
-        dk, dv = _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, full_lo, full_hi, lq, lk, off,
-            window, QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, False, BM)  # fmt: skip
-        dk, dv = _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, sq_t, sdo_t, full_hi, hi, lq, lk, off,
-            window, QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, True, BM)  # fmt: skip
+        DQb = DQ + q0.to(tl.int64) * sdq_t + h * sdq_h
+        dk, dv = _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, DQb, sq_t, sdo_t, sdq_t, lo, full_lo, lq, lk,
+            off, window, QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, ATOMIC_DQ, True,
+            BM)  # fmt: skip
+        dk, dv = _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, DQb, sq_t, sdo_t, sdq_t, full_lo, full_hi, lq, lk,
+            off, window, QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, ATOMIC_DQ, False,
+            BM)  # fmt: skip
+        dk, dv = _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, DQb, sq_t, sdo_t, sdq_t, full_hi, hi, lq, lk,
+            off, window, QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, ATOMIC_DQ, True,
+            BM)  # fmt: skip
     mask = (cols[:, None] < lk) & (dims[None, :] < HEAD_DIM)
     tl.store(DK + base * sdk_t + hk * sdk_h + local[:, None] * sdk_t + dims[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=mask)  # fmt: skip
@@ -421,12 +442,13 @@ class TritonSoftcapKernel:
 
     name = "triton"
 
-    def __init__(self, softcap: float | None = None, tanh: str | None = None) -> None:
-        tanh = tanh or TANH
+    def __init__(self, softcap: float | None = None, tanh: str | None = None, dq: str | None = None) -> None:
+        tanh, dq = tanh or TANH, dq or DQ
         if tanh not in TANH_MODES:
             raise ValueError(f"tanh={tanh!r}: choose one of {sorted(TANH_MODES)}")
-        self.softcap = softcap
-        self.tanh = tanh
+        if dq not in DQ_MODES:
+            raise ValueError(f"dq={dq!r}: choose one of {DQ_MODES}")
+        self.softcap, self.tanh, self.dq = softcap, tanh, dq
 
     def _common(self, q: torch.Tensor, k: torch.Tensor, seg: Segments, scale: float) -> dict:
         head_dim = q.shape[-1]
@@ -479,16 +501,23 @@ class TritonSoftcapKernel:
         _delta_kernel[(triton.cdiv(tq, 64), hq)](
             out, dout, delta, tq, *out.stride()[:2], *dout.stride()[:2], delta.stride(0), head_dim, common["D"], 64
         )
-        dq = torch.empty_like(q) if _covers(seg.cu_q, tq) else torch.zeros_like(q)
         dk, dv = (torch.empty_like(k) if _covers(seg.cu_k, k.shape[0]) else torch.zeros_like(k) for _ in range(2))
         cu_q, cu_k = seg.tensors(q.device)
         strides = (*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *dout.stride()[:2])
-        _dq_kernel[lambda meta: (triton.cdiv(seg.max_q, meta["BM"]), hq, n_seg)](
-            q, k, v, dout, lse, delta, dq, cu_q, cu_k, *strides, *dq.stride()[:2], lse.stride(0), delta.stride(0),
-            scale, **common,
-        )  # fmt: skip
+        atomic = self.dq == "atomic"
+        if atomic:  # dS·K added by the dK/dV kernel into float32 rows (unscaled)
+            dq_acc = torch.zeros((tq, hq, head_dim), dtype=torch.float32, device=q.device)
+        else:
+            dq = torch.empty_like(q) if _covers(seg.cu_q, tq) else torch.zeros_like(q)
+            dq_acc = torch.zeros((1, 1, 1), dtype=torch.float32, device=q.device)  # not read
+            _dq_kernel[lambda meta: (triton.cdiv(seg.max_q, meta["BM"]), hq, n_seg)](
+                q, k, v, dout, lse, delta, dq, cu_q, cu_k, *strides, *dq.stride()[:2], lse.stride(0),
+                delta.stride(0), scale, **common,
+            )  # fmt: skip
         _dkv_kernel[lambda meta: (triton.cdiv(seg.max_k, meta["BN"]), hk, n_seg)](
-            q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, *strides, *dk.stride()[:2], *dv.stride()[:2],
-            lse.stride(0), delta.stride(0), scale, **common,
+            q, k, v, dout, lse, delta, dk, dv, dq_acc, cu_q, cu_k, *strides, *dk.stride()[:2], *dv.stride()[:2],
+            *dq_acc.stride()[:2], lse.stride(0), delta.stride(0), scale, ATOMIC_DQ=atomic, **common,
         )  # fmt: skip
+        if atomic:
+            dq = (dq_acc * scale).to(q.dtype)
         return dq, dk, dv
