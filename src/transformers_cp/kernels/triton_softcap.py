@@ -189,8 +189,9 @@ def _fwd_blocks(acc, l_i, m_i, q, rows, Kb, Vb, sk, sv, start, end, lq, lk, off,
     dims = tl.arange(0, D)
     for n in range(start, end, BN):
         cols = n + tl.arange(0, BN)
-        k = _load(Kb, cols, lk, sk, dims, HEAD_DIM, D, MASK)
-        v = _load(Vb, cols, lk, sv, dims, HEAD_DIM, D, MASK)
+        n64 = tl.cast(n, tl.int64)  # 64-bit offsets of the block, 32-bit ones within it
+        k = _load(Kb + n64 * sk, tl.arange(0, BN), lk - n, sk, dims, HEAD_DIM, D, MASK)
+        v = _load(Vb + n64 * sv, tl.arange(0, BN), lk - n, sv, dims, HEAD_DIM, D, MASK)
         s, t = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), QK_SCALE, CAP_SCALE, SOFTCAP, TANH)
         if MASK:
             s = tl.where(_visible(rows[:, None], cols[None, :], lq, lk, off, window, CAUSAL, WINDOW), s, float("-inf"))
@@ -278,8 +279,9 @@ def _dq_blocks(dq, q, do, lse, delta, rows, Kb, Vb, sk, sv, start, end, lq, lk, 
     dims = tl.arange(0, D)
     for n in range(start, end, BN):
         cols = n + tl.arange(0, BN)
-        k = _load(Kb, cols, lk, sk, dims, HEAD_DIM, D, MASK)
-        v = _load(Vb, cols, lk, sv, dims, HEAD_DIM, D, MASK)
+        n64 = tl.cast(n, tl.int64)  # 64-bit offsets of the block, 32-bit ones within it
+        k = _load(Kb + n64 * sk, tl.arange(0, BN), lk - n, sk, dims, HEAD_DIM, D, MASK)
+        v = _load(Vb + n64 * sv, tl.arange(0, BN), lk - n, sv, dims, HEAD_DIM, D, MASK)
         s, t = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), QK_SCALE, CAP_SCALE, SOFTCAP, TANH)
         if MASK:
             s = tl.where(_visible(rows[:, None], cols[None, :], lq, lk, off, window, CAUSAL, WINDOW), s, float("-inf"))
@@ -339,8 +341,9 @@ def _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, DQb, sq, sdo, sdq, st
     dims = tl.arange(0, D)
     for m in range(start, end, BM):
         rows = m + tl.arange(0, BM)
-        q = _load(Qb, rows, lq, sq, dims, HEAD_DIM, D, MASK)
-        do = _load(DOb, rows, lq, sdo, dims, HEAD_DIM, D, MASK)
+        m64 = tl.cast(m, tl.int64)  # 64-bit offsets of the block, 32-bit ones within it
+        q = _load(Qb + m64 * sq, tl.arange(0, BM), lq - m, sq, dims, HEAD_DIM, D, MASK)
+        do = _load(DOb + m64 * sdo, tl.arange(0, BM), lq - m, sdo, dims, HEAD_DIM, D, MASK)
         lse, delta = _row_stats(LSEb, DELTAb, rows, lq, MASK)
         st, t = _scores(tl.dot(k, tl.trans(q), input_precision=PRECISION), QK_SCALE, CAP_SCALE, SOFTCAP, TANH)
         if MASK:
@@ -357,7 +360,7 @@ def _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, DQb, sq, sdo, sdq, st
         dk += tl.dot(dst, q, input_precision=PRECISION)
         if ATOMIC_DQ:
             dq = tl.dot(tl.trans(dst), k, input_precision=PRECISION)
-            ptrs = DQb + rows[:, None] * sdq + dims[None, :]
+            ptrs = DQb + m64 * sdq + tl.arange(0, BM)[:, None] * sdq + dims[None, :]
             if MASK:
                 tl.atomic_add(ptrs, dq, mask=(rows[:, None] < lq) & (dims[None, :] < HEAD_DIM), sem="relaxed")
             elif D != HEAD_DIM:
