@@ -106,6 +106,16 @@ def strided_inputs(kernel_cls) -> None:
         assert torch.equal(a, b), name
 
 
+def _big_offsets(kernel_cls):
+    """The kernel class with the 64-bit offset path (taken when a tensor passes 2^31 elements) forced on."""
+
+    class Big(kernel_cls):
+        def _common(self, *args):
+            return {**super()._common(*args), "BIG": True}
+
+    return Big
+
+
 def checks(kernel_cls) -> dict:
     """name -> callable, every check of the kernel class."""
     out = {}
@@ -120,6 +130,9 @@ def checks(kernel_cls) -> dict:
     for case in ("causal documents window", "prefix causal"):
         out[f"atomic dq {case}"] = lambda c=case: against_math(atomic, c, HEADS[1], 1.5)
     out["atomic dq merged blocks"] = lambda: merged_blocks(atomic, 1.5)
+    for dq in ("separate", "atomic"):
+        big = functools.partial(_big_offsets(kernel_cls), dq=dq)
+        out[f"64-bit offsets dq={dq}"] = lambda k=big: against_math(k, "causal documents window", HEADS[1], 1.5)
     out["strided inputs"] = lambda: strided_inputs(kernel_cls)
     return out
 

@@ -31,6 +31,8 @@ NAMES = [
     "atomic dq causal documents window",
     "atomic dq prefix causal",
     "atomic dq merged blocks",
+    "64-bit offsets dq=separate",
+    "64-bit offsets dq=atomic",
     "bad setting refused",
 ]
 

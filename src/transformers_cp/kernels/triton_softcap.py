@@ -184,14 +184,17 @@ def _row_range(
 @triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, rows, Kb, Vb, sk, sv, start, end, lq, lk, off, window, QK_SCALE, CAP_SCALE,
                 HEAD_DIM: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                SOFTCAP: tl.constexpr, TANH: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr,
-                BN: tl.constexpr):  # fmt: skip
+                SOFTCAP: tl.constexpr, TANH: tl.constexpr, PRECISION: tl.constexpr, BIG: tl.constexpr,
+                MASK: tl.constexpr, BN: tl.constexpr):  # fmt: skip
     dims = tl.arange(0, D)
     for n in range(start, end, BN):
         cols = n + tl.arange(0, BN)
-        n64 = tl.cast(n, tl.int64)  # 64-bit offsets of the block, 32-bit ones within it
-        k = _load(Kb + n64 * sk, tl.arange(0, BN), lk - n, sk, dims, HEAD_DIM, D, MASK)
-        v = _load(Vb + n64 * sv, tl.arange(0, BN), lk - n, sv, dims, HEAD_DIM, D, MASK)
+        if BIG:  # 64-bit offsets of the block, 32-bit ones within it
+            k = _load(Kb + tl.cast(n, tl.int64) * sk, tl.arange(0, BN), lk - n, sk, dims, HEAD_DIM, D, MASK)
+            v = _load(Vb + tl.cast(n, tl.int64) * sv, tl.arange(0, BN), lk - n, sv, dims, HEAD_DIM, D, MASK)
+        else:  # fewer registers
+            k = _load(Kb, cols, lk, sk, dims, HEAD_DIM, D, MASK)
+            v = _load(Vb, cols, lk, sv, dims, HEAD_DIM, D, MASK)
         s, t = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), QK_SCALE, CAP_SCALE, SOFTCAP, TANH)
         if MASK:
             s = tl.where(_visible(rows[:, None], cols[None, :], lq, lk, off, window, CAUSAL, WINDOW), s, float("-inf"))
@@ -212,7 +215,7 @@ def _fwd_blocks(acc, l_i, m_i, q, rows, Kb, Vb, sk, sv, start, end, lq, lk, off,
 def _fwd_kernel(Q, K, V, OUT, LSE, CU_Q, CU_K, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, slse_h,
                 QK_SCALE, CAP_SCALE, window, LONG, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, TANH: tl.constexpr,
-                PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+                PRECISION: tl.constexpr, BIG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
     pid, h, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q0, k0 = tl.load(CU_Q + seg), tl.load(CU_K + seg)
     lq, lk = tl.load(CU_Q + seg + 1) - q0, tl.load(CU_K + seg + 1) - k0
@@ -232,11 +235,11 @@ def _fwd_kernel(Q, K, V, OUT, LSE, CU_Q, CU_K, sq_t, sq_h, sk_t, sk_h, sv_t, sv_
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_range(m0, lq, lk, off, window, CAUSAL, WINDOW, BM, BN)
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, rows, Kb, Vb, sk_t, sv_t, lo, full_lo, lq, lk, off, window,
-        QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, True, BN)  # fmt: skip
+        QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, BIG, True, BN)  # fmt: skip
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, rows, Kb, Vb, sk_t, sv_t, full_lo, full_hi, lq, lk, off, window,
-        QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, False, BN)  # fmt: skip
+        QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, BIG, False, BN)  # fmt: skip
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, rows, Kb, Vb, sk_t, sv_t, full_hi, hi, lq, lk, off, window,
-        QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, True, BN)  # fmt: skip
+        QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, BIG, True, BN)  # fmt: skip
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -274,14 +277,17 @@ def _row_stats(LSEb, DELTAb, rows, lq, MASK: tl.constexpr):
 @triton.jit
 def _dq_blocks(dq, q, do, lse, delta, rows, Kb, Vb, sk, sv, start, end, lq, lk, off, window, QK_SCALE, CAP_SCALE,
                HEAD_DIM: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-               SOFTCAP: tl.constexpr, TANH: tl.constexpr, PRECISION: tl.constexpr, MASK: tl.constexpr,
-               BN: tl.constexpr):  # fmt: skip
+               SOFTCAP: tl.constexpr, TANH: tl.constexpr, PRECISION: tl.constexpr, BIG: tl.constexpr,
+               MASK: tl.constexpr, BN: tl.constexpr):  # fmt: skip
     dims = tl.arange(0, D)
     for n in range(start, end, BN):
         cols = n + tl.arange(0, BN)
-        n64 = tl.cast(n, tl.int64)  # 64-bit offsets of the block, 32-bit ones within it
-        k = _load(Kb + n64 * sk, tl.arange(0, BN), lk - n, sk, dims, HEAD_DIM, D, MASK)
-        v = _load(Vb + n64 * sv, tl.arange(0, BN), lk - n, sv, dims, HEAD_DIM, D, MASK)
+        if BIG:  # 64-bit offsets of the block, 32-bit ones within it
+            k = _load(Kb + tl.cast(n, tl.int64) * sk, tl.arange(0, BN), lk - n, sk, dims, HEAD_DIM, D, MASK)
+            v = _load(Vb + tl.cast(n, tl.int64) * sv, tl.arange(0, BN), lk - n, sv, dims, HEAD_DIM, D, MASK)
+        else:  # fewer registers
+            k = _load(Kb, cols, lk, sk, dims, HEAD_DIM, D, MASK)
+            v = _load(Vb, cols, lk, sv, dims, HEAD_DIM, D, MASK)
         s, t = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), QK_SCALE, CAP_SCALE, SOFTCAP, TANH)
         if MASK:
             s = tl.where(_visible(rows[:, None], cols[None, :], lq, lk, off, window, CAUSAL, WINDOW), s, float("-inf"))
@@ -299,8 +305,8 @@ def _dq_blocks(dq, q, do, lse, delta, rows, Kb, Vb, sk, sv, start, end, lq, lk, 
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t,
                sdq_h, slse_h, sd_h, scale, QK_SCALE, CAP_SCALE, window, LONG, GROUP: tl.constexpr,
                HEAD_DIM: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-               SOFTCAP: tl.constexpr, TANH: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
-               BN: tl.constexpr):  # fmt: skip
+               SOFTCAP: tl.constexpr, TANH: tl.constexpr, PRECISION: tl.constexpr, BIG: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
     pid, h, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q0, k0 = tl.load(CU_Q + seg), tl.load(CU_K + seg)
     lq, lk = tl.load(CU_Q + seg + 1) - q0, tl.load(CU_K + seg + 1) - k0
@@ -322,11 +328,11 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, sq_t, sq_h, sk_t, sk_h, 
     dq = tl.zeros([BM, D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_range(m0, lq, lk, off, window, CAUSAL, WINDOW, BM, BN)
     dq = _dq_blocks(dq, q, do, lse, delta, rows, Kb, Vb, sk_t, sv_t, lo, full_lo, lq, lk, off, window, QK_SCALE,
-        CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, True, BN)  # fmt: skip
+        CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, BIG, True, BN)  # fmt: skip
     dq = _dq_blocks(dq, q, do, lse, delta, rows, Kb, Vb, sk_t, sv_t, full_lo, full_hi, lq, lk, off, window, QK_SCALE,
-        CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, False, BN)  # fmt: skip
+        CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, BIG, False, BN)  # fmt: skip
     dq = _dq_blocks(dq, q, do, lse, delta, rows, Kb, Vb, sk_t, sv_t, full_hi, hi, lq, lk, off, window, QK_SCALE,
-        CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, True, BN)  # fmt: skip
+        CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, BIG, True, BN)  # fmt: skip
     ptrs = DQ + base * sdq_t + h * sdq_h + local[:, None] * sdq_t + dims[None, :]
     tl.store(ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=(rows[:, None] < lq) & (dims[None, :] < HEAD_DIM))
 
@@ -335,15 +341,22 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, sq_t, sq_h, sk_t, sk_h, 
 def _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, DQb, sq, sdo, sdq, start, end, lq, lk, off, window,
                 QK_SCALE, CAP_SCALE, HEAD_DIM: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, TANH: tl.constexpr, PRECISION: tl.constexpr,
-                ATOMIC_DQ: tl.constexpr, MASK: tl.constexpr, BM: tl.constexpr):  # fmt: skip
+                BIG: tl.constexpr, ATOMIC_DQ: tl.constexpr, MASK: tl.constexpr, BM: tl.constexpr):  # fmt: skip
     """Transposed tiles (keys × rows): P^T = exp(S^T − lse), dV += P^T·dO, dK += dS^T·Q; with ATOMIC_DQ also
     dQ += dS·K, added atomically into a float32 buffer (unscaled)."""
     dims = tl.arange(0, D)
     for m in range(start, end, BM):
         rows = m + tl.arange(0, BM)
-        m64 = tl.cast(m, tl.int64)  # 64-bit offsets of the block, 32-bit ones within it
-        q = _load(Qb + m64 * sq, tl.arange(0, BM), lq - m, sq, dims, HEAD_DIM, D, MASK)
-        do = _load(DOb + m64 * sdo, tl.arange(0, BM), lq - m, sdo, dims, HEAD_DIM, D, MASK)
+        if BIG:  # 64-bit offsets of the block, 32-bit ones within it
+            m64 = tl.cast(m, tl.int64)
+            Qm, DOm, DQm = Qb + m64 * sq, DOb + m64 * sdo, DQb + m64 * sdq
+            q = _load(Qm, tl.arange(0, BM), lq - m, sq, dims, HEAD_DIM, D, MASK)
+            do = _load(DOm, tl.arange(0, BM), lq - m, sdo, dims, HEAD_DIM, D, MASK)
+            dq_rows = tl.arange(0, BM)
+        else:  # fewer registers
+            q = _load(Qb, rows, lq, sq, dims, HEAD_DIM, D, MASK)
+            do = _load(DOb, rows, lq, sdo, dims, HEAD_DIM, D, MASK)
+            DQm, dq_rows = DQb, rows
         lse, delta = _row_stats(LSEb, DELTAb, rows, lq, MASK)
         st, t = _scores(tl.dot(k, tl.trans(q), input_precision=PRECISION), QK_SCALE, CAP_SCALE, SOFTCAP, TANH)
         if MASK:
@@ -360,7 +373,7 @@ def _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, DQb, sq, sdo, sdq, st
         dk += tl.dot(dst, q, input_precision=PRECISION)
         if ATOMIC_DQ:
             dq = tl.dot(tl.trans(dst), k, input_precision=PRECISION)
-            ptrs = DQb + m64 * sdq + tl.arange(0, BM)[:, None] * sdq + dims[None, :]
+            ptrs = DQm + dq_rows[:, None] * sdq + dims[None, :]
             if MASK:
                 tl.atomic_add(ptrs, dq, mask=(rows[:, None] < lq) & (dims[None, :] < HEAD_DIM), sem="relaxed")
             elif D != HEAD_DIM:
@@ -376,8 +389,7 @@ def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K, sq_t, sq_h, sk_
                 sdk_t, sdk_h, sdv_t, sdv_h, sdq_t, sdq_h, slse_h, sd_h, scale, QK_SCALE, CAP_SCALE, window, LONG,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, TANH: tl.constexpr, PRECISION: tl.constexpr,
-                ATOMIC_DQ: tl.constexpr,
-                BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+                BIG: tl.constexpr, ATOMIC_DQ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
     """One key block of one KV head: every query head of its group in turn (GQA without atomics)."""
     pid, hk, seg = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q0, k0 = tl.load(CU_Q + seg), tl.load(CU_K + seg)
@@ -402,13 +414,13 @@ def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K, sq_t, sq_h, sk_
         LSEb, DELTAb = LSE + h * slse_h + q0, DELTA + h * sd_h + q0
         DQb = DQ + q0.to(tl.int64) * sdq_t + h * sdq_h
         dk, dv = _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, DQb, sq_t, sdo_t, sdq_t, lo, full_lo, lq, lk,
-            off, window, QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, ATOMIC_DQ, True,
+            off, window, QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, BIG, ATOMIC_DQ, True,
             BM)  # fmt: skip
         dk, dv = _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, DQb, sq_t, sdo_t, sdq_t, full_lo, full_hi, lq, lk,
-            off, window, QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, ATOMIC_DQ, False,
+            off, window, QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, BIG, ATOMIC_DQ, False,
             BM)  # fmt: skip
         dk, dv = _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, DQb, sq_t, sdo_t, sdq_t, full_hi, hi, lq, lk,
-            off, window, QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, ATOMIC_DQ, True,
+            off, window, QK_SCALE, CAP_SCALE, HEAD_DIM, D, CAUSAL, WINDOW, SOFTCAP, TANH, PRECISION, BIG, ATOMIC_DQ, True,
             BM)  # fmt: skip
     mask = (cols[:, None] < lk) & (dims[None, :] < HEAD_DIM)
     tl.store(DK + base * sdk_t + hk * sdk_h + local[:, None] * sdk_t + dims[None, :],
@@ -453,7 +465,8 @@ class TritonSoftcapKernel:
             raise ValueError(f"dq={dq!r}: choose one of {DQ_MODES}")
         self.softcap, self.tanh, self.dq = softcap, tanh, dq
 
-    def _common(self, q: torch.Tensor, k: torch.Tensor, seg: Segments, scale: float) -> dict:
+    def _common(self, q: torch.Tensor, k: torch.Tensor, seg: Segments, scale: float, *others: torch.Tensor) -> dict:
+        """The kernels' shared arguments; BIG: an offset into q, k or `others` may pass 2^31."""
         head_dim = q.shape[-1]
         if head_dim > 256 or q.shape[1] % k.shape[1]:
             raise ValueError(
@@ -478,6 +491,7 @@ class TritonSoftcapKernel:
             SOFTCAP=cap is not None,
             TANH=TANH_MODES[tanh],
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            BIG=max(t.shape[0] * t.stride(0) for t in (q, k, *others)) >= 2**31,
         )
 
     def forward(self, q, k, v, seg: Segments, scale: float):
@@ -491,7 +505,7 @@ class TritonSoftcapKernel:
         grid = lambda meta: (triton.cdiv(seg.max_q, meta["BM"]), hq, n_seg)  # noqa: E731
         _fwd_kernel[grid](
             q, k, v, out, lse, cu_q, cu_k, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
-            lse.stride(0), **self._common(q, k, seg, scale),
+            lse.stride(0), **self._common(q, k, seg, scale, v, out),
         )  # fmt: skip
         return out, lse
 
@@ -499,7 +513,7 @@ class TritonSoftcapKernel:
         q, k, v, dout, out = (_rowwise(t) for t in (q, k, v, dout, out))
         lse = lse.float().contiguous()
         n_seg, (tq, hq, head_dim), hk = len(seg.cu_q) - 1, q.shape, k.shape[1]
-        common = self._common(q, k, seg, scale)
+        common = self._common(q, k, seg, scale, v, dout, out)  # dq and its float32 buffer are laid out as q's rows
         delta = torch.empty((hq, tq), dtype=torch.float32, device=q.device)
         _delta_kernel[(triton.cdiv(tq, 64), hq)](
             out, dout, delta, tq, *out.stride()[:2], *dout.stride()[:2], delta.stride(0), head_dim, common["D"], 64
