@@ -1,5 +1,6 @@
 """PyTorch's FlexAttention for scores the SDPA ops cannot modify: the logit softcap (Gemma 2), on CUDA in half
-precision. Imported lazily (it compiles its kernels through torch.compile on first use).
+precision where the Triton kernel (`triton_softcap`, faster: its backward needs no recomputed forward) is not
+chosen. Imported lazily (it compiles its kernels through torch.compile on first use).
 
 The forward is one FlexAttention call over the segments' block mask, with a tanh score_mod and its log-sum-exp.
 The backward must take the (out, lse) of the whole blockwise attention, which may differ from this block's own
