@@ -21,6 +21,11 @@ against float64 over [−20, 20].
 
     python benchmarks/softcap_kernels.py --seqs 32768,131072 --out benchmarks/results/softcap_kernels_1xH200.json
     python benchmarks/softcap_kernels.py --smoke     # CPU: float32, tiny, the Triton kernel under its interpreter
+
+Under a 10-minute limit per command, run it in parts (--only; each part times the reference again) and merge them:
+
+    python benchmarks/softcap_kernels.py --only "triton exp,triton exp atomic" --out /tmp/a.json
+    python benchmarks/softcap_kernels.py --merge /tmp/a.json,/tmp/b.json --out benchmarks/results/...json
 """
 
 from __future__ import annotations
@@ -66,7 +71,6 @@ def candidates(softcap: float) -> dict[str, tuple[Callable, bool, bool]]:
         "triton libdevice": (lambda: triton_kernel(softcap, "libdevice"), False, True),
         "triton approx": (lambda: triton_kernel(softcap, "approx"), False, True),
         "triton exp atomic": (lambda: triton_kernel(softcap, "exp", "atomic"), False, True),
-        "triton libdevice atomic": (lambda: triton_kernel(softcap, "libdevice", "atomic"), False, True),
         "triton approx atomic": (lambda: triton_kernel(softcap, "approx", "atomic"), False, True),
         "triton (no softcap)": (lambda: triton_kernel(None), False, False),
     }
@@ -241,7 +245,12 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma-separated candidate names (default: all)")
     p.add_argument("--smoke", action="store_true", help="CPU: float32, tiny shapes, Triton's interpreter")
     p.add_argument("--out", default=None, help="JSON file, rewritten after each candidate")
+    p.add_argument(
+        "--merge", default=None, help="comma-separated JSON files of runs (--only parts) to merge into --out"
+    )
     a = p.parse_args()
+    if a.merge:
+        return merge(a.merge.split(","), a.out)
     a.heads = tuple(int(h) for h in a.heads.split(":"))
     seqs = [int(s) for s in a.seqs.split(",")]
     a.check_docs, a.check_heads, a.check_window, a.check_q_scale = [1000, 1500, 96, 1500], (32, 8), 700, 20.0
@@ -293,6 +302,29 @@ def main() -> None:
         save()
     summarize(result, seqs)
     save()
+
+
+def merge(paths: list[str], out: str | None) -> None:
+    """One result of several runs (each with its own reference row, the first one kept): the choice over all."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    result = {
+        "meta": {**parts[0]["meta"], "merged": paths},
+        "tanh_error": parts[0].get("tanh_error"),
+        "candidates": [],
+    }
+    for part in parts:
+        names = {r["name"] for r in result["candidates"]}
+        result["candidates"] += [r for r in part["candidates"] if r["name"] not in names]
+    for r in result["candidates"]:
+        r["times"] = {int(seq): t for seq, t in r["times"].items()}
+    seqs = sorted({seq for r in result["candidates"] for seq in r["times"]})
+    summarize(result, seqs)
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 def summarize(result: dict, seqs: list[int]) -> None:

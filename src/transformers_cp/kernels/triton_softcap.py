@@ -79,10 +79,12 @@ def _configs(table: list[tuple[int, int, int, int]], names: tuple[str, str]) -> 
 # (rows, keys, warps, stages) candidates for H100/H200; the autotuner keeps the fastest per key. Candidates that do not
 # fit in shared memory (head dim 256) fail to compile and are skipped by the autotuner.
 # (ptxas for sm_90 at head dim 128: these spill at most a few hundred bytes.)
-FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
-DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3)]
-DKV_CONFIGS = [(128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3), (64, 32, 4, 2), (128, 64, 8, 2)]  # (keys, rows, ...)
+# Three each: every candidate compiles for each kernel variant (causal, window, softcap, tanh, dQ mode) on first use.
+FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
+DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 8, 2)]
+DKV_CONFIGS = [(128, 32, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2)]  # (keys, rows, warps, stages)
 TUNE_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "SOFTCAP", "TANH", "LONG", "ATOMIC_DQ"]
+NOT_SPECIALIZED = ["window", "LONG"]  # Triton compiles integer arguments equal to 1 apart: not worth a compilation
 
 
 @triton.jit
@@ -211,7 +213,7 @@ def _fwd_blocks(acc, l_i, m_i, q, rows, Kb, Vb, sk, sv, start, end, lq, lk, off,
 
 
 @triton.autotune(configs=_configs(FWD_CONFIGS, ("BM", "BN")), key=TUNE_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _fwd_kernel(Q, K, V, OUT, LSE, CU_Q, CU_K, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, slse_h,
                 QK_SCALE, CAP_SCALE, window, LONG, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, TANH: tl.constexpr,
@@ -301,7 +303,7 @@ def _dq_blocks(dq, q, do, lse, delta, rows, Kb, Vb, sk, sv, start, end, lq, lk, 
 
 
 @triton.autotune(configs=_configs(DQ_CONFIGS, ("BM", "BN")), key=TUNE_KEY)
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t,
                sdq_h, slse_h, sd_h, scale, QK_SCALE, CAP_SCALE, window, LONG, GROUP: tl.constexpr,
                HEAD_DIM: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
@@ -384,7 +386,7 @@ def _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, DQb, sq, sdo, sdq, st
 
 
 @triton.autotune(configs=_configs(DKV_CONFIGS, ("BN", "BM")), key=TUNE_KEY, reset_to_zero=["DQ"])
-@triton.jit
+@triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h,
                 sdk_t, sdk_h, sdv_t, sdv_h, sdq_t, sdq_h, slse_h, sd_h, scale, QK_SCALE, CAP_SCALE, window, LONG,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
