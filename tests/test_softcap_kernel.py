@@ -53,8 +53,16 @@ def test_triton_kernel_matches_math(job_results, name):
     assert job_results[name] is None, job_results[name]
 
 
-def test_kernel_class_keeps_float32_and_cpu_exact():
-    """The fused choice never reaches float32 or CPU inputs: those keep the exact math kernel."""
+def test_kernel_class_keeps_float32_and_cpu_exact(monkeypatch):
+    """A softcap on CUDA half precision goes to SOFTCAP_KERNEL where Triton is installed; the fused choice never
+    reaches float32 or CPU inputs: those keep the exact math kernel."""
+    import transformers_cp.kernels as kernels
+
+    monkeypatch.setattr(kernels, "is_flash_attn_available", lambda: False)
+    if importlib.util.find_spec("triton") is not None:
+        assert kernels.SOFTCAP_KERNEL == "triton"
+        assert kernel_class("auto", True, torch.bfloat16, 128, 50.0).name == "triton"
+    assert kernel_class("auto", True, torch.bfloat16, 128, None) is TorchKernel
     assert kernel_class("auto", False, torch.bfloat16, 128, 50.0) is MathKernel
     assert kernel_class("auto", True, torch.float32, 128, 50.0) is MathKernel
 
@@ -63,8 +71,8 @@ def test_softcap_kernel_without_triton_is_flex(monkeypatch):
     """Without Triton the package still imports and a softcap on CUDA half precision goes to FlexAttention."""
     import transformers_cp.kernels as kernels
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real(name, *a))
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    monkeypatch.delitem(sys.modules, "transformers_cp.kernels.triton_softcap", raising=False)
     monkeypatch.setattr(kernels, "is_flash_attn_available", lambda: False)
     assert kernels.kernel_class("auto", True, torch.bfloat16, 128, 50.0) is FlexKernel
     assert kernels.kernel_class("torch", True, torch.bfloat16, 128, None) is TorchKernel

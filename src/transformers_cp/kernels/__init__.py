@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from .base import AttentionKernel, Segments, accumulation_dtype
@@ -29,9 +27,11 @@ one that benchmarks/softcap_kernels.py measured (benchmarks/results/softcap_kern
 
 
 def _softcap_kernel() -> type[AttentionKernel]:
-    if SOFTCAP_KERNEL == "triton" and importlib.util.find_spec("triton") is not None:
-        from .triton_softcap import TritonSoftcapKernel
-
+    if SOFTCAP_KERNEL == "triton":
+        try:
+            from .triton_softcap import TritonSoftcapKernel
+        except ImportError:  # no Triton
+            return FlexKernel
         return TritonSoftcapKernel
     return FlexKernel
 
