@@ -70,10 +70,22 @@ if _interpreting():
 
 
 def _configs(table: list[tuple[int, int, int, int]], names: tuple[str, str]) -> list[triton.Config]:
-    """Autotuning candidates (block sizes, warps, stages); one small config under the interpreter."""
+    """Autotuning candidates (block sizes, warps, stages) and last the one for float32 inputs (`_by_dtype`); one
+    small config under the interpreter."""
     if _interpreting():
         table = [(16, 16, 1, 1)]
+    else:
+        table = [*table, FLOAT32_CONFIG]
     return [triton.Config({names[0]: a, names[1]: b}, num_warps=w, num_stages=s) for a, b, w, s in table]
+
+
+def _by_dtype(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Float32 tiles take twice the shared memory: float32 inputs (never chosen by `kernel_class`, but measured by
+    the benchmark) get the small last config alone, half precision the others."""
+    return configs[-1:] if named_args["Q"].dtype == torch.float32 else configs[:-1]
+
+
+BY_DTYPE = {"early_config_prune": _by_dtype}
 
 
 # (rows, keys, warps, stages) candidates for H100/H200; the autotuner keeps the fastest per key. Candidates that do not
@@ -83,6 +95,7 @@ def _configs(table: list[tuple[int, int, int, int]], names: tuple[str, str]) -> 
 FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
 DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 8, 2)]
 DKV_CONFIGS = [(128, 32, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2)]  # (keys, rows, warps, stages)
+FLOAT32_CONFIG = (32, 32, 4, 2)
 TUNE_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "SOFTCAP", "TANH", "LONG", "ATOMIC_DQ"]
 NOT_SPECIALIZED = ["window", "LONG"]  # Triton compiles integer arguments equal to 1 apart: not worth a compilation
 
@@ -212,7 +225,7 @@ def _fwd_blocks(acc, l_i, m_i, q, rows, Kb, Vb, sk, sv, start, end, lq, lk, off,
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(FWD_CONFIGS, ("BM", "BN")), key=TUNE_KEY)
+@triton.autotune(configs=_configs(FWD_CONFIGS, ("BM", "BN")), key=TUNE_KEY, prune_configs_by=BY_DTYPE)
 @triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _fwd_kernel(Q, K, V, OUT, LSE, CU_Q, CU_K, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, so_t, so_h, slse_h,
                 QK_SCALE, CAP_SCALE, window, LONG, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
@@ -302,7 +315,7 @@ def _dq_blocks(dq, q, do, lse, delta, rows, Kb, Vb, sk, sv, start, end, lq, lk, 
     return dq
 
 
-@triton.autotune(configs=_configs(DQ_CONFIGS, ("BM", "BN")), key=TUNE_KEY)
+@triton.autotune(configs=_configs(DQ_CONFIGS, ("BM", "BN")), key=TUNE_KEY, prune_configs_by=BY_DTYPE)
 @triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdq_t,
                sdq_h, slse_h, sd_h, scale, QK_SCALE, CAP_SCALE, window, LONG, GROUP: tl.constexpr,
@@ -385,7 +398,9 @@ def _dkv_blocks(dk, dv, k, v, cols, Qb, DOb, LSEb, DELTAb, DQb, sq, sdo, sdq, st
     return dk, dv
 
 
-@triton.autotune(configs=_configs(DKV_CONFIGS, ("BN", "BM")), key=TUNE_KEY, reset_to_zero=["DQ"])
+@triton.autotune(
+    configs=_configs(DKV_CONFIGS, ("BN", "BM")), key=TUNE_KEY, prune_configs_by=BY_DTYPE, reset_to_zero=["DQ"]
+)
 @triton.jit(do_not_specialize=NOT_SPECIALIZED)
 def _dkv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h,
                 sdk_t, sdk_h, sdv_t, sdv_h, sdq_t, sdq_h, slse_h, sd_h, scale, QK_SCALE, CAP_SCALE, window, LONG,
@@ -454,14 +469,14 @@ def _covers(cu: tuple[int, ...], total: int) -> bool:
 
 
 class TritonSoftcapKernel:
-    """Flash attention with the softcap in its inner loop (see the module docstring); `tanh` picks the formula for
-    half-precision inputs (float32 inputs on CUDA use libdevice's exact tanhf, the interpreter the 'exp' one)."""
+    """Flash attention with the softcap in its inner loop (see the module docstring). `tanh` picks the formula; left
+    out, half-precision inputs take `TANH` and float32 ones libdevice's exact tanhf. The interpreter computes 'exp'."""
 
     name = "triton"
 
     def __init__(self, softcap: float | None = None, tanh: str | None = None, dq: str | None = None) -> None:
-        tanh, dq = tanh or TANH, dq or DQ
-        if tanh not in TANH_MODES:
+        dq = dq or DQ
+        if tanh is not None and tanh not in TANH_MODES:
             raise ValueError(f"tanh={tanh!r}: choose one of {sorted(TANH_MODES)}")
         if dq not in DQ_MODES:
             raise ValueError(f"dq={dq!r}: choose one of {DQ_MODES}")
@@ -474,11 +489,9 @@ class TritonSoftcapKernel:
             raise ValueError(
                 f"the Triton attention kernel takes head dim <= 256 and Hq a multiple of Hk, got {q.shape}"
             )
-        tanh = self.tanh
+        tanh = self.tanh or ("libdevice" if q.dtype == torch.float32 else TANH)
         if q.device.type != "cuda":
             tanh = "exp"  # the interpreter runs neither inline PTX nor libdevice
-        elif q.dtype == torch.float32:
-            tanh = "libdevice"
         cap = float(self.softcap) if self.softcap else None
         return dict(
             QK_SCALE=scale / cap if cap else scale * LOG2E,
