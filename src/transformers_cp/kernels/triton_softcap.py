@@ -109,7 +109,8 @@ def _tanh(x, TANH: tl.constexpr):
     elif TANH == 1:
         return libdevice.tanh(x)
     else:
-        return 1.0 - tl.fdiv(2.0, 1.0 + tl.exp2(x * 2.8853900817779268))  # 2·log2(e)
+        # 2·log2(e); x capped at 15, where tanh is 1.0 in float32, so that the exp never overflows into inf / inf
+        return 1.0 - tl.fdiv(2.0, 1.0 + tl.exp2(tl.minimum(x, 15.0) * 2.8853900817779268))
 
 
 @triton.jit
