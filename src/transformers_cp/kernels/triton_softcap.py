@@ -9,13 +9,16 @@ dS = P ∘ (dP − delta) is exactly its share of the merged attention's gradien
 c·tanh(s / c) and dS is multiplied by its derivative 1 − tanh²(s / c).
 
 The tanh (`TANH`, see `_tanh`), which with the softmax's exp is what the exp unit (MUFU) computes per score:
-  'exp'       1 − 2 / (1 + 2^(2·log2(e)·x)): one ex2 and one reciprocal, both to a few float32 ulps of their value, so the
-              capped score is off by ~1e-7·softcap absolute, the float32 rounding of the score itself. The default, and
-              the only one the Triton interpreter runs (CPU tests).
+  'exp'       1 − 2 / (1 + 2^(2·log2(e)·x)): one ex2 and one reciprocal, both to a few float32 ulps, so the capped
+              score is off by at most ~2e-7·softcap absolute (measured), a few float32 roundings of a score of that
+              size; far below bf16's. The default, and the only one the Triton interpreter runs (CPU tests).
   'libdevice' CUDA's tanhf: float32-exact, many instructions. Float32 inputs on CUDA take it.
   'approx'    `tanh.approx.f32` (sm_75+): one MUFU op, relative error ~2^-11, i.e. up to ~5e-4·softcap on a capped
               score: visible against the exact kernel, so it is never chosen by default; benchmarks/softcap_kernels.py
               measures its speed and error.
+
+dQ (`DQ`): its own kernel over key blocks ('separate', deterministic), or atomic float32 adds from the dK/dV kernel
+('atomic', FlashAttention-2's way: two fewer matrix products per tile pair).
 
 Triton is imported with this module; `kernel_class` imports it lazily, so the package works without Triton.
 """
