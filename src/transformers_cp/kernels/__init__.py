@@ -20,6 +20,22 @@ __all__ = [
 ]
 
 
+SOFTCAP_KERNEL = "triton"
+"""The logit-softcap kernel for CUDA half precision, 'triton' (`triton_softcap`) or 'flex' (`flex`): the fastest exact
+one that benchmarks/softcap_kernels.py measured (benchmarks/results/softcap_kernels_1xH200.json). 'triton' falls back to
+'flex' where Triton is not installed."""
+
+
+def _softcap_kernel() -> type[AttentionKernel]:
+    if SOFTCAP_KERNEL == "triton":
+        try:
+            from .triton_softcap import TritonSoftcapKernel
+        except ImportError:  # no Triton
+            return FlexKernel
+        return TritonSoftcapKernel
+    return FlexKernel
+
+
 def _fused_ok(is_cuda: bool, dtype: torch.dtype, head_dim: int) -> bool:
     return is_cuda and dtype in (torch.float16, torch.bfloat16) and head_dim % 8 == 0 and head_dim <= 256
 
@@ -32,7 +48,7 @@ def kernel_class(
 
     Fused kernels need CUDA half precision; float32 inputs and CPU run the exact math kernel, so that the float32
     equivalence that the tests check holds on every device. A softcap goes to flash-attn where it is chosen or
-    installed, else to FlexAttention (the SDPA ops take none).
+    installed, else to `SOFTCAP_KERNEL` (the SDPA ops take none).
     """
     fused = _fused_ok(is_cuda, dtype, head_dim)
     if backend == "flash_attn":
@@ -46,7 +62,7 @@ def kernel_class(
         return MathKernel
     if backend == "auto" and is_flash_attn_available():
         return FlashAttnKernel
-    return FlexKernel if softcap else TorchKernel
+    return _softcap_kernel() if softcap else TorchKernel
 
 
 def select_kernel(backend: str, q: torch.Tensor, softcap: float | None = None) -> AttentionKernel:

@@ -1,5 +1,6 @@
 """PyTorch's FlexAttention for scores the SDPA ops cannot modify: the logit softcap (Gemma 2), on CUDA in half
-precision. Imported lazily (it compiles its kernels through torch.compile on first use).
+precision where the Triton kernel (`triton_softcap`, faster: its backward needs no recomputed forward) is not
+chosen. Imported lazily (it compiles its kernels through torch.compile on first use).
 
 The forward is one FlexAttention call over the segments' block mask, with a tanh score_mod and its log-sum-exp.
 The backward must take the (out, lse) of the whole blockwise attention, which may differ from this block's own
@@ -36,10 +37,25 @@ def _flex():
     return torch.compile(flex_attention) if torch.cuda.is_available() else flex_attention
 
 
+SCORE_MOD = "tanh"
+"""How the score_mod computes softcap·tanh(s / softcap): 'tanh' (torch.tanh), or 'exp', the same through one exp,
+softcap·sign(s)·(1 − e) / (1 + e) with e = exp(−2|s| / softcap) (no overflow, and its derivative has none either);
+benchmarks/softcap_kernels.py times both."""
+
+
 @functools.cache
-def _softcap_mod(softcap: float):
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return softcap * torch.tanh(score / softcap)
+def _softcap_mod(softcap: float, tanh: str):
+    if tanh == "exp":
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            e = torch.exp(torch.where(score < 0, score, -score) * (2.0 / softcap))  # not abs(): its gradient at 0 is 0
+            capped = softcap * (1 - e) / (1 + e)
+            return torch.where(score < 0, -capped, capped)
+
+    else:
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return softcap * torch.tanh(score / softcap)
 
     return score_mod
 
@@ -88,14 +104,15 @@ def _lse_kwargs() -> dict:
 class FlexKernel:
     name = "flex"
 
-    def __init__(self, softcap: float | None = None) -> None:
+    def __init__(self, softcap: float | None = None, tanh: str | None = None) -> None:
         self.softcap = softcap
+        self.tanh = tanh or SCORE_MOD
 
     def _attend(self, q, k, v, seg: Segments, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, H, D) in; out (T, H, D) and lse (H, T) float32."""
         result = _flex()(
             *(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)),
-            score_mod=_softcap_mod(float(self.softcap)) if self.softcap else None,
+            score_mod=_softcap_mod(float(self.softcap), self.tanh) if self.softcap else None,
             block_mask=block_mask(seg, q.device),
             scale=scale,
             enable_gqa=q.shape[1] != k.shape[1],

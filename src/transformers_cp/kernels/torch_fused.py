@@ -116,7 +116,7 @@ class TorchKernel:
     def __init__(self, softcap: float | None = None) -> None:
         if softcap:
             raise ValueError(
-                "the cuDNN / flash SDPA ops take no logit softcap; `kernel_class` picks FlexKernel for it"
+                "the cuDNN / flash SDPA ops take no logit softcap; `kernel_class` picks a softcap kernel for it"
             )
         self.softcap = None
 
