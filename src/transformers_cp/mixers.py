@@ -277,9 +277,13 @@ def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> None:
         documents.current = kwargs.get("cp_documents")
 
     change = changes.install(model, NAME, pre=begin, depends_on="context_parallel")
+    from . import delta_rule
+
     for _, module in found:
         window = MIXERS[type(module).__name__].window
-        if window is None:
+        if delta_rule.fits(module):
+            delta_rule.install(change, module, mesh, documents)
+        elif window is None:
             change.replace_forward(module, GatheredMixer(module, mesh, documents))
         else:
             change.replace_forward(module, HaloMixer(module, mesh, documents, getattr(module, window).kernel_size[0]))
