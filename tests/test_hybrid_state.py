@@ -43,7 +43,7 @@ ROWS = (  # 32 tokens: shards of 16 or 8, zigzag chunks of 8 or 4; the convoluti
     [2, 1, 9, 1, 1, 18],  # documents start 1 and 2 tokens before a chunk edge (12 + 1 = 13, 14 before 16)
     [5, 1, 1, 25],
 )
-MODES = ("zigzag", "ring", "llama3", "ulysses")
+MODES = {2: ("zigzag", "ring", "llama3", "ulysses"), 4: ("zigzag", "ring", "llama3", "ulysses", "hybrid")}
 BALANCED = ("zigzag", "ring")
 
 
@@ -108,7 +108,9 @@ def _compare(model, mesh, lengths: list[int], seed: int, reference: tuple, toler
 
 
 def _state_worker(rank: int, world: int) -> None:
-    configs = [ContextParallelConfig(size=world, mode=m) for m in MODES]
+    configs = [
+        ContextParallelConfig(size=world, mode=m, ulysses_size=2 if m == "hybrid" else None) for m in MODES[world]
+    ]
     configs += [ContextParallelConfig(size=world, mode=m, balance="documents") for m in BALANCED]
     meshes = [build_mesh(c, "cpu") for c in configs]
     undo = _float64_kernels()
@@ -125,7 +127,7 @@ def _state_worker(rank: int, world: int) -> None:
         model = build(family, torch.float32)
         lengths = ROWS[0]
         reference = per_document(model, _row(lengths, 0)[0], lengths)
-        for mesh in meshes[: len(MODES)]:
+        for mesh in meshes[: len(MODES[world])]:
             name = f"{family} float32 {mesh.config.mode} on {world} ranks, {lengths}"
             _compare(model, mesh, lengths, 0, reference, SWEEP_TOLERANCE, name)
     for name in STATE_FAMILIES.values():  # the kernel functions are the stock ones again once no model runs CP
@@ -139,9 +141,9 @@ def test_state_passing_equals_each_document_alone(world):
     run_distributed(_state_worker, world, timeout=900)
 
 
-def _trainer_run(context_parallel_size: int) -> dict:
+def _trainer_run(context_parallel_size: int, mode: str = "zigzag", **kwargs) -> dict:
     """Qwen3-Next in float64 (kernels lifted): the stock Trainer on one right-padded document per row, or
-    transformers_cp.Trainer (zigzag, gradient accumulation 2) on packed rows."""
+    transformers_cp.Trainer (gradient accumulation 2) on packed rows."""
     undo = _float64_kernels()
     try:
         data = dict(model=build("qwen3_next", torch.float64), train_dataset=sft_dataset(13, 0),
@@ -149,7 +151,7 @@ def _trainer_run(context_parallel_size: int) -> dict:
         if context_parallel_size == 1:
             args = transformers.TrainingArguments(**arguments())
             return train_and_record(StockTrainer(args=args, data_collator=_pad_rows, **data))
-        cp = arguments(context_parallel_size=context_parallel_size, context_parallel_mode="zigzag")
+        cp = arguments(context_parallel_size=context_parallel_size, context_parallel_mode=mode, **kwargs)
         return train_and_record(CPTrainer(args=transformers_cp.TrainingArguments(**cp), **data))
     finally:
         for modeling, original in undo:
@@ -158,6 +160,9 @@ def _trainer_run(context_parallel_size: int) -> dict:
 
 def _trainer_worker(rank: int, world: int, expected: dict) -> None:
     _assert_same_training(_trainer_run(world), expected, "qwen3_next float64 Trainer zigzag, state passing")
+    # recomputation runs each mixer's gathers again in backward, in the same order on every rank
+    checkpointed = _trainer_run(world, "ulysses", gradient_checkpointing=True)
+    _assert_same_training(checkpointed, expected, "qwen3_next float64 Trainer ulysses, gradient checkpointing")
 
 
 def test_trainer_gradient_accumulation():
