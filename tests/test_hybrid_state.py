@@ -29,9 +29,15 @@ from test_hybrid import COMMON, FAMILIES, _assert_same_training, _pad_rows
 from trainer_cases import CPTrainer, StockTrainer, arguments, sft_dataset, train_and_record
 
 import transformers_cp
-from transformers_cp import ContextParallelConfig, apply_context_parallel, build_mesh, remove_context_parallel
+from transformers_cp import (
+    ContextParallelConfig,
+    apply_context_parallel,
+    build_mesh,
+    delta_rule,
+    remove_context_parallel,
+)
 from transformers_cp.delta_rule import StateMixer, _Dispatch
-from transformers_cp.mixers import find_mixers
+from transformers_cp.mixers import GatheredMixer, find_mixers
 
 RTOL = 1e-5
 SWEEP_TOLERANCE = 1e-4  # benchmarks/model_sweep.py's TOLERANCE, the float32 criterion of issue 19
@@ -80,14 +86,17 @@ def _row(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor, tor
     return ids, position_ids, targets, bounds
 
 
-def _compare(model, mesh, lengths: list[int], seed: int, reference: tuple, tolerance: float, name: str) -> None:
-    """One row through the CP model against its documents run alone: logits and every gradient."""
+def _compare(
+    model, mesh, lengths: list[int], seed: int, reference: tuple, tolerance: float, name: str, form: type = StateMixer
+) -> None:
+    """One row through the CP model against its documents run alone (its mixers in `form`): logits and every
+    gradient."""
     ids, position_ids, targets, bounds = _row(lengths, seed)
     ref_logits, ref_grads = reference
     floor = 1e-3 * max(g.abs().max().item() for g in ref_grads.values())
     apply_context_parallel(model, mesh.config, mesh=mesh)
     mixers = [m for _, m in find_mixers(model)]
-    assert mixers and all(isinstance(m.forward, StateMixer) for m in mixers), f"{name}: state passing not installed"
+    assert mixers and all(isinstance(m.forward, form) for m in mixers), f"{name}: {form.__name__} not installed"
     rank, layout = mesh.cp_rank, mesh.layout.for_row(bounds, ids.shape[1])
     shard = lambda t: layout.shard(t, rank, dim=1)  # noqa: E731
     cu_seq_lens = torch.tensor(bounds)  # the `documents` balance shards by them; the other layouts read them too
@@ -130,10 +139,31 @@ def _state_worker(rank: int, world: int) -> None:
         for mesh in meshes[: len(MODES[world])]:
             name = f"{family} float32 {mesh.config.mode} on {world} ranks, {lengths}"
             _compare(model, mesh, lengths, 0, reference, SWEEP_TOLERANCE, name)
+    if world == 2:
+        _gathered_balanced(meshes[len(MODES[world]) :])
     for name in STATE_FAMILIES.values():  # the kernel functions are the stock ones again once no model runs CP
         modeling = getattr(getattr(transformers.models, name), f"modeling_{name}")
         assert not isinstance(modeling.causal_conv1d_fn, _Dispatch), f"{name}: dispatcher left installed"
         assert not isinstance(modeling.torch_chunk_gated_delta_rule, _Dispatch), f"{name}: dispatcher left installed"
+
+
+def _gathered_balanced(meshes: list) -> None:
+    """The gathered and halo forms under the `documents` balance, whose ranks hold different numbers of ranges of
+    different lengths: they follow the row's own layout (float32, the suite's 1e-5, as tests/test_hybrid.py)."""
+    from test_hybrid import build as build_float32
+
+    lengths = ROWS[0]
+    ids, position_ids, targets, bounds = _row(lengths, 0)
+    delta_rule.USE_STATE = False
+    try:
+        for family in ("lfm2", "nemotron_h", "qwen3_next"):
+            model = build_float32(family)
+            reference = per_document(model, ids, lengths)
+            for mesh in meshes:
+                name = f"{family} gathered {mesh.config.mode} (documents), {lengths}"
+                _compare(model, mesh, lengths, 0, reference, RTOL, name, GatheredMixer)
+    finally:
+        delta_rule.USE_STATE = True
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -171,8 +201,6 @@ def test_trainer_gradient_accumulation():
 
 def test_gathered_path_when_switched_off(monkeypatch):
     """`delta_rule.USE_STATE = False` (benchmarks/hybrid.py --mixer-path gathered) keeps the gathered form."""
-    from transformers_cp import delta_rule
-
     module = next(m for _, m in find_mixers(build("qwen3_next", torch.float32)))
     assert delta_rule.fits(module)
     monkeypatch.setattr(delta_rule, "USE_STATE", False)

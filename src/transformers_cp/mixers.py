@@ -140,7 +140,7 @@ class GatheredMixer:
 
     def _order(self, docs: Documents, device: torch.device) -> torch.Tensor:
         """Rows of the rank-order gather, in global order."""
-        layout, size = self.mesh.layout, self.mesh.cp_size
+        layout, size = docs.layout(self.mesh.layout), self.mesh.cp_size  # the row's own under balance="documents"
 
         def build():
             return torch.argsort(torch.cat([layout.index(docs.seq_len, r) for r in range(size)])).to(device)
@@ -201,7 +201,7 @@ class GatheredMixer:
     def __call__(self, *args, **kwargs):
         docs, x, per_token, fixed = self._split(args, kwargs)
         rows = {self.hidden: self._global(x, docs), **{k: self._global(v, docs) for k, v in per_token.items()}}
-        mine = self.mesh.layout.ranges(docs.seq_len, self.mesh.cp_rank)
+        mine = docs.layout(self.mesh.layout).ranges(docs.seq_len, self.mesh.cp_rank)
         outputs, extra = {}, None
         for start, end in zip(docs.bounds, docs.bounds[1:]):
             reach = max((min(b, end) for a, b in mine if a < end and b > start), default=None)
@@ -230,10 +230,11 @@ class HaloMixer(GatheredMixer):
 
     def __call__(self, *args, **kwargs):
         docs, x, per_token, fixed = self._split(args, kwargs)
-        layout, k = self.mesh.layout, self.halo
+        layout, k = docs.layout(self.mesh.layout), self.halo
         mine = layout.ranges(docs.seq_len, self.mesh.cp_rank)
-        if per_token or k == 0 or min(b - a for a, b in mine) < k:
-            return super().__call__(*args, **kwargs)
+        ranges = [layout.ranges(docs.seq_len, r) for r in range(self.mesh.cp_size)]
+        if per_token or k == 0 or min(b - a for rs in ranges for a, b in rs) < k or len({len(r) for r in ranges}) > 1:
+            return super().__call__(*args, **kwargs)  # (the same choice on every rank: the gathers must match)
         offsets = [0]
         for a, b in mine:
             offsets.append(offsets[-1] + b - a)
