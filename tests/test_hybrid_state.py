@@ -25,7 +25,7 @@ import torch.distributed as dist
 import transformers
 from distributed import run_distributed
 from reference import assert_close, per_document
-from test_hybrid import COMMON, FAMILIES, _assert_same_training, _pad_rows
+from test_hybrid import _GDN, COMMON, FAMILIES, _assert_same_training, _pad_rows
 from trainer_cases import CPTrainer, StockTrainer, arguments, sft_dataset, train_and_record
 
 import transformers_cp
@@ -42,7 +42,8 @@ from transformers_cp.mixers import GatheredMixer, find_mixers
 RTOL = 1e-5
 SWEEP_TOLERANCE = 1e-4  # benchmarks/model_sweep.py's TOLERANCE, the float32 criterion of issue 19
 VOCAB = COMMON["vocab_size"]
-STATE_FAMILIES = {"qwen3_next": "qwen3_next", "qwen3_5_text": "qwen3_5"}  # model type -> modeling module
+STATE_FAMILIES = {"qwen3_next": "qwen3_next", "qwen3_5_text": "qwen3_5", "olmo_hybrid": "olmo_hybrid"}  # -> module
+CONFIGS = {**FAMILIES, "olmo_hybrid": _GDN}
 ROWS = (  # 32 tokens: shards of 16 or 8, zigzag chunks of 8 or 4; the convolution has 4 taps (look-back 3)
     [1, 3, 20, 1, 7],
     [32],
@@ -67,7 +68,7 @@ def _float64_kernels() -> list[tuple[types.ModuleType, object]]:
 
 
 def build(family: str, dtype: torch.dtype) -> transformers.PreTrainedModel:
-    config = transformers.CONFIG_MAPPING[family](**{**COMMON, **FAMILIES[family]})
+    config = transformers.CONFIG_MAPPING[family](**{**COMMON, **CONFIGS[family]})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(
         config, attn_implementation="eager", experts_implementation="eager"
@@ -141,6 +142,7 @@ def _state_worker(rank: int, world: int) -> None:
             _compare(model, mesh, lengths, 0, reference, SWEEP_TOLERANCE, name)
     if world == 2:
         _gathered_balanced(meshes[len(MODES[world]) :])
+        _refuses_a_forward_that_skips_the_kernels(meshes[0])
     for name in STATE_FAMILIES.values():  # the kernel functions are the stock ones again once no model runs CP
         modeling = getattr(getattr(transformers.models, name), f"modeling_{name}")
         assert not isinstance(modeling.causal_conv1d_fn, _Dispatch), f"{name}: dispatcher left installed"
@@ -164,6 +166,19 @@ def _gathered_balanced(meshes: list) -> None:
                 _compare(model, mesh, lengths, 0, reference, RTOL, name, GatheredMixer)
     finally:
         delta_rule.USE_STATE = True
+
+
+def _refuses_a_forward_that_skips_the_kernels(mesh) -> None:
+    """A mixer forward that does not call the two kernel functions once each (another transformers version's) is
+    refused on every rank, naming the way out, instead of running without state passing."""
+    model = apply_context_parallel(build("qwen3_5_text", torch.float32), mesh.config, mesh=mesh)
+    mixer = next(m for _, m in find_mixers(model))
+    mixer.forward.original = lambda x: x  # reaches neither kernel function
+    ids, position_ids, _, _ = _row(ROWS[0], 0)
+    shard = lambda t: mesh.layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
+    with pytest.raises(RuntimeError, match="USE_STATE = False"):
+        model(input_ids=shard(ids), position_ids=shard(position_ids))
+    remove_context_parallel(model)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -1,5 +1,5 @@
-"""State passing for the gated-delta-rule mixers (Qwen3-Next, Qwen3.5, Qwen3.5-MoE) under context parallelism: each
-rank runs the mixer on its own tokens only (about 1× compute), exact (docs/hybrid.md).
+"""State passing for the gated-delta-rule mixers (Qwen3-Next, Qwen3.5, Qwen3.5-MoE, OLMo hybrid) under context
+parallelism: each rank runs the mixer on its own tokens only (about 1× compute), exact (docs/hybrid.md).
 
 The mixer's forward is transformers' own; it calls two module-level kernel functions of its model's module,
 `causal_conv1d_fn` (the short causal convolution) and `torch_chunk_gated_delta_rule` (the recurrence; fla's kernel
@@ -33,8 +33,9 @@ from .mesh import ContextParallelMesh
 from .mixers import GatheredMixer, _Documents
 from .plan import Documents
 
-CLASSES = ("Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet")
-"""transformers' mixers whose forward reaches the recurrence only through the two kernel functions below."""
+CLASSES = ("Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet", "OlmoHybridGatedDeltaNet")
+"""transformers' mixers whose forward reaches the sequence only through the two kernel functions below, once each
+(`StateMixer` checks that it did)."""
 CONV, RULE = "causal_conv1d_fn", "torch_chunk_gated_delta_rule"
 NAME = "delta_rule"
 
@@ -135,21 +136,23 @@ class Plan:
 
 
 class _Active:
-    """The plan of the CP mixer running now (None outside one): what the dispatchers act on."""
+    """The plan of the CP mixer running now (None outside one): what the dispatchers act on, and what they ran."""
 
     plan: Plan | None = None
     group = None
+    ran: list[str] = []
 
 
 class _Dispatch:
     """A kernel function of a model's module: its CP form while a CP mixer runs, the original otherwise."""
 
-    def __init__(self, original: Callable, cp_form: Callable) -> None:
-        self.original, self.cp_form, self.users = original, cp_form, 0
+    def __init__(self, name: str, original: Callable, cp_form: Callable) -> None:
+        self.name, self.original, self.cp_form, self.users = name, original, cp_form, 0
 
     def __call__(self, *args, **kwargs):
         if _Active.plan is None:
             return self.original(*args, **kwargs)
+        _Active.ran.append(self.name)
         return self.cp_form(self.original, _Active.plan, _Active.group, *args, **kwargs)
 
 
@@ -215,11 +218,18 @@ class StateMixer(GatheredMixer):
         plan = docs.cached(("delta_rule_plan", self.mesh.cp_rank), lambda: Plan.build(docs, self.mesh))
         if _Active.plan is not None:
             raise RuntimeError(f"{self.name} runs inside another context-parallel mixer; call them one at a time.")
-        _Active.plan, _Active.group = plan, self.mesh.cp_group
+        _Active.plan, _Active.group, _Active.ran = plan, self.mesh.cp_group, []
         try:
-            return self.original(x)  # no cache, no padding mask, no packing keywords: the shard's rows alone
+            out = self.original(x)  # no cache, no padding mask, no packing keywords: the shard's rows alone
         finally:
             _Active.plan, _Active.group = None, None
+        if sorted(_Active.ran) != sorted((CONV, RULE)):  # alike on every rank: the same code ran
+            raise RuntimeError(
+                f"{self.name}'s forward called {_Active.ran} of the kernel functions {CONV} and {RULE} under context "
+                "parallelism, not each once as transformers_cp's state passing needs (this transformers version "
+                "spells the mixer otherwise); set transformers_cp.delta_rule.USE_STATE = False for the gathered form."
+            )
+        return out
 
 
 def install(change: changes.Change, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents) -> None:
@@ -230,7 +240,7 @@ def install(change: changes.Change, module: torch.nn.Module, mesh: ContextParall
     for name, cp_form in ((CONV, _conv), (RULE, _rule)):
         current = getattr(namespace, name)
         if not isinstance(current, _Dispatch):
-            current = _Dispatch(current, cp_form)
+            current = _Dispatch(name, current, cp_form)
             setattr(namespace, name, current)
         current.users += 1
         dispatchers.append((name, current))
