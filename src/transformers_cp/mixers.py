@@ -2,7 +2,7 @@
 
 A packed row's documents are independent: every recurrence and convolution restarts at each document start, and the
 meaning of a row is each document run alone through the stock model. `MIXERS` names transformers' own mixer classes
-(no copy of their code); `install` replaces each one's forward by one of two exact forms (docs/hybrid.md):
+(no copy of their code); `install` replaces each one's forward by one of three exact forms (docs/hybrid.md):
 
 - `GatheredMixer`, for every mixer, in every mode and layout: the mixer's input is all-gathered over the CP group into
   global order (`comm.AllGather`, whose backward sums the gradient over ranks and keeps this rank's slice), with
@@ -13,6 +13,8 @@ meaning of a row is each document run alone through the stock model. `MIXERS` na
   reaches the row's end; (c+1)/2× on average with contiguous layouts).
 - `HaloMixer`, for mixers whose only look-back is a short convolution of k taps (LFM2's ShortConv): each chunk gets
   the k − 1 inputs before it from the rank that holds them, about 1× compute.
+- `delta_rule.StateMixer`, for the gated-delta-rule mixers: each rank runs its own tokens, the convolution's
+  look-back and the recurrence's state cross ranks (`delta_rule.py`), about 1× compute.
 
 Documents arrive as the `Documents` object the CP pre-forward hook builds for attention (`cp_documents`).
 """
