@@ -42,7 +42,9 @@ from transformers_cp.mixers import GatheredMixer, find_mixers
 RTOL = 1e-5
 SWEEP_TOLERANCE = 1e-4  # benchmarks/model_sweep.py's TOLERANCE, the float32 criterion of issue 19
 VOCAB = COMMON["vocab_size"]
-STATE_FAMILIES = {"qwen3_next": "qwen3_next", "qwen3_5_text": "qwen3_5", "olmo_hybrid": "olmo_hybrid"}  # -> module
+STATE_FAMILIES = {  # model type -> modeling module
+    "qwen3_next": "qwen3_next", "qwen3_5_text": "qwen3_5", "olmo_hybrid": "olmo_hybrid", "kimi_linear": "kimi_linear"
+}  # fmt: skip
 CONFIGS = {**FAMILIES, "olmo_hybrid": _GDN}
 ROWS = (  # 32 tokens: shards of 16 or 8, zigzag chunks of 8 or 4; the convolution has 4 taps (look-back 3)
     [1, 3, 20, 1, 7],
@@ -145,8 +147,7 @@ def _state_worker(rank: int, world: int) -> None:
         _refuses_a_forward_that_skips_the_kernels(meshes[0])
     for name in STATE_FAMILIES.values():  # the kernel functions are the stock ones again once no model runs CP
         modeling = getattr(getattr(transformers.models, name), f"modeling_{name}")
-        assert not isinstance(modeling.causal_conv1d_fn, _Dispatch), f"{name}: dispatcher left installed"
-        assert not isinstance(modeling.torch_chunk_gated_delta_rule, _Dispatch), f"{name}: dispatcher left installed"
+        assert not any(isinstance(v, _Dispatch) for v in vars(modeling).values()), f"{name}: dispatcher left installed"
 
 
 def _gathered_balanced(meshes: list) -> None:

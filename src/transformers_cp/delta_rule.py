@@ -1,9 +1,10 @@
-"""State passing for the gated-delta-rule mixers (Qwen3-Next, Qwen3.5, Qwen3.5-MoE, OLMo hybrid) under context
-parallelism: each rank runs the mixer on its own tokens only (about 1× compute), exact (docs/hybrid.md).
+"""State passing for the delta-rule mixers (the gated delta rule of Qwen3-Next, Qwen3.5, Qwen3.5-MoE and OLMo hybrid;
+Kimi delta attention of Kimi-Linear and Bailing hybrid) under context parallelism: each rank runs the mixer on its own
+tokens only (about 1× compute), exact (docs/hybrid.md).
 
 The mixer's forward is transformers' own; it calls two module-level kernel functions of its model's module,
-`causal_conv1d_fn` (the short causal convolution) and `torch_chunk_gated_delta_rule` (the recurrence; fla's kernel
-when installed). While a CP model's mixer runs (`StateMixer`), dispatchers installed in that module's namespace give
+`causal_conv1d_fn` (the short causal convolution) and the recurrence's chunked kernel (`CLASSES`; fla's when
+installed). While a CP model's mixer runs (`StateMixer`), dispatchers installed in that module's namespace give
 those calls their CP form; at any other time they call the original function.
 
 - Convolution (k taps): every chunk of the layout sends its last k − 1 inputs to every rank (one all-gather); the
@@ -16,7 +17,8 @@ those calls their CP form; at any other time they call the original function.
   far), and its final state is [B | A]. The other pieces (documents starting in the shard) run from zero. Every
   chunk's final [B | A] (A = 0 where its last piece starts a document) is all-gathered; each continuing piece
   composes its incoming state S_in = A S + B over the chunks of its document in global order and adds S_inᵀ w_t to
-  its output. The gather's backward sums the states' gradients back to their owners.
+  its output. The gather's backward sums the states' gradients back to their owners. Kimi delta attention decays
+  per key channel (S_t = (I − β_t k_t k_tᵀ) diag(α_t) S_{t−1} + β_t k_t v_tᵀ): affine alike, the same scheme.
 """
 
 from __future__ import annotations
@@ -33,10 +35,19 @@ from .mesh import ContextParallelMesh
 from .mixers import GatheredMixer, _Documents
 from .plan import Documents
 
-CLASSES = ("Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet", "OlmoHybridGatedDeltaNet")
-"""transformers' mixers whose forward reaches the sequence only through the two kernel functions below, once each
-(`StateMixer` checks that it did)."""
-CONV, RULE = "causal_conv1d_fn", "torch_chunk_gated_delta_rule"
+CONV = "causal_conv1d_fn"
+_GATED_DELTA, _KDA = "torch_chunk_gated_delta_rule", "chunk_kimi_delta_attention"
+CLASSES = {
+    "Qwen3NextGatedDeltaNet": _GATED_DELTA,
+    "Qwen3_5GatedDeltaNet": _GATED_DELTA,
+    "Qwen3_5MoeGatedDeltaNet": _GATED_DELTA,
+    "OlmoHybridGatedDeltaNet": _GATED_DELTA,
+    "KimiLinearDeltaAttention": _KDA,
+    "BailingHybridDeltaAttention": _KDA,
+}
+"""transformers' mixers whose forward reaches the sequence only through `CONV` and their recurrence's chunked kernel
+function, once each (`StateMixer` checks that it did): the gated delta rule (a scalar decay per head) or Kimi delta
+attention (a decay per key channel; affine in (S, v) alike)."""
 NAME = "delta_rule"
 
 USE_STATE = True
@@ -49,7 +60,7 @@ def fits(module: torch.nn.Module) -> bool:
     return (
         USE_STATE
         and type(module).__name__ in CLASSES
-        and all(callable(getattr(namespace, name, None)) for name in (CONV, RULE))
+        and all(callable(getattr(namespace, name, None)) for name in (CONV, CLASSES[type(module).__name__]))
     )
 
 
@@ -213,6 +224,10 @@ class StateMixer(GatheredMixer):
     """The forward of a gated-delta-rule mixer under CP: the stock forward on this rank's tokens, with its kernel
     functions in their CP form (the module docstring)."""
 
+    def __init__(self, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents) -> None:
+        super().__init__(module, mesh, documents)
+        self.rule = CLASSES[self.name]
+
     def __call__(self, *args, **kwargs):
         docs, x, per_token, _ = self._split(args, kwargs)
         plan = docs.cached(("delta_rule_plan", self.mesh.cp_rank), lambda: Plan.build(docs, self.mesh))
@@ -223,9 +238,9 @@ class StateMixer(GatheredMixer):
             out = self.original(x)  # no cache, no padding mask, no packing keywords: the shard's rows alone
         finally:
             _Active.plan, _Active.group = None, None
-        if sorted(_Active.ran) != sorted((CONV, RULE)):  # alike on every rank: the same code ran
+        if sorted(_Active.ran) != sorted((CONV, self.rule)):  # alike on every rank: the same code ran
             raise RuntimeError(
-                f"{self.name}'s forward called {_Active.ran} of the kernel functions {CONV} and {RULE} under context "
+                f"{self.name}'s forward called {_Active.ran} of the kernel functions {CONV} and {self.rule} under context "
                 "parallelism, not each once as transformers_cp's state passing needs (this transformers version "
                 "spells the mixer otherwise); set transformers_cp.delta_rule.USE_STATE = False for the gathered form."
             )
@@ -237,7 +252,7 @@ def install(change: changes.Change, module: torch.nn.Module, mesh: ContextParall
     last model's removal restores the functions)."""
     namespace = sys.modules[type(module).__module__]
     dispatchers = []
-    for name, cp_form in ((CONV, _conv), (RULE, _rule)):
+    for name, cp_form in ((CONV, _conv), (CLASSES[type(module).__name__], _rule)):
         current = getattr(namespace, name)
         if not isinstance(current, _Dispatch):
             current = _Dispatch(name, current, cp_form)
