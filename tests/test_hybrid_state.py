@@ -1,7 +1,8 @@
-"""The gated-delta-rule mixers' state-passing form (`transformers_cp.delta_rule`: each rank runs its own tokens, the
+"""The delta-rule mixers' state-passing form (`transformers_cp.delta_rule`: each rank runs its own tokens, the
 convolution's look-back and the recurrence's state cross ranks) equals each document run alone through the stock
-model: logits and every parameter gradient, for Qwen3-Next and Qwen3.5 in zigzag, ring, llama3 and ulysses (and the
-`documents` balance of zigzag and ring) on 2 and 4 gloo ranks, on rows whose documents are of one token, shorter
+model: logits and every parameter gradient, for Qwen3-Next, Qwen3.5, OLMo hybrid (gated delta rule) and Kimi-Linear
+(Kimi delta attention) in zigzag, ring, llama3, ulysses (and hybrid 2 × 2 on 4 ranks, the `documents` balance of
+zigzag and ring) on 2 and 4 gloo ranks, on rows whose documents are of one token, shorter
 than a chunk, longer than a shard (spanning 3 and more chunks), and start just before a chunk edge (a look-back
 partly in another document); transformers_cp.Trainer with gradient accumulation equals the stock Trainer on one
 document per row. One distributed job per world size loops over every case.
