@@ -48,8 +48,6 @@ CLASSES = {
 """transformers' mixers whose forward reaches the sequence only through `CONV` and their recurrence's chunked kernel
 function, once each (`StateMixer` checks that it did): the gated delta rule (a scalar decay per head) or Kimi delta
 attention (a decay per key channel; affine in (S, v) alike)."""
-NAME = "delta_rule"
-
 USE_STATE = True
 """Whether `mixers.install` gives these mixers the state-passing form (else the gathered one: benchmarks compare)."""
 
@@ -81,7 +79,7 @@ class Plan:
     """Where this rank's pieces sit in the row, and where their look-back comes from (host side, once per row)."""
 
     pieces: tuple[Piece, ...]
-    chunks: tuple[tuple[int, int], ...]  # (first row, global end) of each chunk of this rank, shard order
+    firsts: tuple[int, ...]  # the first row of each chunk of this rank in the shard
     slots: int  # chunks per rank in the gathers (the most any rank holds)
     where: dict  # global end of a chunk -> (its gathered slot, its global start)
     doc_start: dict  # row of a continuing piece -> its document's global start
@@ -93,9 +91,9 @@ class Plan:
         ranges = [layout.ranges(docs.seq_len, r) for r in range(mesh.cp_size)]
         slots = max(len(r) for r in ranges)
         where = {b: (rank * slots + s, a) for rank, rs in enumerate(ranges) for s, (a, b) in enumerate(rs)}
-        pieces, chunks, doc_start, row = [], [], {}, 0
+        pieces, firsts, doc_start, row = [], [], {}, 0
         for index, (a, b) in enumerate(ranges[mesh.cp_rank]):
-            chunks.append((row, b))
+            firsts.append(row)
             pos = a
             while pos < b:
                 start, end = docs.span(pos)
@@ -114,7 +112,7 @@ class Plan:
                 pieces.append(Piece((row, row + end - pos), index, pos, continues, end == b, tuple(reversed(chain))))
                 row += end - pos
                 pos = end
-        return cls(tuple(pieces), tuple(chunks), slots, where, doc_start)
+        return cls(tuple(pieces), tuple(firsts), slots, where, doc_start)
 
     def halo(self, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Index tensors of the convolution's look-back of k rows (`_conv`): the rows of [shard, zero row] that each
@@ -128,10 +126,9 @@ class Plan:
         local = self.pieces[-1].rows[1]
         zero = local
         send = []
-        for index, (first, _) in enumerate(self.chunks):
-            last = self.chunks[index + 1][0] if index + 1 < len(self.chunks) else local
+        for first, last in zip(self.firsts, (*self.firsts[1:], local)):
             send += [r if r >= first else zero for r in range(last - k, last)]
-        send += [zero] * (k * (self.slots - len(self.chunks)))
+        send += [zero] * (k * (self.slots - len(self.firsts)))
         order, keep = [], []
         for piece in self.pieces:
             for p in range(piece.start - k, piece.start):  # global positions of the look-back
@@ -182,7 +179,7 @@ def _conv(original, plan: Plan, group, x, weight, bias=None, activation=None, **
 
 
 def _rule(original, plan: Plan, group, query, key, value, g=None, beta=None, **kwargs):
-    """The chunked gated delta rule on each piece; continuing pieces corrected by their incoming state."""
+    """The chunked delta rule (gated, or KDA) on each piece; continuing pieces corrected by their incoming state."""
     kwargs.pop("cu_seqlens", None)
     kwargs.pop("initial_state", None)
     kwargs.pop("output_final_state", None)
@@ -221,7 +218,7 @@ def _rule(original, plan: Plan, group, query, key, value, g=None, beta=None, **k
 
 
 class StateMixer(GatheredMixer):
-    """The forward of a gated-delta-rule mixer under CP: the stock forward on this rank's tokens, with its kernel
+    """The forward of a delta-rule mixer under CP: the stock forward on this rank's tokens, with its kernel
     functions in their CP form (the module docstring)."""
 
     def __init__(self, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents) -> None:
@@ -229,7 +226,7 @@ class StateMixer(GatheredMixer):
         self.rule = CLASSES[self.name]
 
     def __call__(self, *args, **kwargs):
-        docs, x, per_token, _ = self._split(args, kwargs)
+        docs, x, _, _ = self._split(args, kwargs)  # these mixers take no per-token argument but their input
         plan = docs.cached(("delta_rule_plan", self.mesh.cp_rank), lambda: Plan.build(docs, self.mesh))
         if _Active.plan is not None:
             raise RuntimeError(f"{self.name} runs inside another context-parallel mixer; call them one at a time.")
