@@ -8,8 +8,9 @@ training with gradient checkpointing through transformers_cp's Trainer (`train.r
 
 "One GPU" runs are context_parallel_size=1 in the same 2-process job (each GPU trains its own sequence, data
 parallel), so tokens/s per GPU compares directly. The mixers run through `transformers_cp.mixers`: Nemotron-H's
-Mamba2 layers by state passing (`mixers_mamba2`: each rank scans its own tokens), the gated delta rule gathered (each
-mixer's input gathered over the CP group, the stock mixer per document); the JSON says which kernels the stock
+Mamba2 layers and the gated delta rule pass their state across ranks (`mixers_mamba2`, `delta_rule`: each rank runs
+its own tokens); `--mixer-path gathered` puts the gated delta rule on the gathered form instead (each mixer's input
+gathered over the CP group, the stock mixer per document). The JSON says which path and which kernels the stock
 mixers found (flash-linear-attention, mamba_ssm, causal-conv1d, else transformers' torch path).
 """
 
@@ -86,18 +87,27 @@ def main() -> None:
     p.add_argument("--search", action="store_true", help="also the longest sequence on 1 GPU and on 2 (first mode)")
     p.add_argument("--search-limit", type=int, default=1 << 20)
     p.add_argument("--smoke", action="store_true", help="tiny shapes and sequences, for a CPU check of the script")
+    p.add_argument(
+        "--mixer-path",
+        choices=("state", "gathered"),
+        default="state",
+        help="the gated-delta-rule mixers' CP form: state passing (about 1x compute) or gathered (up to cx)",
+    )
     p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.smoke:
         a.single_seq, a.cp_seqs, a.steps, a.search_limit = 64, "128", 2, 256
+    from transformers_cp import delta_rule
     from transformers_cp.mesh import init_distributed
 
+    delta_rule.USE_STATE = a.mixer_path == "state"
     init_distributed()
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     meta = dict(command=" ".join(([f"torchrun --nproc_per_node {world}"] if world > 1 else ["python"]) + sys.argv),
                 machine=f"{world}x {torch.cuda.get_device_name() if CUDA else 'cpu'}", torch=torch.__version__,
-                transformers=transformers.__version__, kernels=kernels(), date=time.strftime("%Y-%m-%d"))  # fmt: skip
+                transformers=transformers.__version__, kernels=kernels(), mixer_path=a.mixer_path,
+                date=time.strftime("%Y-%m-%d"))  # fmt: skip
     results = ResultsFile(meta, a.out, rank)
 
     def record(row: dict) -> None:

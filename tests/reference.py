@@ -40,7 +40,7 @@ def per_document(model, ids: torch.Tensor, lengths: list[int]) -> tuple[torch.Te
     model.zero_grad()
     for n in lengths:
         doc = ids[:, start : start + n]
-        out = model(input_ids=doc, position_ids=torch.arange(n)[None], use_cache=False).logits
+        out = model(input_ids=doc, position_ids=torch.arange(n, device=ids.device)[None], use_cache=False).logits
         logits.append(out.detach())
         if n > 1:
             torch.nn.functional.cross_entropy(out[0, :-1], doc[0, 1:], reduction="sum").backward()

@@ -17,7 +17,13 @@ from reference import assert_close, per_document
 from trainer_cases import CPTrainer, StockTrainer, arguments, sft_dataset, train_and_record
 
 import transformers_cp
-from transformers_cp import ContextParallelConfig, apply_context_parallel, build_mesh, remove_context_parallel
+from transformers_cp import (
+    ContextParallelConfig,
+    apply_context_parallel,
+    build_mesh,
+    delta_rule,
+    remove_context_parallel,
+)
 from transformers_cp.mixers import MIXERS, HaloMixer, find_mixers
 
 RTOL = 1e-5
@@ -137,6 +143,7 @@ def _assert_gradient(actual: torch.Tensor, expected: torch.Tensor, floor: float,
 
 
 def _families_worker(rank: int, world: int) -> None:
+    delta_rule.USE_STATE = False  # the gathered form for every family; tests/test_hybrid_state.py the state passing
     ids, position_ids, targets = _row()
     meshes = [build_mesh(ContextParallelConfig(size=world, mode=m, ulysses_size=2 if m == "hybrid" else None), "cpu")
               for m in MODES[world]]  # fmt: skip
@@ -224,6 +231,7 @@ def _assert_same_training(actual: dict, expected: dict, name: str) -> None:
 
 
 def _trainer_worker(rank: int, world: int, expected: dict) -> None:
+    delta_rule.USE_STATE = False  # the gathered form (tests/test_hybrid_state.py trains the state-passing one)
     _assert_same_training(_trainer_run(world, "zigzag"), expected, f"{TRAINER_FAMILY} Trainer zigzag")
     # recomputation runs each mixer's gather again in backward, in the same order on every rank
     checkpointed = _trainer_run(world, "ulysses", gradient_checkpointing=True)

@@ -15,6 +15,8 @@ meaning of a row is each document run alone through the stock model. `MIXERS` na
   the k − 1 inputs before it from the rank that holds them, about 1× compute.
 - `mixers_mamba2.StatePassingMixer`, for the Mamba2 family (`mixers_mamba2.CLASSES`): each rank runs the stock mixer
   on its own tokens (about 1× compute), the convolution's halo and the scan's incoming state passed across ranks.
+- `delta_rule.StateMixer`, for the gated-delta-rule mixers: each rank runs its own tokens, the convolution's
+  look-back and the recurrence's state cross ranks (`delta_rule.py`), about 1× compute.
 
 Documents arrive as the `Documents` object the CP pre-forward hook builds for attention (`cp_documents`).
 """
@@ -283,10 +285,14 @@ def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> None:
         documents.current = kwargs.get("cp_documents")
 
     change = changes.install(model, NAME, pre=begin, depends_on="context_parallel")
+    from . import delta_rule
+
     for _, module in found:
         window = MIXERS[type(module).__name__].window
         if type(module).__name__ in mixers_mamba2.CLASSES:
             mixers_mamba2.install(change, module, mesh, documents)
+        elif delta_rule.fits(module):
+            delta_rule.install(change, module, mesh, documents)
         elif window is None:
             change.replace_forward(module, GatheredMixer(module, mesh, documents))
         else:

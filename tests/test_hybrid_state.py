@@ -1,0 +1,224 @@
+"""The delta-rule mixers' state-passing form (`transformers_cp.delta_rule`: each rank runs its own tokens, the
+convolution's look-back and the recurrence's state cross ranks) equals each document run alone through the stock
+model: logits and every parameter gradient, for Qwen3-Next, Qwen3.5, OLMo hybrid (gated delta rule) and Kimi-Linear
+(Kimi delta attention) in zigzag, ring, llama3, ulysses (and hybrid 2 × 2 on 4 ranks, the `documents` balance of
+zigzag and ring) on 2 and 4 gloo ranks, on rows whose documents are of one token, shorter
+than a chunk, longer than a shard (spanning 3 and more chunks), and start just before a chunk edge (a look-back
+partly in another document); transformers_cp.Trainer with gradient accumulation equals the stock Trainer on one
+document per row. One distributed job per world size loops over every case.
+
+Precision. The state-passing form computes the same function in another order (the kernel's chunks start at the
+rank's chunk, not at the document's start; the incoming state is added afterwards), so its float32 rounding differs
+from the reference's. The stock model differs from itself by as much under such a reordering: its gradients of
+`A_log` / `dt_bias` (sums over every token of terms of very different decay) move by up to 3e-5 of the sweep's
+measure when only the kernel's chunk size changes from 64 to 16. So exactness is checked in float64 at the suite's
+relative 1e-5, with the stock kernels' internal float32 casts lifted to float64 (`_float64_kernels`: the same
+transformers code, float32 meaning float64), and float32 at the sweep's tolerance (benchmarks/model_sweep.py).
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+import transformers
+from distributed import run_distributed
+from reference import assert_close, per_document
+from test_hybrid import _GDN, COMMON, FAMILIES, _assert_same_training, _pad_rows
+from trainer_cases import CPTrainer, StockTrainer, arguments, sft_dataset, train_and_record
+
+import transformers_cp
+from transformers_cp import (
+    ContextParallelConfig,
+    apply_context_parallel,
+    build_mesh,
+    delta_rule,
+    remove_context_parallel,
+)
+from transformers_cp.delta_rule import StateMixer, _Dispatch
+from transformers_cp.mixers import GatheredMixer, find_mixers
+
+RTOL = 1e-5
+SWEEP_TOLERANCE = 1e-4  # benchmarks/model_sweep.py's TOLERANCE, the float32 criterion of issue 19
+VOCAB = COMMON["vocab_size"]
+STATE_FAMILIES = {  # model type -> modeling module
+    "qwen3_next": "qwen3_next", "qwen3_5_text": "qwen3_5", "olmo_hybrid": "olmo_hybrid", "kimi_linear": "kimi_linear"
+}  # fmt: skip
+CONFIGS = {**FAMILIES, "olmo_hybrid": _GDN}
+ROWS = (  # 32 tokens: shards of 16 or 8, zigzag chunks of 8 or 4; the convolution has 4 taps (look-back 3)
+    [1, 3, 20, 1, 7],
+    [32],
+    [2, 1, 9, 1, 1, 18],  # documents start 1 and 2 tokens before a chunk edge (12 + 1 = 13, 14 before 16)
+    [5, 1, 1, 25],
+)
+MODES = {2: ("zigzag", "ring", "llama3", "ulysses"), 4: ("zigzag", "ring", "llama3", "ulysses", "hybrid")}
+BALANCED = ("zigzag", "ring")
+
+
+def _float64_kernels() -> list[tuple[types.ModuleType, object]]:
+    """Make the modeling modules of `STATE_FAMILIES` compute in float64 where they cast to float32 (the gated delta
+    rule and its norms); returns what to put back."""
+    lifted = types.SimpleNamespace(**{**vars(torch), "float32": torch.float64})
+    undo = []
+    for name in STATE_FAMILIES.values():
+        module = getattr(transformers.models, name)
+        modeling = getattr(module, f"modeling_{name}")
+        undo.append((modeling, modeling.torch))
+        modeling.torch = lifted
+    return undo
+
+
+def build(family: str, dtype: torch.dtype) -> transformers.PreTrainedModel:
+    config = transformers.CONFIG_MAPPING[family](**{**COMMON, **CONFIGS[family]})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        config, attn_implementation="eager", experts_implementation="eager"
+    )
+    return model.to(dtype)
+
+
+def _row(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """input_ids, position_ids, next-token targets (-100 at document ends) and the document bounds of one row."""
+    ids = torch.randint(3, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(seed))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    targets = torch.full_like(ids, -100)
+    targets[:, :-1] = ids[:, 1:]
+    targets[0, torch.tensor(bounds[1:]) - 1] = -100
+    return ids, position_ids, targets, bounds
+
+
+def _compare(
+    model, mesh, lengths: list[int], seed: int, reference: tuple, tolerance: float, name: str, form: type = StateMixer
+) -> None:
+    """One row through the CP model against its documents run alone (its mixers in `form`): logits and every
+    gradient."""
+    ids, position_ids, targets, bounds = _row(lengths, seed)
+    ref_logits, ref_grads = reference
+    floor = 1e-3 * max(g.abs().max().item() for g in ref_grads.values())
+    apply_context_parallel(model, mesh.config, mesh=mesh)
+    mixers = [m for _, m in find_mixers(model)]
+    assert mixers and all(isinstance(m.forward, form) for m in mixers), f"{name}: {form.__name__} not installed"
+    rank, layout = mesh.cp_rank, mesh.layout.for_row(bounds, ids.shape[1])
+    shard = lambda t: layout.shard(t, rank, dim=1)  # noqa: E731
+    cu_seq_lens = torch.tensor(bounds)  # the `documents` balance shards by them; the other layouts read them too
+    logits = model(input_ids=shard(ids), position_ids=shard(position_ids), cu_seq_lens_q=cu_seq_lens).logits
+    torch.nn.functional.cross_entropy(logits[0], shard(targets)[0], reduction="sum").backward()
+    assert_close(logits.detach(), shard(ref_logits), tolerance, f"{name}: logits")
+    for key, p in model.named_parameters():
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(grad, group=mesh.cp_group)
+        scale = max(ref_grads.get(key, grad).abs().max().item(), floor)
+        torch.testing.assert_close(
+            grad, ref_grads.get(key, torch.zeros_like(p)), rtol=tolerance, atol=tolerance * scale,
+            msg=lambda m, key=key: f"{name}: gradient of {key}: {m}",
+        )  # fmt: skip
+    model.zero_grad()
+    remove_context_parallel(model)
+    assert not any("forward" in vars(m) for m in mixers), f"{name}: mixer forward not restored"
+
+
+def _state_worker(rank: int, world: int) -> None:
+    configs = [
+        ContextParallelConfig(size=world, mode=m, ulysses_size=2 if m == "hybrid" else None) for m in MODES[world]
+    ]
+    configs += [ContextParallelConfig(size=world, mode=m, balance="documents") for m in BALANCED]
+    meshes = [build_mesh(c, "cpu") for c in configs]
+    undo = _float64_kernels()
+    for family in STATE_FAMILIES:  # float64: exact up to float64 rounding
+        model = build(family, torch.float64)
+        for seed, lengths in enumerate(ROWS if world == 2 else ROWS[:3]):  # (the last adds little on 4 ranks)
+            reference = per_document(model, _row(lengths, seed)[0], lengths)
+            for mesh in meshes:
+                name = f"{family} float64 {mesh.config.mode} ({mesh.config.balance}) on {world} ranks, {lengths}"
+                _compare(model, mesh, lengths, seed, reference, RTOL, name)
+    for modeling, original in undo:
+        modeling.torch = original
+    for family in STATE_FAMILIES:  # float32, the stock kernels as they are: the sweep's criterion
+        model = build(family, torch.float32)
+        lengths = ROWS[0]
+        reference = per_document(model, _row(lengths, 0)[0], lengths)
+        for mesh in meshes[: len(MODES[world])]:
+            name = f"{family} float32 {mesh.config.mode} on {world} ranks, {lengths}"
+            _compare(model, mesh, lengths, 0, reference, SWEEP_TOLERANCE, name)
+    if world == 2:
+        _gathered_balanced(meshes[len(MODES[world]) :])
+        _refuses_a_forward_that_skips_the_kernels(meshes[0])
+    for name in STATE_FAMILIES.values():  # the kernel functions are the stock ones again once no model runs CP
+        modeling = getattr(getattr(transformers.models, name), f"modeling_{name}")
+        assert not any(isinstance(v, _Dispatch) for v in vars(modeling).values()), f"{name}: dispatcher left installed"
+
+
+def _gathered_balanced(meshes: list) -> None:
+    """The gathered and halo forms under the `documents` balance, whose ranks hold different numbers of ranges of
+    different lengths: they follow the row's own layout (float32, the suite's 1e-5, as tests/test_hybrid.py)."""
+    from test_hybrid import build as build_float32
+
+    lengths = ROWS[0]
+    ids, position_ids, targets, bounds = _row(lengths, 0)
+    delta_rule.USE_STATE = False
+    try:
+        for family in ("lfm2", "nemotron_h", "qwen3_next"):
+            model = build_float32(family)
+            reference = per_document(model, ids, lengths)
+            for mesh in meshes:
+                name = f"{family} gathered {mesh.config.mode} (documents), {lengths}"
+                _compare(model, mesh, lengths, 0, reference, RTOL, name, GatheredMixer)
+    finally:
+        delta_rule.USE_STATE = True
+
+
+def _refuses_a_forward_that_skips_the_kernels(mesh) -> None:
+    """A mixer forward that does not call the two kernel functions once each (another transformers version's) is
+    refused on every rank, naming the way out, instead of running without state passing."""
+    model = apply_context_parallel(build("qwen3_5_text", torch.float32), mesh.config, mesh=mesh)
+    mixer = next(m for _, m in find_mixers(model))
+    mixer.forward.original = lambda x: x  # reaches neither kernel function
+    ids, position_ids, _, _ = _row(ROWS[0], 0)
+    shard = lambda t: mesh.layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
+    with pytest.raises(RuntimeError, match="USE_STATE = False"):
+        model(input_ids=shard(ids), position_ids=shard(position_ids))
+    remove_context_parallel(model)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_state_passing_equals_each_document_alone(world):
+    run_distributed(_state_worker, world, timeout=900)
+
+
+def _trainer_run(context_parallel_size: int, mode: str = "zigzag", **kwargs) -> dict:
+    """Qwen3-Next in float64 (kernels lifted): the stock Trainer on one right-padded document per row, or
+    transformers_cp.Trainer (gradient accumulation 2) on packed rows."""
+    undo = _float64_kernels()
+    try:
+        data = dict(model=build("qwen3_next", torch.float64), train_dataset=sft_dataset(13, 0),
+                    eval_dataset=sft_dataset(7, 1))  # fmt: skip
+        if context_parallel_size == 1:
+            args = transformers.TrainingArguments(**arguments())
+            return train_and_record(StockTrainer(args=args, data_collator=_pad_rows, **data))
+        cp = arguments(context_parallel_size=context_parallel_size, context_parallel_mode=mode, **kwargs)
+        return train_and_record(CPTrainer(args=transformers_cp.TrainingArguments(**cp), **data))
+    finally:
+        for modeling, original in undo:
+            modeling.torch = original
+
+
+def _trainer_worker(rank: int, world: int, expected: dict) -> None:
+    _assert_same_training(_trainer_run(world), expected, "qwen3_next float64 Trainer zigzag, state passing")
+    # recomputation runs each mixer's gathers again in backward, in the same order on every rank
+    checkpointed = _trainer_run(world, "ulysses", gradient_checkpointing=True)
+    _assert_same_training(checkpointed, expected, "qwen3_next float64 Trainer ulysses, gradient checkpointing")
+
+
+def test_trainer_gradient_accumulation():
+    run_distributed(_trainer_worker, 2, _trainer_run(1), timeout=900)
+
+
+def test_gathered_path_when_switched_off(monkeypatch):
+    """`delta_rule.USE_STATE = False` (benchmarks/hybrid.py --mixer-path gathered) keeps the gathered form."""
+    module = next(m for _, m in find_mixers(build("qwen3_next", torch.float32)))
+    assert delta_rule.fits(module)
+    monkeypatch.setattr(delta_rule, "USE_STATE", False)
+    assert not delta_rule.fits(module)
