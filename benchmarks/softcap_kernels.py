@@ -41,6 +41,7 @@ import traceback
 from collections.abc import Callable
 
 import torch
+from attention import timed
 
 from transformers_cp.algorithms.local import LocalAttention
 from transformers_cp.algorithms.merge import Accumulator
@@ -99,20 +100,6 @@ def attention_fn(kernel, autograd: bool, seg: Segments, scale: float):
     if autograd:
         return lambda q, k, v: kernel._attend(q, k, v, seg, scale)[0]
     return lambda q, k, v: LocalAttention.apply(q, k, v, seg, kernel, scale)
-
-
-def timed(fn, iters: int, warmup: int = 2) -> float:
-    """Mean milliseconds of `fn` over `iters` runs after `warmup` (compilation and autotuning happen there)."""
-    for _ in range(warmup):
-        fn()
-    if CUDA:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if CUDA:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3 / iters
 
 
 def _error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -205,7 +192,7 @@ def time_at(kernel, autograd: bool, a, device, seq: int) -> dict:
         attn(*leaves).backward(dout)
 
     try:
-        ms = timed(step, a.iters if seq >= 32768 else a.iters * 4)
+        ms = timed(step, a.iters if seq >= 32768 else a.iters * 4, lockstep=False)
         return {"ms": ms, "tflops": causal_tflop(seq, a.heads[0], a.head_dim) / ms * 1e3}
     except Exception:  # noqa: BLE001 - a compile error or out of memory is an outcome
         return {"error": traceback.format_exc()[-1500:]}

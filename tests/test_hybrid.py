@@ -206,8 +206,8 @@ def _pad_rows(examples: list[dict]) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(v) for k, v in rows.items()}
 
 
-def _trainer_run(context_parallel_size: int, mode: str = "zigzag", **kwargs) -> dict:
-    data = dict(model=build(TRAINER_FAMILY), train_dataset=sft_dataset(13, 0), eval_dataset=sft_dataset(7, 1))
+def _trainer_run(context_parallel_size: int, mode: str = "zigzag", family: str = TRAINER_FAMILY, **kwargs) -> dict:
+    data = dict(model=build(family), train_dataset=sft_dataset(13, 0), eval_dataset=sft_dataset(7, 1))
     if context_parallel_size == 1:
         args = transformers.TrainingArguments(**arguments())
         return train_and_record(StockTrainer(args=args, data_collator=_pad_rows, **data))

@@ -16,11 +16,9 @@ import torch.distributed as dist
 import transformers
 from distributed import run_distributed
 from reference import assert_close, per_document
-from test_hybrid import COMMON, FAMILIES, VOCAB, _assert_gradient, _assert_same_training, _pad_rows
+from test_hybrid import COMMON, FAMILIES, VOCAB, _assert_gradient, _assert_same_training, _trainer_run
 from test_hybrid import build as build_other
-from trainer_cases import CPTrainer, StockTrainer, arguments, sft_dataset, train_and_record
 
-import transformers_cp
 from transformers_cp import ContextParallelConfig, apply_context_parallel, build_mesh, remove_context_parallel
 from transformers_cp.mixers import find_mixers
 from transformers_cp.mixers_mamba2 import CLASSES, StatePassingMixer
@@ -141,23 +139,14 @@ def test_other_forms_follow_balanced_rows():
 TRAINER_FAMILY = "nemotron_h"
 
 
-def _trainer_run(context_parallel_size: int, mode: str = "zigzag", **kwargs) -> dict:
-    data = dict(model=build(TRAINER_FAMILY), train_dataset=sft_dataset(13, 0), eval_dataset=sft_dataset(7, 1))
-    if context_parallel_size == 1:
-        args = transformers.TrainingArguments(**arguments())
-        return train_and_record(StockTrainer(args=args, data_collator=_pad_rows, **data))
-    cp = arguments(context_parallel_size=context_parallel_size, context_parallel_mode=mode, **kwargs)
-    return train_and_record(CPTrainer(args=transformers_cp.TrainingArguments(**cp), **data))
-
-
 def _trainer_worker(rank: int, world: int, expected: dict) -> None:
-    _assert_same_training(_trainer_run(world, "zigzag"), expected, f"{TRAINER_FAMILY} Trainer zigzag")
+    _assert_same_training(_trainer_run(world, "zigzag", TRAINER_FAMILY), expected, f"{TRAINER_FAMILY} Trainer zigzag")
     # recomputation runs each mixer again in backward, with its hooks and collectives, in the same order on every rank
-    checkpointed = _trainer_run(world, "ring", gradient_checkpointing=True)
+    checkpointed = _trainer_run(world, "ring", TRAINER_FAMILY, gradient_checkpointing=True)
     _assert_same_training(checkpointed, expected, f"{TRAINER_FAMILY} Trainer ring, gradient checkpointing")
 
 
 def test_trainer_gradient_accumulation():
     """transformers_cp.Trainer (zigzag; ring with gradient checkpointing; gradient accumulation 2) on Nemotron-H equals the stock Trainer on one
     right-padded document per row (its mixers do not see the padding after a document)."""
-    run_distributed(_trainer_worker, 2, _trainer_run(1), timeout=900)
+    run_distributed(_trainer_worker, 2, _trainer_run(1, family=TRAINER_FAMILY), timeout=900)

@@ -150,6 +150,19 @@ def _load(base, idx, bound, stride, dims, HEAD_DIM: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
+def _load_kv(Kb, Vb, n, cols, lk, sk, sv, dims, HEAD_DIM: tl.constexpr, D: tl.constexpr, MASK: tl.constexpr,
+             BIG: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    """The K and V tiles of key rows `cols` (starting at n)."""
+    if BIG:  # 64-bit offsets of the block, 32-bit ones within it
+        k = _load(Kb + tl.cast(n, tl.int64) * sk, tl.arange(0, BN), lk - n, sk, dims, HEAD_DIM, D, MASK)
+        v = _load(Vb + tl.cast(n, tl.int64) * sv, tl.arange(0, BN), lk - n, sv, dims, HEAD_DIM, D, MASK)
+    else:  # fewer registers
+        k = _load(Kb, cols, lk, sk, dims, HEAD_DIM, D, MASK)
+        v = _load(Vb, cols, lk, sv, dims, HEAD_DIM, D, MASK)
+    return k, v
+
+
+@triton.jit
 def _key_range(
     m0, lq, lk, off, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr
 ):
@@ -208,12 +221,7 @@ def _fwd_blocks(acc, l_i, m_i, q, rows, Kb, Vb, sk, sv, start, end, lq, lk, off,
     dims = tl.arange(0, D)
     for n in range(start, end, BN):
         cols = n + tl.arange(0, BN)
-        if BIG:  # 64-bit offsets of the block, 32-bit ones within it
-            k = _load(Kb + tl.cast(n, tl.int64) * sk, tl.arange(0, BN), lk - n, sk, dims, HEAD_DIM, D, MASK)
-            v = _load(Vb + tl.cast(n, tl.int64) * sv, tl.arange(0, BN), lk - n, sv, dims, HEAD_DIM, D, MASK)
-        else:  # fewer registers
-            k = _load(Kb, cols, lk, sk, dims, HEAD_DIM, D, MASK)
-            v = _load(Vb, cols, lk, sv, dims, HEAD_DIM, D, MASK)
+        k, v = _load_kv(Kb, Vb, n, cols, lk, sk, sv, dims, HEAD_DIM, D, MASK, BIG, BN)
         s, t = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), QK_SCALE, CAP_SCALE, SOFTCAP, TANH)
         if MASK:
             s = tl.where(_visible(rows[:, None], cols[None, :], lq, lk, off, window, CAUSAL, WINDOW), s, float("-inf"))
@@ -301,12 +309,7 @@ def _dq_blocks(dq, q, do, lse, delta, rows, Kb, Vb, sk, sv, start, end, lq, lk, 
     dims = tl.arange(0, D)
     for n in range(start, end, BN):
         cols = n + tl.arange(0, BN)
-        if BIG:  # 64-bit offsets of the block, 32-bit ones within it
-            k = _load(Kb + tl.cast(n, tl.int64) * sk, tl.arange(0, BN), lk - n, sk, dims, HEAD_DIM, D, MASK)
-            v = _load(Vb + tl.cast(n, tl.int64) * sv, tl.arange(0, BN), lk - n, sv, dims, HEAD_DIM, D, MASK)
-        else:  # fewer registers
-            k = _load(Kb, cols, lk, sk, dims, HEAD_DIM, D, MASK)
-            v = _load(Vb, cols, lk, sv, dims, HEAD_DIM, D, MASK)
+        k, v = _load_kv(Kb, Vb, n, cols, lk, sk, sv, dims, HEAD_DIM, D, MASK, BIG, BN)
         s, t = _scores(tl.dot(q, tl.trans(k), input_precision=PRECISION), QK_SCALE, CAP_SCALE, SOFTCAP, TANH)
         if MASK:
             s = tl.where(_visible(rows[:, None], cols[None, :], lq, lk, off, window, CAUSAL, WINDOW), s, float("-inf"))
