@@ -19,7 +19,13 @@ from reference import assert_close, per_document
 from test_hybrid import COMMON, FAMILIES, VOCAB, _assert_gradient, _assert_same_training, _trainer_run
 from test_hybrid import build as build_other
 
-from transformers_cp import ContextParallelConfig, apply_context_parallel, build_mesh, remove_context_parallel
+from transformers_cp import (
+    ContextParallelConfig,
+    apply_context_parallel,
+    build_mesh,
+    delta_rule,
+    remove_context_parallel,
+)
 from transformers_cp.mixers import find_mixers
 from transformers_cp.mixers_mamba2 import CLASSES, StatePassingMixer
 
@@ -120,6 +126,7 @@ def test_families_equal_each_document_alone(world):
 
 
 def _other_forms_worker(rank: int, world: int) -> None:
+    delta_rule.USE_STATE = False  # Jamba's gathered form (tests/test_hybrid_mamba1.py its state passing)
     for family in ("jamba", "lfm2"):  # the gathered form, and the halo form (or its gathered fallback)
         model = build_other(family)
         for seed, lengths in enumerate(ROWS):

@@ -221,9 +221,14 @@ class StateMixer(GatheredMixer):
     """The forward of a delta-rule mixer under CP: the stock forward on this rank's tokens, with its kernel
     functions in their CP form (the module docstring)."""
 
-    def __init__(self, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents) -> None:
+    def __init__(self, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents,
+                 kernels: tuple[str, ...] | None = None) -> None:  # fmt: skip
         super().__init__(module, mesh, documents)
-        self.rule = CLASSES[self.name]
+        self.kernels = kernels or (CONV, CLASSES[self.name])  # the kernel functions its forward calls, in no order
+
+    def planned(self, ran: list[str]) -> bool:
+        """Whether the forward called the kernel functions as the state passing needs: each once."""
+        return sorted(ran) == sorted(self.kernels)
 
     def __call__(self, *args, **kwargs):
         docs, x, _, _ = self._split(args, kwargs)  # these mixers take no per-token argument but their input
@@ -235,21 +240,27 @@ class StateMixer(GatheredMixer):
             out = self.original(x)  # no cache, no padding mask, no packing keywords: the shard's rows alone
         finally:
             _Active.plan, _Active.group = None, None
-        if sorted(_Active.ran) != sorted((CONV, self.rule)):  # alike on every rank: the same code ran
+        if not self.planned(_Active.ran):  # alike on every rank: the same code ran
             raise RuntimeError(
-                f"{self.name}'s forward called {_Active.ran} of the kernel functions {CONV} and {self.rule} under context "
-                "parallelism, not each once as transformers_cp's state passing needs (this transformers version "
+                f"{self.name}'s forward called {_Active.ran} of the kernel functions {', '.join(self.kernels)} under "
+                "context parallelism, not as transformers_cp's state passing needs (this transformers version "
                 "spells the mixer otherwise); set transformers_cp.delta_rule.USE_STATE = False for the gathered form."
             )
         return out
 
 
 def install(change: changes.Change, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents) -> None:
-    """Give `module` the state-passing forward (restored with `change`) and its model's module the dispatchers (the
-    last model's removal restores the functions)."""
+    """Give `module` the state-passing forward (restored with `change`) and its model's module the dispatchers."""
+    dispatch(change, module, {CONV: _conv, CLASSES[type(module).__name__]: _rule})
+    change.replace_forward(module, StateMixer(module, mesh, documents))
+
+
+def dispatch(change: changes.Change, module: torch.nn.Module, forms: dict[str, Callable]) -> None:
+    """Dispatchers for the kernel functions `forms` names (name -> its CP form) in `module`'s model module (the last
+    model's removal, through `change`, restores the functions)."""
     namespace = sys.modules[type(module).__module__]
     dispatchers = []
-    for name, cp_form in ((CONV, _conv), (CLASSES[type(module).__name__], _rule)):
+    for name, cp_form in forms.items():
         current = getattr(namespace, name)
         if not isinstance(current, _Dispatch):
             current = _Dispatch(name, current, cp_form)
@@ -263,7 +274,6 @@ def install(change: changes.Change, module: torch.nn.Module, mesh: ContextParall
             if dispatcher.users == 0 and getattr(namespace, name) is dispatcher:
                 setattr(namespace, name, dispatcher.original)
 
-    change.replace_forward(module, StateMixer(module, mesh, documents))
     change.undo = _chain(change.undo, undo)
 
 

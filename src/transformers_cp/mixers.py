@@ -17,6 +17,7 @@ meaning of a row is each document run alone through the stock model. `MIXERS` na
   on its own tokens (about 1× compute), the convolution's halo and the scan's incoming state passed across ranks.
 - `delta_rule.StateMixer`, for the gated-delta-rule mixers: each rank runs its own tokens, the convolution's
   look-back and the recurrence's state cross ranks (`delta_rule.py`), about 1× compute.
+- `mixers_mamba1.ScanMixer`, for the Mamba1 family (`mixers_mamba1.CLASSES`): the same, for the selective scan.
 
 Documents arrive as the `Documents` object the CP pre-forward hook builds for attention (`cp_documents`).
 """
@@ -285,7 +286,7 @@ def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> None:
         documents.current = kwargs.get("cp_documents")
 
     change = changes.install(model, NAME, pre=begin, depends_on="context_parallel")
-    from . import delta_rule
+    from . import delta_rule, mixers_mamba1
 
     for _, module in found:
         window = MIXERS[type(module).__name__].window
@@ -293,6 +294,8 @@ def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> None:
             mixers_mamba2.install(change, module, mesh, documents)
         elif delta_rule.fits(module):
             delta_rule.install(change, module, mesh, documents)
+        elif mixers_mamba1.fits(module):
+            mixers_mamba1.install(change, module, mesh, documents)
         elif window is None:
             change.replace_forward(module, GatheredMixer(module, mesh, documents))
         else:

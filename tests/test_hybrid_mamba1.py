@@ -1,0 +1,100 @@
+"""Mamba1-family mixers under CP by state passing (`mixers_mamba1.ScanMixer`: each rank runs only its own tokens)
+equal each document run alone through the stock model: logits and every parameter gradient (fp32, relative 1e-5),
+for Mamba, FalconMamba, Jamba and Zamba, in zigzag, ring, llama3 and ulysses and the documents-balanced zigzag and
+ring layouts, on 2 and 4 gloo ranks, on test_hybrid_mamba2's rows (documents of one token, shorter than a shard,
+spanning 3 and more chunks, starting a token before a chunk edge; on 4 ranks chunks of 2 tokens, shorter than the
+convolution's halo of 3). Every mixer call is checked to have run the convolution and the scan in their CP form.
+One distributed job per world size loops over every case.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import transformers
+from distributed import run_distributed
+from reference import assert_close, per_document
+from test_hybrid import COMMON, FAMILIES, _assert_gradient
+from test_hybrid_mamba2 import LAYOUTS, ROWS, _row
+
+from transformers_cp import (
+    ContextParallelConfig,
+    apply_context_parallel,
+    build_mesh,
+    delta_rule,
+    remove_context_parallel,
+)
+from transformers_cp.delta_rule import _Active, _Dispatch
+from transformers_cp.mixers import find_mixers
+from transformers_cp.mixers_mamba1 import CLASSES, SCAN, ScanMixer
+
+RTOL = 1e-5
+CONFIGS = {
+    "mamba": FAMILIES["mamba"],
+    "falcon_mamba": dict(state_size=8, num_hidden_layers=2, conv_kernel=4, time_step_rank=4),  # rms-normalised B, C, Δ
+    "jamba": FAMILIES["jamba"],  # layernorms on B, C and Δ
+    "zamba": dict(
+        mamba_d_state=8, mamba_dt_rank=4, n_mamba_heads=2, layers_block_type=["hybrid", "hybrid"], num_hidden_layers=2
+    ),  # one scan per Mamba head  # fmt: skip
+}
+
+
+def build(family: str) -> transformers.PreTrainedModel:
+    config = transformers.CONFIG_MAPPING[family](**{**COMMON, **CONFIGS[family]})
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
+
+
+def _check(model, mesh, lengths: list[int], seed: int, reference: tuple, name: str) -> None:
+    """CP on one row against `reference` (each document alone), every mixer call in the state-passing form."""
+    ids, position_ids, targets = _row(lengths, seed)
+    ref_logits, ref_grads = reference
+    floor = 1e-3 * max(g.abs().max().item() for g in ref_grads.values())
+    apply_context_parallel(model, mesh.config, mesh=mesh)
+    mixers = find_mixers(model)
+    assert mixers and all(type(m).__name__ in CLASSES for _, m in mixers), name
+    assert all(isinstance(m.forward, ScanMixer) for _, m in mixers), f"{name}: state passing not installed"
+    bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    layout = mesh.layout.for_row(bounds, sum(lengths))
+    shard = lambda t: layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
+    extra = {"cu_seq_lens_q": torch.tensor(bounds)} if mesh.config.balance == "documents" else {}
+    calls = []  # the kernel functions each mixer call ran in their CP form
+    handles = [m.register_forward_hook(lambda *_: calls.append(list(_Active.ran))) for _, m in mixers]
+    try:
+        logits = model(input_ids=shard(ids), position_ids=shard(position_ids), **extra).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(calls) == len(mixers) and all(delta_rule.CONV in c and SCAN in c for c in calls), f"{name}: {calls}"
+    torch.nn.functional.cross_entropy(logits[0], shard(targets)[0], reduction="sum").backward()
+    assert_close(logits.detach(), shard(ref_logits), RTOL, f"{name}: logits")
+    for key, p in model.named_parameters():
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(grad, group=mesh.cp_group)
+        _assert_gradient(grad, ref_grads.get(key, torch.zeros_like(p)), floor, f"{name}: gradient of {key}")
+    model.zero_grad()
+    remove_context_parallel(model)
+    assert not any("forward" in vars(m) for _, m in mixers), f"{name}: mixer forward not restored"
+
+
+def _families_worker(rank: int, world: int) -> None:
+    meshes = [build_mesh(ContextParallelConfig(size=world, **layout), "cpu") for layout in LAYOUTS]
+    for family in CONFIGS:
+        model = build(family)
+        for seed, lengths in enumerate(ROWS):
+            reference = per_document(model, _row(lengths, seed)[0], lengths)
+            for mesh in meshes:
+                name = f"{family} {mesh.config.mode} balance={mesh.config.balance} on {world} ranks, row {lengths}"
+                _check(model, mesh, lengths, seed, reference, name)
+        if world == 4:  # chunks of 2 tokens, shorter than the convolution's halo of 3: it comes from two chunks
+            lengths = [3, 12, 1]
+            reference = per_document(model, _row(lengths, 2)[0], lengths)
+            _check(model, meshes[0], lengths, 2, reference, f"{family} zigzag, chunks of 2 tokens")
+        modeling = __import__(type(find_mixers(model)[0][1]).__module__, fromlist=["_"])
+        assert not any(isinstance(v, _Dispatch) for v in vars(modeling).values()), f"{family}: dispatcher left"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_families_equal_each_document_alone(world):
+    run_distributed(_families_worker, world, timeout=900)
