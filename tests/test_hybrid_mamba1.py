@@ -15,7 +15,7 @@ import torch.distributed as dist
 import transformers
 from distributed import run_distributed
 from reference import assert_close, per_document
-from test_hybrid import COMMON, FAMILIES, _assert_gradient
+from test_hybrid import COMMON, FAMILIES, _assert_gradient, _assert_same_training, _trainer_run
 from test_hybrid_mamba2 import LAYOUTS, ROWS, _row
 
 from transformers_cp import (
@@ -23,6 +23,7 @@ from transformers_cp import (
     apply_context_parallel,
     build_mesh,
     delta_rule,
+    mixers_mamba1,
     remove_context_parallel,
 )
 from transformers_cp.delta_rule import _Active, _Dispatch
@@ -79,6 +80,7 @@ def _check(model, mesh, lengths: list[int], seed: int, reference: tuple, name: s
 
 
 def _families_worker(rank: int, world: int) -> None:
+    mixers_mamba1.BLOCK = 3  # continuing pieces' corrections in several blocks, each recomputed in backward
     meshes = [build_mesh(ContextParallelConfig(size=world, **layout), "cpu") for layout in LAYOUTS]
     for family in CONFIGS:
         model = build(family)
@@ -98,3 +100,19 @@ def _families_worker(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_families_equal_each_document_alone(world):
     run_distributed(_families_worker, world, timeout=900)
+
+
+TRAINER_FAMILY = "jamba"  # Mamba1 and attention layers
+
+
+def _trainer_worker(rank: int, world: int, expected: dict) -> None:
+    _assert_same_training(_trainer_run(world, "zigzag", TRAINER_FAMILY), expected, f"{TRAINER_FAMILY} Trainer zigzag")
+    # recomputation runs each mixer again in backward, with its dispatchers and gathers, alike on every rank
+    checkpointed = _trainer_run(world, "ring", TRAINER_FAMILY, gradient_checkpointing=True)
+    _assert_same_training(checkpointed, expected, f"{TRAINER_FAMILY} Trainer ring, gradient checkpointing")
+
+
+def test_trainer_gradient_accumulation():
+    """transformers_cp.Trainer (zigzag; ring with gradient checkpointing; gradient accumulation 2) on Jamba with state
+    passing equals the stock Trainer on one right-padded document per row."""
+    run_distributed(_trainer_worker, 2, _trainer_run(1, family=TRAINER_FAMILY), timeout=900)

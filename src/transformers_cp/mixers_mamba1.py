@@ -25,6 +25,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from . import changes, delta_rule
 from .comm import AllGather
@@ -35,6 +36,9 @@ CLASSES = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer", "ZambaMambaMixer
 """transformers' Mamba1 mixers that take the state-passing form (`delta_rule.USE_STATE` switches it, as for the delta
 rule: benchmarks compare)."""
 SCAN, FUSED = "mamba_selective_scan", "mamba_inner_fn"
+BLOCK = 1024
+"""Rows per block of the correction, recomputed in backward: channels × BLOCK × state floats at a time, whatever the
+piece's length (the scan kernels of mamba_ssm never hold a channels × rows × state tensor)."""
 
 
 def fits(module: torch.nn.Module) -> bool:
@@ -45,6 +49,11 @@ def fits(module: torch.nn.Module) -> bool:
         and type(module).__name__ in CLASSES
         and all(callable(getattr(namespace, name, None)) for name in (delta_rule.CONV, SCAN))
     )
+
+
+def _correction(a: torch.Tensor, cumulative: torch.Tensor, incoming: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """C_t · (exp(A Σ_{s≤t} Δ_s) ⊙ h_in) of some rows: (channels, rows), through a (channels, rows, state) tensor."""
+    return torch.einsum("dtn,dn,nt->dt", torch.exp(a[:, None] * cumulative[..., None]), incoming, c)
 
 
 def _unfused(original, plan, group, *args, **kwargs) -> None:
@@ -80,8 +89,14 @@ def _scan(original, plan: delta_rule.Plan, group, hidden_states, dt, A, B, C, D=
         for slot in piece.chain[1:]:
             incoming = torch.exp(states[slot, 1]) * incoming + states[slot, 0]
         rows = slice(*piece.rows)
-        decays = torch.exp(a[:, None] * delta[:, rows].cumsum(-1)[..., None])  # (channels, rows, state)
-        correction = torch.einsum("dtn,dn,nt->dt", decays, incoming, C[0, :, rows].to(exact))
+        cumulative, c = delta[:, rows].cumsum(-1), C[0, :, rows].to(exact)
+        blocks = [
+            checkpoint(
+                _correction, a, cumulative[:, s : s + BLOCK], incoming, c[:, s : s + BLOCK], use_reentrant=False
+            )
+            for s in range(0, c.shape[1], BLOCK)
+        ]
+        correction = torch.cat(blocks, dim=-1)
         if z is not None:
             correction = correction * F.silu(z[0, :, rows].to(exact))
         outputs[i] = (outputs[i].to(exact) + correction).to(outputs[i].dtype)
