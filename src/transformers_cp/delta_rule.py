@@ -49,7 +49,8 @@ CLASSES = {
 function, once each (`StateMixer` checks that it did): the gated delta rule (a scalar decay per head) or Kimi delta
 attention (a decay per key channel; affine in (S, v) alike)."""
 USE_STATE = True
-"""Whether `mixers.install` gives these mixers the state-passing form (else the gathered one: benchmarks compare)."""
+"""Whether `mixers.install` gives these mixers, and the Mamba1 family (`mixers_mamba1`), the state-passing form (else
+the gathered one: benchmarks compare)."""
 
 
 def fits(module: torch.nn.Module) -> bool:
