@@ -1,10 +1,11 @@
 """Mamba1-family mixers under CP by state passing (`mixers_mamba1.ScanMixer`: each rank runs only its own tokens)
 equal each document run alone through the stock model: logits and every parameter gradient (fp32, relative 1e-5),
 for Mamba, FalconMamba, Jamba and Zamba, in zigzag, ring, llama3 and ulysses and the documents-balanced zigzag and
-ring layouts, on 2 and 4 gloo ranks, on test_hybrid_mamba2's rows (documents of one token, shorter than a shard,
-spanning 3 and more chunks, starting a token before a chunk edge; on 4 ranks chunks of 2 tokens, shorter than the
-convolution's halo of 3). Every mixer call is checked to have run the convolution and the scan in their CP form.
-One distributed job per world size loops over every case.
+ring layouts on 2 and 4 gloo ranks (and hybrid 2 × 2 on 4), on test_hybrid_mamba2's rows (documents of one token,
+shorter than a shard, spanning 3 and more chunks, starting a token before a chunk edge; on 4 ranks chunks of 2
+tokens, shorter than the convolution's halo of 3). Every mixer call is checked to have run the convolution and the
+scan in their CP form. `transformers_cp.Trainer` on Jamba equals the stock Trainer. One distributed job per world
+size loops over every case.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def _check(model, mesh, lengths: list[int], seed: int, reference: tuple, name: s
 
 def _families_worker(rank: int, world: int) -> None:
     mixers_mamba1.BLOCK = 3  # continuing pieces' corrections in several blocks, each recomputed in backward
-    meshes = [build_mesh(ContextParallelConfig(size=world, **layout), "cpu") for layout in LAYOUTS]
+    layouts = LAYOUTS + ([dict(mode="hybrid", ulysses_size=2)] if world == 4 else [])  # hybrid's sub-chunks
+    meshes = [build_mesh(ContextParallelConfig(size=world, **layout), "cpu") for layout in layouts]
     for family in CONFIGS:
         model = build(family)
         for seed, lengths in enumerate(ROWS):
