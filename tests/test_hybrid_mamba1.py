@@ -95,8 +95,26 @@ def _families_worker(rank: int, world: int) -> None:
             lengths = [3, 12, 1]
             reference = per_document(model, _row(lengths, 2)[0], lengths)
             _check(model, meshes[0], lengths, 2, reference, f"{family} zigzag, chunks of 2 tokens")
+        if world == 2:
+            _refuses_a_forward_that_skips_the_scan(model, meshes[0])
         modeling = __import__(type(find_mixers(model)[0][1]).__module__, fromlist=["_"])
         assert not any(isinstance(v, _Dispatch) for v in vars(modeling).values()), f"{family}: dispatcher left"
+
+
+def _refuses_a_forward_that_skips_the_scan(model, mesh) -> None:
+    """A mixer forward that runs the convolution but not the scan (another transformers version's) is refused on
+    every rank, naming the way out, instead of running without state passing."""
+    apply_context_parallel(model, mesh.config, mesh=mesh)
+    mixer = find_mixers(model)[0][1]
+    conv = mixer.conv1d.weight.squeeze(1)
+    namespace = __import__(type(mixer).__module__, fromlist=["_"])
+    width = conv.shape[0]
+    mixer.forward.original = lambda x: namespace.causal_conv1d_fn(mixer.in_proj(x).transpose(1, 2)[:, :width], conv)
+    ids, position_ids, _ = _row(ROWS[0], 0)
+    shard = lambda t: mesh.layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
+    with pytest.raises(RuntimeError, match="USE_STATE = False"):
+        model(input_ids=shard(ids), position_ids=shard(position_ids))
+    remove_context_parallel(model)
 
 
 @pytest.mark.parametrize("world", [2, 4])
