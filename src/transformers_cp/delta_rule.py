@@ -116,7 +116,7 @@ class Plan:
         return cls(tuple(pieces), tuple(firsts), slots, where, doc_start)
 
     def halo(self, k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Index tensors of the convolution's look-back of k rows (`_conv`): the rows of [shard, zero row] that each
+        """Index tensors of the convolution's look-back of k rows (`halo_conv`): the rows of [shard, zero row] that each
         chunk sends (its last k); the rows of [shard, zero row, gathered rows] that make the kernel's input (every
         piece after its k look-back rows); the kernel's output rows kept."""
         if (k, device) not in self.halos:
@@ -165,7 +165,7 @@ class _Dispatch:
         return self.cp_form(self.original, _Active.plan, _Active.group, *args, **kwargs)
 
 
-def _conv(original, plan: Plan, group, x, weight, bias=None, activation=None, **kwargs):
+def halo_conv(original, plan: Plan, group, x, weight, bias=None, activation=None, **kwargs):
     """The causal convolution of x (1, channels, rows of the shard) with each piece's k − 1 look-back in front."""
     k = weight.shape[-1] - 1
     if k == 0:
@@ -252,7 +252,7 @@ class StateMixer(GatheredMixer):
 
 def install(change: changes.Change, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents) -> None:
     """Give `module` the state-passing forward (restored with `change`) and its model's module the dispatchers."""
-    dispatch(change, module, {CONV: _conv, CLASSES[type(module).__name__]: _rule})
+    dispatch(change, module, {CONV: halo_conv, CLASSES[type(module).__name__]: _rule})
     change.replace_forward(module, StateMixer(module, mesh, documents))
 
 

@@ -119,7 +119,7 @@ class ScanMixer(delta_rule.StateMixer):
 
 def install(change: changes.Change, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents) -> None:
     """Give `module` the state-passing forward (restored with `change`) and its model's module the dispatchers."""
-    forms = {delta_rule.CONV: delta_rule._conv, SCAN: _scan}
+    forms = {delta_rule.CONV: delta_rule.halo_conv, SCAN: _scan}
     if callable(getattr(sys.modules[type(module).__module__], FUSED, None)):
         forms[FUSED] = _unfused
     delta_rule.dispatch(change, module, forms)
