@@ -1,0 +1,66 @@
+"""MiniMax's lightning attention and RecurrentGemma's RG-LRU block under CP by state passing (`mixers_linear`: each
+rank runs the stock mixer on its own tokens, the convolution's look-back and the recurrence's state cross ranks) equal
+each document run alone through the stock model: logits and every parameter gradient (fp32, relative 1e-5), in
+zigzag, ring, llama3, ulysses (and hybrid 2 × 2 on 4 ranks) and the `documents` balance of zigzag and ring, on 2 and 4
+gloo ranks, on rows whose documents are of one token, shorter than a chunk, longer than a shard (spanning 3 and more
+chunks), and start one token before a chunk edge (`test_hybrid_state.ROWS`). Each case also checks that the
+state-passing path ran in every mixer call. One distributed job per world size loops over every case.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from distributed import run_distributed
+from reference import per_document
+from test_hybrid_state import BALANCED, MODES, ROWS, _compare, _row, build
+
+from transformers_cp import ContextParallelConfig, build_mesh
+from transformers_cp.mixers_linear import CLASSES, LightningMixer, RecurrentBlockMixer
+
+RTOL = 1e-5
+FAMILIES = {"minimax": "MiniMaxLightningAttention", "recurrent_gemma": "RecurrentGemmaRecurrentBlock"}
+
+
+class _ran:
+    """Counts the calls of the state-passing step of each form (the lightning correction, the RG-LRU's CP scan)."""
+
+    def __enter__(self) -> _ran:
+        self.calls, self.saved = 0, []
+        for form, step in ((LightningMixer, "_correction"), (RecurrentBlockMixer, "_scan")):
+            original = getattr(form, step)
+
+            def counted(*args, original=original, **kwargs):
+                self.calls += 1
+                return original(*args, **kwargs)
+
+            self.saved.append((form, step, original))
+            setattr(form, step, counted)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for form, step, original in self.saved:
+            setattr(form, step, original)
+
+
+def _worker(rank: int, world: int) -> None:
+    configs = [
+        ContextParallelConfig(size=world, mode=m, ulysses_size=2 if m == "hybrid" else None) for m in MODES[world]
+    ]
+    configs += [ContextParallelConfig(size=world, mode=m, balance="documents") for m in BALANCED]
+    meshes = [build_mesh(c, "cpu") for c in configs]
+    for family, mixer in FAMILIES.items():
+        model = build(family, torch.float32)
+        layers = sum(type(m).__name__ == mixer for m in model.modules())
+        for seed, lengths in enumerate(ROWS):
+            reference = per_document(model, _row(lengths, seed)[0], lengths)
+            for mesh in meshes:
+                name = f"{family} {mesh.config.mode} ({mesh.config.balance}) on {world} ranks, {lengths}"
+                with _ran() as ran:
+                    _compare(model, mesh, lengths, seed, reference, RTOL, name, CLASSES[mixer])
+                assert ran.calls == layers > 0, f"{name}: the state-passing path ran {ran.calls} times"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_state_passing_equals_each_document_alone(world):
+    run_distributed(_worker, world, timeout=900)
