@@ -6,7 +6,7 @@ Both recurrences are affine with a diagonal decay, S_t = a_t ⊙ S_{t−1} + u_t
 document's part of one chunk of the layout: `delta_rule.Plan`). Every chunk's last piece gives its final state from a
 zero start and its total decay (one all-gather; its backward returns the states' gradients to their owners); a piece
 that continues a document from an earlier chunk composes its incoming state over the chunks of its document in global
-order (S_in ← decay ⊙ S_in + S, `_incoming`), and its outputs gain that state's part.
+order (S_in ← decay ⊙ S_in + S, `_States`), and its outputs gain that state's part.
 
 - `LightningMixer` (MiniMaxLightningAttention): per head S_t = λ S_{t−1} + k_t v_tᵀ, o_t = S_tᵀ q_t, λ = exp(−slope)
   constant. The stock forward computes it block-wise over the whole shard, carrying its state across the document
@@ -39,20 +39,26 @@ def _plan(docs: Documents, mesh: ContextParallelMesh) -> Plan:
     return docs.cached(("delta_rule_plan", mesh.cp_rank), lambda: Plan.build(docs, mesh))
 
 
-def _exchange(finals: list, shape: tuple[int, ...], like: torch.Tensor, group) -> torch.Tensor:
-    """Every chunk's [final state from zero, total decay] (2, *shape) of its last piece, gathered over the CP group:
-    (ranks × slots, 2, *shape) in `Plan`'s slot order (zeros for the chunks a rank lacks)."""
-    rows = [f if f is not None else like.new_zeros(2, *shape) for f in finals]
-    return AllGather.apply(torch.stack(rows), group)
+class _States:
+    """Every chunk's final state from a zero start and total decay (of its last piece), all-gathered over the CP group
+    in one row per chunk (`Plan`'s slots; zeros for the chunks a rank lacks); the backward returns each state's
+    gradient to the rank that computed it."""
 
+    def __init__(self, finals: list, shape: torch.Size, decay: torch.Size, like: torch.Tensor, group) -> None:
+        self.shape, self.decay, self.size = shape, decay, shape.numel()
+        empty = like.new_zeros(self.size + decay.numel())
+        rows = [empty if f is None else torch.cat([f[0].flatten(), f[1].flatten()]) for f in finals]
+        self.gathered = AllGather.apply(torch.stack(rows), group)
 
-def _incoming(states: torch.Tensor, chain: tuple[int, ...]) -> torch.Tensor:
-    """The state entering a continuing piece: its document's states composed over the chunks of `chain` (the
-    gathered slots of the earlier chunks, in global order; the first one is where the document starts)."""
-    state = states[chain[0], 0]
-    for slot in chain[1:]:
-        state = states[slot, 1] * state + states[slot, 0]
-    return state
+    def incoming(self, chain: tuple[int, ...]) -> torch.Tensor:
+        """The state entering a continuing piece: its document's states composed over the chunks of `chain` (the
+        gathered slots of the earlier chunks, in global order; the first one is where the document starts),
+        S ← decay ⊙ S + S_chunk."""
+        state = self.gathered[chain[0], : self.size].view(self.shape)
+        for slot in chain[1:]:
+            row = self.gathered[slot]
+            state = row[self.size :].view(self.decay) * state + row[: self.size].view(self.shape)
+        return state
 
 
 class LightningMixer(GatheredMixer):
@@ -107,16 +113,16 @@ class LightningMixer(GatheredMixer):
             entering.append(carried)
             carried = decay * carried + own
             if piece.last:
-                finals[piece.chunk] = torch.stack([own, decay.expand_as(own)])
-        states = _exchange(finals, (heads, d, d), q, self.mesh.cp_group)
+                finals[piece.chunk] = (own, decay)
+        states = _States(finals, own.shape, decay.shape, q, self.mesh.cp_group)
         pieces = []
         for piece, before in zip(plan.pieces, entering):
             a, b = piece.rows
-            state = _incoming(states, piece.chain) - before if piece.continues else -before
+            state = states.incoming(piece.chain) - before if piece.continues else -before
             steps = torch.arange(1, b - a + 1, device=q.device)
             pieces.append(torch.einsum("thk,hkv->thv", q[a:b] * powers(steps)[..., None], state))
         # every rank's gather must reach the backward (its reduce-scatter is a collective), used or not
-        return torch.cat(pieces).flatten(1) + 0 * states.sum()
+        return torch.cat(pieces).flatten(1) + 0 * states.gathered.sum()
 
 
 class RecurrentBlockMixer(GatheredMixer):
@@ -173,14 +179,14 @@ class RecurrentBlockMixer(GatheredMixer):
         for i, piece in enumerate(plan.pieces):
             if piece.last:
                 state = chunk_states[piece.chunk]
-                finals[piece.chunk] = torch.stack([state, decays[i][-1] if i in decays else torch.zeros_like(state)])
-        states = _exchange(finals, out.shape[-1:], out, self.mesh.cp_group)
+                finals[piece.chunk] = (state, decays[i][-1] if i in decays else torch.zeros_like(state))
+        states = _States(finals, out.shape[-1:], out.shape[-1:], out, self.mesh.cp_group)
         pieces = []
         for i, piece in enumerate(plan.pieces):
             part = out[slice(*piece.rows)]
-            pieces.append(part + decays[i] * _incoming(states, piece.chain) if i in decays else part)
+            pieces.append(part + decays[i] * states.incoming(piece.chain) if i in decays else part)
         # every rank's gather must reach the backward (its reduce-scatter is a collective), used or not
-        return (torch.cat(pieces) + 0 * states.sum())[None].to(hidden_states.dtype), None
+        return (torch.cat(pieces) + 0 * states.gathered.sum())[None].to(hidden_states.dtype), None
 
 
 def _positions(plan: Plan, device: torch.device) -> torch.Tensor:
