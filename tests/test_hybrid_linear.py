@@ -4,7 +4,9 @@ each document run alone through the stock model: logits and every parameter grad
 zigzag, ring, llama3, ulysses (and hybrid 2 × 2 on 4 ranks) and the `documents` balance of zigzag and ring, on 2 and 4
 gloo ranks, on rows whose documents are of one token, shorter than a chunk, longer than a shard (spanning 3 and more
 chunks), and start one token before a chunk edge (`test_hybrid_state.ROWS`). Each case also checks that the
-state-passing path ran in every mixer call. One distributed job per world size loops over every case.
+state-passing path ran in every mixer call. `transformers_cp.Trainer` (gradient accumulation, every layer checkpointed)
+equals the stock Trainer on one right-padded document per row. One distributed job per world size loops over every
+case.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pytest
 import torch
 from distributed import run_distributed
 from reference import per_document
+from test_hybrid import _assert_same_training, _trainer_run
 from test_hybrid_state import BALANCED, MODES, ROWS, _compare, _row, build
 
 from transformers_cp import ContextParallelConfig, build_mesh
@@ -64,3 +67,20 @@ def _worker(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_state_passing_equals_each_document_alone(world):
     run_distributed(_worker, world, timeout=900)
+
+
+TRAINER_RUNS = {"minimax": "zigzag", "recurrent_gemma": "ring"}
+
+
+def _trainer_worker(rank: int, world: int, expected: dict) -> None:
+    for family, mode in TRAINER_RUNS.items():
+        # recomputation runs each mixer again in backward, with its hooks and collectives, in the same order on every rank
+        run = _trainer_run(world, mode, family, gradient_checkpointing=True)
+        _assert_same_training(run, expected[family], f"{family} Trainer {mode}, gradient checkpointing")
+
+
+def test_trainer_gradient_accumulation():
+    """transformers_cp.Trainer (gradient accumulation 2, every layer checkpointed) equals the stock Trainer on one
+    right-padded document per row (the mixers do not see the padding after a document)."""
+    expected = {family: _trainer_run(1, family=family) for family in TRAINER_RUNS}
+    run_distributed(_trainer_worker, 2, expected, timeout=900)
