@@ -18,8 +18,15 @@ from reference import per_document
 from test_hybrid import _assert_same_training, _trainer_run
 from test_hybrid_state import BALANCED, MODES, ROWS, _compare, _row, build
 
-from transformers_cp import ContextParallelConfig, build_mesh
-from transformers_cp.mixers_linear import CLASSES, LightningMixer, RecurrentBlockMixer
+from transformers_cp import (
+    ContextParallelConfig,
+    apply_context_parallel,
+    build_mesh,
+    delta_rule,
+    remove_context_parallel,
+)
+from transformers_cp.mixers import find_mixers
+from transformers_cp.mixers_linear import CLASSES, LightningMixer, RecurrentBlockMixer, fits
 
 RTOL = 1e-5
 FAMILIES = {"minimax": "MiniMaxLightningAttention", "recurrent_gemma": "RecurrentGemmaRecurrentBlock"}
@@ -62,6 +69,33 @@ def _worker(rank: int, world: int) -> None:
                 with _ran() as ran:
                     _compare(model, mesh, lengths, seed, reference, RTOL, name, CLASSES[mixer])
                 assert ran.calls == layers > 0, f"{name}: the state-passing path ran {ran.calls} times"
+    if world == 2:
+        _refuses_a_forward_that_skips_the_state(meshes[0])
+
+
+def _refuses_a_forward_that_skips_the_state(mesh) -> None:
+    """A mixer forward that does not reach the submodules the state passing hooks (another transformers version's) is
+    refused on every rank, naming the way out, instead of running without state passing."""
+    ids, position_ids, _, _ = _row(ROWS[0], 0)
+    for family in FAMILIES:
+        model = apply_context_parallel(build(family, torch.float32), mesh.config, mesh=mesh)
+        mixer = next(m for _, m in find_mixers(model))
+        hidden = mixer.forward.hidden  # the name of its input
+        mixer.forward.original = lambda hidden=hidden, **kwargs: (kwargs[hidden], None)  # reaches none of them
+        shard = lambda t: mesh.layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
+        with pytest.raises(RuntimeError, match="USE_STATE = False"):
+            model(input_ids=shard(ids), position_ids=shard(position_ids))
+        remove_context_parallel(model)
+
+
+def test_gathered_path_when_switched_off(monkeypatch):
+    """`delta_rule.USE_STATE = False` keeps the gathered form for these mixers too."""
+    for family in FAMILIES:
+        module = next(m for _, m in find_mixers(build(family, torch.float32)))
+        assert fits(module)
+        monkeypatch.setattr(delta_rule, "USE_STATE", False)
+        assert not fits(module)
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -292,7 +292,7 @@ def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> None:
         window = MIXERS[type(module).__name__].window
         if type(module).__name__ in mixers_mamba2.CLASSES:
             mixers_mamba2.install(change, module, mesh, documents)
-        elif type(module).__name__ in mixers_linear.CLASSES:
+        elif mixers_linear.fits(module):
             mixers_linear.install(change, module, mesh, documents)
         elif delta_rule.fits(module):
             delta_rule.install(change, module, mesh, documents)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from . import changes
+from . import changes, delta_rule
 from .comm import AllGather
 from .delta_rule import Plan, _conv
 from .mesh import ContextParallelMesh
@@ -79,6 +79,7 @@ class LightningMixer(GatheredMixer):
         ]
         try:
             out, extra = self._run({self.hidden: x, **per_token}, fixed)
+            _ran(self.name, self.call.get("corrected", 0), "the output norm after `qkv_proj`")
         finally:
             for handle in handles:
                 handle.remove()
@@ -89,6 +90,9 @@ class LightningMixer(GatheredMixer):
         self.call["projected"] = out
 
     def _correct(self, _module, args):
+        if "projected" not in self.call:
+            _ran(self.name, 0, "the output norm after `qkv_proj`")
+        self.call["corrected"] = self.call.get("corrected", 0) + 1
         y, *rest = args
         return (y + self._correction(y.dtype).to(y.dtype)[None], *rest)
 
@@ -144,13 +148,19 @@ class RecurrentBlockMixer(GatheredMixer):
         def causal(source: torch.Tensor, *_, **__) -> torch.Tensor:  # the module's convolution, causal rows only
             return stock_conv(source)[..., : source.shape[-1]]
 
+        def convolution(inputs: torch.Tensor) -> torch.Tensor:
+            ran.append("conv_1d")
+            return _conv(causal, plan, self.mesh.cp_group, inputs, conv.weight, conv.bias)
+
         def scan(hidden_states, recurrent_gate, reset, recurrent_states=None, acc_dtype=torch.float32):
+            ran.append("_rnn_scan")
             return self._scan(stock_scan, plan, hidden_states, recurrent_gate, reset, acc_dtype)
 
-        conv.forward = lambda inputs: _conv(causal, plan, self.mesh.cp_group, inputs, conv.weight, conv.bias)
-        lru._rnn_scan = scan
+        ran: list[str] = []
+        conv.forward, lru._rnn_scan = convolution, scan
         try:
             out, extra = self._run({self.hidden: x, "position_ids": positions}, fixed)
+            _ran(self.name, int(ran == ["conv_1d", "_rnn_scan"]), "`conv_1d`, then `rg_lru._rnn_scan`")
         finally:
             del lru._rnn_scan
             if had is None:
@@ -189,6 +199,17 @@ class RecurrentBlockMixer(GatheredMixer):
         return (torch.cat(pieces) + 0 * states.gathered.sum())[None].to(hidden_states.dtype), None
 
 
+def _ran(name: str, times: int, what: str) -> None:
+    """Refuse a mixer forward that did not reach `what` once (another transformers version's spelling), alike on every
+    rank (the same code ran), instead of running it without its state passing."""
+    if times != 1:
+        raise RuntimeError(
+            f"{name}'s forward did not call {what} once under context parallelism, as transformers_cp's state "
+            "passing for it needs (this transformers version spells the mixer otherwise); set "
+            "transformers_cp.delta_rule.USE_STATE = False for the gathered form."
+        )
+
+
 def _positions(plan: Plan, device: torch.device) -> torch.Tensor:
     """The shard's positions inside their documents (1, rows): 0 exactly at the document starts."""
     positions = []
@@ -201,6 +222,12 @@ def _positions(plan: Plan, device: torch.device) -> torch.Tensor:
 
 CLASSES = {"MiniMaxLightningAttention": LightningMixer, "RecurrentGemmaRecurrentBlock": RecurrentBlockMixer}
 """transformers' mixers that take a state-passing form of this module, and that form."""
+
+
+def fits(module: torch.nn.Module) -> bool:
+    """Whether `module` takes its state-passing form: one of `CLASSES`, with `delta_rule.USE_STATE` (the one switch of
+    the state-passing forms; benchmarks compare)."""
+    return delta_rule.USE_STATE and type(module).__name__ in CLASSES
 
 
 def install(change: changes.Change, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents) -> None:
