@@ -118,7 +118,7 @@ class LightningMixer(GatheredMixer):
             carried = decay * carried + own
             if piece.last:
                 finals[piece.chunk] = (own, decay)
-        states = _States(finals, own.shape, decay.shape, q, self.mesh.cp_group)
+        states = _States(finals, torch.Size((heads, d, d)), torch.Size((heads, 1, 1)), q, self.mesh.cp_group)
         pieces = []
         for piece, before in zip(plan.pieces, entering):
             a, b = piece.rows
