@@ -15,6 +15,7 @@ meaning of a row is each document run alone through the stock model. `MIXERS` na
   the k − 1 inputs before it from the rank that holds them, about 1× compute.
 - `mixers_mamba2.StatePassingMixer`, for the Mamba2 family (`mixers_mamba2.CLASSES`): each rank runs the stock mixer
   on its own tokens (about 1× compute), the convolution's halo and the scan's incoming state passed across ranks.
+- `mixers_linear`, for MiniMax's lightning attention and RecurrentGemma's RG-LRU block: the same, about 1× compute.
 - `delta_rule.StateMixer`, for the gated-delta-rule mixers: each rank runs its own tokens, the convolution's
   look-back and the recurrence's state cross ranks (`delta_rule.py`), about 1× compute.
 - `mixers_mamba1.ScanMixer`, for the Mamba1 family (`mixers_mamba1.CLASSES`): the same, for the selective scan.
@@ -273,7 +274,7 @@ def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> None:
     """Replace the forward of every mixer of `MIXERS` in `model` by its exact CP form (removed with CP). Its stage
     runs after CP's (`changes.STAGES`) and hands the mixers that forward's documents; they stay until the next forward,
     as a checkpointed layer's mixer runs again in backward, outside the model's forward."""
-    from . import mixers_mamba2  # it builds on GatheredMixer
+    from . import mixers_linear, mixers_mamba2  # they build on GatheredMixer
 
     if mesh.cp_group is None:
         return
@@ -292,6 +293,8 @@ def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> None:
         window = MIXERS[type(module).__name__].window
         if type(module).__name__ in mixers_mamba2.CLASSES:
             mixers_mamba2.install(change, module, mesh, documents)
+        elif mixers_linear.fits(module):
+            mixers_linear.install(change, module, mesh, documents)
         elif delta_rule.fits(module):
             delta_rule.install(change, module, mesh, documents)
         elif mixers_mamba1.fits(module):
