@@ -4,7 +4,7 @@ transformers_cp.Trainer on 2 ranks with the chunked LM-head loss (7-token chunks
 the offload of the checkpointed layers' inputs forced on, under gradient checkpointing, equals the stock Trainer with
 none of them (losses, gradient norms, every rank's step loss, eval loss, every step's gradients and the final
 weights; float32, relative 1e-5) for attention sinks (gpt-oss), logit softcapping and a final logit softcap (Gemma 2),
-chunked attention (Llama 4) and a hybrid (Qwen3-Next: gated delta rule and gated attention, MoE); the tiled MLP
+chunked attention (Llama 4) and a hybrid (Jamba: Mamba layers passing their state across ranks, MoE); the tiled MLP
 of MoE blocks that return their router output too. GRPO scores the
 logits itself, so it takes the tiled MLP (equal to TRL's GRPO without CP) but refuses an explicit chunked loss, on
 every rank as the trainer is built.
@@ -35,6 +35,7 @@ SAVINGS = dict(
 )
 ON = ["chunked LM-head loss (7-token chunks)", "tiled MLP (5-token tiles)", "activation offload"]
 VARIANT_CASES = [("gpt_oss", "zigzag"), ("gemma2", "ulysses"), ("llama4_text", "llama3")]
+HYBRID_FAMILY = "jamba"  # Mamba layers passing their state across ranks, MoE and MLP blocks
 HYBRID_MODE = "zigzag"
 
 
@@ -61,15 +62,15 @@ def _trainer_worker(rank: int, world: int, ref_dir: str, hybrid_expected: dict) 
     for family, mode in VARIANT_CASES:
         expected = torch.load(os.path.join(ref_dir, f"{family}.pt"))
         assert_same_run(_variant_run(family, mode), expected, f"{family} {mode} with savings, rank {rank}")
-    actual = hybrid._trainer_run(world, HYBRID_MODE, **SAVINGS)
-    name = f"{hybrid.TRAINER_FAMILY} {HYBRID_MODE} with savings, rank {rank}"
+    actual = hybrid._trainer_run(world, HYBRID_MODE, HYBRID_FAMILY, **SAVINGS)
+    name = f"{HYBRID_FAMILY} {HYBRID_MODE} with savings, rank {rank}"
     hybrid._assert_same_training(actual, hybrid_expected, name)
 
 
 def test_savings_with_attention_variants_and_mixers_equal_the_stock_trainer(tmp_path):
     for family, _ in VARIANT_CASES:
         torch.save(variants._stock_run(family), tmp_path / f"{family}.pt")
-    run_distributed(_trainer_worker, 2, str(tmp_path), hybrid._trainer_run(1), timeout=900)
+    run_distributed(_trainer_worker, 2, str(tmp_path), hybrid._trainer_run(1, family=HYBRID_FAMILY), timeout=900)
 
 
 @pytest.mark.parametrize("family", ["gpt_oss", "llama4_text"])
