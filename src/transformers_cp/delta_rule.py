@@ -32,7 +32,7 @@ import torch
 from . import changes
 from .comm import AllGather
 from .mesh import ContextParallelMesh
-from .mixers import GatheredMixer, _Documents
+from .mixers import GatheredMixer, MixerDocuments
 from .plan import Documents
 
 CONV = "causal_conv1d_fn"
@@ -222,7 +222,7 @@ class StateMixer(GatheredMixer):
     """The forward of a delta-rule mixer under CP: the stock forward on this rank's tokens, with its kernel
     functions in their CP form (the module docstring)."""
 
-    def __init__(self, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents,
+    def __init__(self, module: torch.nn.Module, mesh: ContextParallelMesh, documents: MixerDocuments,
                  kernels: tuple[str, ...] | None = None) -> None:  # fmt: skip
         super().__init__(module, mesh, documents)
         self.kernels = kernels or (CONV, CLASSES[self.name])  # the kernel functions its forward calls, in no order
@@ -250,7 +250,9 @@ class StateMixer(GatheredMixer):
         return out
 
 
-def install(change: changes.Change, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents) -> None:
+def install(
+    change: changes.Change, module: torch.nn.Module, mesh: ContextParallelMesh, documents: MixerDocuments
+) -> None:
     """Give `module` the state-passing forward (restored with `change`) and its model's module the dispatchers."""
     dispatch(change, module, {CONV: halo_conv, CLASSES[type(module).__name__]: _rule})
     change.replace_forward(module, StateMixer(module, mesh, documents))

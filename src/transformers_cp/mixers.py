@@ -117,7 +117,7 @@ def check_mixers(model: torch.nn.Module) -> bool:
     return bool(found)
 
 
-class _Documents:
+class MixerDocuments:
     """The row's `Documents`, set by the model's pre-forward hook for the mixers of this forward."""
 
     current: Documents | None = None
@@ -132,7 +132,7 @@ def _per_token(value, local: int) -> bool:
 class GatheredMixer:
     """The exact fallback forward of one mixer (see the module docstring)."""
 
-    def __init__(self, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents) -> None:
+    def __init__(self, module: torch.nn.Module, mesh: ContextParallelMesh, documents: MixerDocuments) -> None:
         self.original = module.forward
         self.signature = inspect.signature(self.original)
         named = [
@@ -230,7 +230,7 @@ class HaloMixer(GatheredMixer):
     each document piece of the chunk with the preceding inputs of the same document in front. Compute about 1×,
     traffic (window − 1) × chunks × hidden per rank. Chunks shorter than window − 1 take the gathered fallback."""
 
-    def __init__(self, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents, window: int):
+    def __init__(self, module: torch.nn.Module, mesh: ContextParallelMesh, documents: MixerDocuments, window: int):
         super().__init__(module, mesh, documents)
         self.halo = window - 1
 
@@ -281,7 +281,7 @@ def install(model: torch.nn.Module, mesh: ContextParallelMesh) -> None:
     found = find_mixers(model)
     if not found:
         return
-    documents = _Documents()
+    documents = MixerDocuments()
 
     def begin(module, args, kwargs):
         documents.current = kwargs.get("cp_documents")

@@ -6,7 +6,7 @@ Both recurrences are affine with a diagonal decay, S_t = a_t ⊙ S_{t−1} + u_t
 document's part of one chunk of the layout: `delta_rule.Plan`). Every chunk's last piece gives its final state from a
 zero start and its total decay (one all-gather; its backward returns the states' gradients to their owners); a piece
 that continues a document from an earlier chunk composes its incoming state over the chunks of its document in global
-order (S_in ← decay ⊙ S_in + S, `_States`), and its outputs gain that state's part.
+order (S_in ← decay ⊙ S_in + S, `chunk_states.ChunkStates`), and its outputs gain that state's part.
 
 - `LightningMixer` (MiniMaxLightningAttention): per head S_t = λ S_{t−1} + k_t v_tᵀ, o_t = S_tᵀ q_t, λ = exp(−slope)
   constant. The stock forward computes it block-wise over the whole shard, carrying its state across the document
@@ -28,10 +28,10 @@ from __future__ import annotations
 import torch
 
 from . import changes, delta_rule
-from .comm import AllGather
+from .chunk_states import ChunkStates
 from .delta_rule import Plan, halo_conv
 from .mesh import ContextParallelMesh
-from .mixers import GatheredMixer, _Documents
+from .mixers import GatheredMixer, MixerDocuments
 from .plan import Documents
 
 
@@ -39,32 +39,10 @@ def _plan(docs: Documents, mesh: ContextParallelMesh) -> Plan:
     return docs.cached(("delta_rule_plan", mesh.cp_rank), lambda: Plan.build(docs, mesh))
 
 
-class _States:
-    """Every chunk's final state from a zero start and total decay (of its last piece), all-gathered over the CP group
-    in one row per chunk (`Plan`'s slots; zeros for the chunks a rank lacks); the backward returns each state's
-    gradient to the rank that computed it."""
-
-    def __init__(self, finals: list, shape: torch.Size, decay: torch.Size, like: torch.Tensor, group) -> None:
-        self.shape, self.decay, self.size = shape, decay, shape.numel()
-        empty = like.new_zeros(self.size + decay.numel())
-        rows = [empty if f is None else torch.cat([f[0].flatten(), f[1].flatten()]) for f in finals]
-        self.gathered = AllGather.apply(torch.stack(rows), group)
-
-    def incoming(self, chain: tuple[int, ...]) -> torch.Tensor:
-        """The state entering a continuing piece: its document's states composed over the chunks of `chain` (the
-        gathered slots of the earlier chunks, in global order; the first one is where the document starts),
-        S ← decay ⊙ S + S_chunk."""
-        state = self.gathered[chain[0], : self.size].view(self.shape)
-        for slot in chain[1:]:
-            row = self.gathered[slot]
-            state = row[self.size :].view(self.decay) * state + row[: self.size].view(self.shape)
-        return state
-
-
 class LightningMixer(GatheredMixer):
     """The state-passing forward of MiniMax's lightning attention (the module docstring)."""
 
-    def __init__(self, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents) -> None:
+    def __init__(self, module: torch.nn.Module, mesh: ContextParallelMesh, documents: MixerDocuments) -> None:
         super().__init__(module, mesh, documents)
         self.module = module
         self.call: dict | None = None  # the current call's plan and qkv_proj output, for the hooks
@@ -118,7 +96,7 @@ class LightningMixer(GatheredMixer):
             carried = decay * carried + own
             if piece.last:
                 finals[piece.chunk] = (own, decay)
-        states = _States(finals, torch.Size((heads, d, d)), torch.Size((heads, 1, 1)), q, self.mesh.cp_group)
+        states = ChunkStates(finals, torch.Size((heads, d, d)), torch.Size((heads, 1, 1)), q, self.mesh.cp_group)
         pieces = []
         for piece, before in zip(plan.pieces, entering):
             a, b = piece.rows
@@ -132,7 +110,7 @@ class LightningMixer(GatheredMixer):
 class RecurrentBlockMixer(GatheredMixer):
     """The state-passing forward of RecurrentGemma's recurrent block (the module docstring)."""
 
-    def __init__(self, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents) -> None:
+    def __init__(self, module: torch.nn.Module, mesh: ContextParallelMesh, documents: MixerDocuments) -> None:
         super().__init__(module, mesh, documents)
         self.module = module
 
@@ -190,7 +168,7 @@ class RecurrentBlockMixer(GatheredMixer):
             if piece.last:
                 state = chunk_states[piece.chunk]
                 finals[piece.chunk] = (state, decays[i][-1] if i in decays else torch.zeros_like(state))
-        states = _States(finals, out.shape[-1:], out.shape[-1:], out, self.mesh.cp_group)
+        states = ChunkStates(finals, out.shape[-1:], out.shape[-1:], out, self.mesh.cp_group)
         pieces = []
         for i, piece in enumerate(plan.pieces):
             part = out[slice(*piece.rows)]
@@ -230,6 +208,8 @@ def fits(module: torch.nn.Module) -> bool:
     return delta_rule.USE_STATE and type(module).__name__ in CLASSES
 
 
-def install(change: changes.Change, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents) -> None:
+def install(
+    change: changes.Change, module: torch.nn.Module, mesh: ContextParallelMesh, documents: MixerDocuments
+) -> None:
     """Give `module` (one of `CLASSES`) its state-passing forward, restored with `change`."""
     change.replace_forward(module, CLASSES[type(module).__name__](module, mesh, documents))

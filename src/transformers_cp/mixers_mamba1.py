@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import changes, delta_rule
-from .comm import AllGather
+from .chunk_states import ChunkStates
 from .mesh import ContextParallelMesh
-from .mixers import _Documents
+from .mixers import MixerDocuments
 
 CLASSES = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer", "ZambaMambaMixer")
 """transformers' Mamba1 mixers that take the state-passing form (`delta_rule.USE_STATE` switches it, as for the delta
@@ -79,15 +79,13 @@ def _scan(original, plan: delta_rule.Plan, group, hidden_states, dt, A, B, C, D=
                        return_last_state=piece.last, **kwargs)  # fmt: skip
         if piece.last:
             out, final = out
-            finals[piece.chunk] = torch.stack([final[0].to(exact), a * delta[:, rows].sum(-1, keepdim=True)])
+            finals[piece.chunk] = (final[0].to(exact), torch.exp(a * delta[:, rows].sum(-1, keepdim=True)))
         if piece.continues:
             continuing.append((len(outputs), piece))
         outputs.append(out)
-    states = AllGather.apply(torch.stack([f if f is not None else a.new_zeros(2, *a.shape) for f in finals]), group)
+    states = ChunkStates(finals, a.shape, a.shape, a, group)
     for i, piece in continuing:
-        incoming = states[piece.chain[0], 0]
-        for slot in piece.chain[1:]:
-            incoming = torch.exp(states[slot, 1]) * incoming + states[slot, 0]
+        incoming = states.incoming(piece.chain)
         rows = slice(*piece.rows)
         cumulative, c = delta[:, rows].cumsum(-1), C[0, :, rows].to(exact)
         blocks = [
@@ -102,14 +100,14 @@ def _scan(original, plan: delta_rule.Plan, group, hidden_states, dt, A, B, C, D=
         outputs[i] = (outputs[i].to(exact) + correction).to(outputs[i].dtype)
     # every rank's gather must reach the backward (its reduce-scatter is a collective), used or not
     out = torch.cat(outputs, dim=-1)
-    return out + 0 * states.sum().to(out.dtype)
+    return out + 0 * states.gathered.sum().to(out.dtype)
 
 
 class ScanMixer(delta_rule.StateMixer):
     """The forward of a Mamba1-family mixer under CP: the stock forward on this rank's tokens, its kernel functions in
     their CP form."""
 
-    def __init__(self, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents) -> None:
+    def __init__(self, module: torch.nn.Module, mesh: ContextParallelMesh, documents: MixerDocuments) -> None:
         super().__init__(module, mesh, documents, (delta_rule.CONV, SCAN))
 
     def planned(self, ran: list[str]) -> bool:
@@ -117,7 +115,9 @@ class ScanMixer(delta_rule.StateMixer):
         return ran.count(delta_rule.CONV) == 1 and ran.count(SCAN) >= 1 and set(ran) <= {*self.kernels, FUSED}
 
 
-def install(change: changes.Change, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents) -> None:
+def install(
+    change: changes.Change, module: torch.nn.Module, mesh: ContextParallelMesh, documents: MixerDocuments
+) -> None:
     """Give `module` the state-passing forward (restored with `change`) and its model's module the dispatchers."""
     forms = {delta_rule.CONV: delta_rule.halo_conv, SCAN: _scan}
     if callable(getattr(sys.modules[type(module).__module__], FUSED, None)):

@@ -35,7 +35,7 @@ from transformers.activations import ACT2FN
 
 from .comm import AllGather
 from .mesh import ContextParallelMesh
-from .mixers import GatheredMixer, _Documents
+from .mixers import GatheredMixer, MixerDocuments
 from .plan import Documents
 
 CLASSES = (
@@ -111,7 +111,7 @@ def _plan(docs: Documents, mesh: ContextParallelMesh, k: int) -> _Plan:
 class StatePassingMixer(GatheredMixer):
     """The state-passing forward of one Mamba2-family mixer (see the module docstring)."""
 
-    def __init__(self, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents) -> None:
+    def __init__(self, module: torch.nn.Module, mesh: ContextParallelMesh, documents: MixerDocuments) -> None:
         super().__init__(module, mesh, documents)
         self.module = module
         self.k = module.conv1d.kernel_size[0]
@@ -255,7 +255,7 @@ def _to(plan: _Plan, device: torch.device) -> _Plan:
     return _Plan(**moved)
 
 
-def install(change, module: torch.nn.Module, mesh: ContextParallelMesh, documents: _Documents) -> None:
+def install(change, module: torch.nn.Module, mesh: ContextParallelMesh, documents: MixerDocuments) -> None:
     """Give a Mamba2-family mixer its state-passing forward and hooks, removed with `change`."""
     mixer = StatePassingMixer(module, mesh, documents)
     change.replace_forward(module, mixer)
