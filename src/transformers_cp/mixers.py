@@ -8,17 +8,14 @@ meaning of a row is each document run alone through the stock model. `MIXERS` na
   global order (`comm.AllGather`, whose backward sums the gradient over ranks and keeps this rank's slice), with
   the per-token arguments it takes; the stock mixer runs on each document that holds a position of this rank's shard,
   alone (no cache, no mask), from the document's start up to the last of those positions; the rank keeps its own
-  positions. Cost per mixer layer: an all-gather of T × hidden forward, a reduce-scatter backward, and up to c× the
-  layer's compute (a rank runs the prefixes of the documents it touches: about c× with zigzag, where every rank
-  reaches the row's end; (c+1)/2× on average with contiguous layouts).
+  positions: up to c× the layer's compute (docs/hybrid.md, cost per mode).
 - `HaloMixer`, for mixers whose only look-back is a short convolution of k taps (LFM2's ShortConv): each chunk gets
   the k − 1 inputs before it from the rank that holds them, about 1× compute.
-- `mixers_mamba2.StatePassingMixer`, for the Mamba2 family (`mixers_mamba2.CLASSES`): each rank runs the stock mixer
-  on its own tokens (about 1× compute), the convolution's halo and the scan's incoming state passed across ranks.
-- `mixers_linear`, for MiniMax's lightning attention and RecurrentGemma's RG-LRU block: the same, about 1× compute.
-- `delta_rule.StateMixer`, for the gated-delta-rule mixers: each rank runs its own tokens, the convolution's
-  look-back and the recurrence's state cross ranks (`delta_rule.py`), about 1× compute.
-- `mixers_mamba1.ScanMixer`, for the Mamba1 family (`mixers_mamba1.CLASSES`): the same, for the selective scan.
+- State passing, each rank running the stock mixer on its own tokens (about 1× compute) with the convolution's halo
+  and the recurrence's incoming state crossing ranks: `delta_rule` (gated delta rule, KDA), `mixers_mamba2` (Mamba2
+  family), `mixers_mamba1` (Mamba1 family), `mixers_linear` (lightning attention, RG-LRU). Every mixer of `MIXERS`
+  takes one of them but LFM2's short convolution (`HaloMixer`); `delta_rule.USE_STATE = False` turns off all but
+  the Mamba2 family's.
 
 Documents arrive as the `Documents` object the CP pre-forward hook builds for attention (`cp_documents`).
 """
@@ -50,12 +47,13 @@ class Mixer:
 
 
 _MAMBA2 = "Mamba2 SSM scan (scalar decay per head) after a short causal convolution"
+_GDN = "gated delta rule after a short causal convolution"
 MIXERS: dict[str, Mixer] = {
-    "Qwen3NextGatedDeltaNet": Mixer(("qwen3_next",), "gated delta rule after a short causal convolution"),
-    "Qwen3_5GatedDeltaNet": Mixer(("qwen3_5",), "gated delta rule after a short causal convolution"),
-    "Qwen3_5MoeGatedDeltaNet": Mixer(("qwen3_5_moe",), "gated delta rule after a short causal convolution"),
+    "Qwen3NextGatedDeltaNet": Mixer(("qwen3_next",), _GDN),
+    "Qwen3_5GatedDeltaNet": Mixer(("qwen3_5",), _GDN),
+    "Qwen3_5MoeGatedDeltaNet": Mixer(("qwen3_5_moe",), _GDN),
     "OlmoHybridGatedDeltaNet": Mixer(("olmo_hybrid",), "gated delta rule after short causal convolutions"),
-    "BailingHybridDeltaAttention": Mixer(("bailing_hybrid",), "gated delta rule after a short causal convolution"),
+    "BailingHybridDeltaAttention": Mixer(("bailing_hybrid",), _GDN),
     "KimiLinearDeltaAttention": Mixer(("kimi_linear",), "Kimi delta attention (KDA) after short causal convolutions"),
     "NemotronHMamba2Mixer": Mixer(("nemotron_h",), _MAMBA2),
     "GraniteMoeHybridMambaLayer": Mixer(("granitemoehybrid",), _MAMBA2),
