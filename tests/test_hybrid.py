@@ -118,8 +118,9 @@ FAMILIES = {  # tiny configs: one layer of each kind, SSM chunks of 8 tokens so 
 MODES = {2: ("zigzag", "ring", "llama3", "ulysses"), 4: ("zigzag", "ring", "llama3", "ulysses", "hybrid")}
 
 
-def build(family: str) -> transformers.PreTrainedModel:
-    config = transformers.CONFIG_MAPPING[family](**{**COMMON, **FAMILIES[family]})
+def build(family: str, configs: dict | None = None) -> transformers.PreTrainedModel:
+    """The tiny float32 model of `family` (eager attention), from `configs` (default FAMILIES) over COMMON."""
+    config = transformers.CONFIG_MAPPING[family](**{**COMMON, **(configs or FAMILIES)[family]})
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
 

@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 import transformers
 from distributed import run_distributed
-from reference import assert_close, per_document
-from test_hybrid import COMMON, FAMILIES, _assert_gradient, _assert_same_training, _trainer_run
-from test_hybrid_mamba2 import LAYOUTS, ROWS, _row
+from reference import assert_close
+from test_hybrid import FAMILIES, _assert_gradient, _assert_same_training, _trainer_run
+from test_hybrid import build as build_hybrid
+from test_hybrid_mamba2 import LAYOUTS, ROWS, _row, check_rows
 
 from transformers_cp import (
     ContextParallelConfig,
@@ -43,9 +44,7 @@ CONFIGS = {
 
 
 def build(family: str) -> transformers.PreTrainedModel:
-    config = transformers.CONFIG_MAPPING[family](**{**COMMON, **CONFIGS[family]})
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
+    return build_hybrid(family, CONFIGS)
 
 
 def _check(model, mesh, lengths: list[int], seed: int, reference: tuple, name: str) -> None:
@@ -86,15 +85,7 @@ def _families_worker(rank: int, world: int) -> None:
     meshes = [build_mesh(ContextParallelConfig(size=world, **layout), "cpu") for layout in layouts]
     for family in CONFIGS:
         model = build(family)
-        for seed, lengths in enumerate(ROWS):
-            reference = per_document(model, _row(lengths, seed)[0], lengths)
-            for mesh in meshes:
-                name = f"{family} {mesh.config.mode} balance={mesh.config.balance} on {world} ranks, row {lengths}"
-                _check(model, mesh, lengths, seed, reference, name)
-        if world == 4:  # chunks of 2 tokens, shorter than the convolution's halo of 3: it comes from two chunks
-            lengths = [3, 12, 1]
-            reference = per_document(model, _row(lengths, 2)[0], lengths)
-            _check(model, meshes[0], lengths, 2, reference, f"{family} zigzag, chunks of 2 tokens")
+        check_rows(model, family, meshes, world, _check)
         if world == 2:
             _refuses_a_forward_that_skips_the_scan(model, meshes[0])
         modeling = __import__(type(find_mixers(model)[0][1]).__module__, fromlist=["_"])

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import transformers
 from distributed import run_distributed
 from reference import assert_close, per_document
-from test_hybrid import COMMON, FAMILIES, VOCAB, _assert_gradient, _assert_same_training, _trainer_run
+from test_hybrid import FAMILIES, VOCAB, _assert_gradient, _assert_same_training, _trainer_run
 from test_hybrid import build as build_other
 
 from transformers_cp import (
@@ -42,9 +42,7 @@ LAYOUTS = [dict(mode=m) for m in ("zigzag", "ring", "llama3", "ulysses")] + [
 
 
 def build(family: str) -> transformers.PreTrainedModel:
-    config = transformers.CONFIG_MAPPING[family](**{**COMMON, **CONFIGS[family]})
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
+    return build_other(family, CONFIGS)
 
 
 def _row(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,19 +103,24 @@ class _watch:
             handle.remove()
 
 
+def check_rows(model, family: str, meshes: list, world: int, check) -> None:
+    """`check(model, mesh, lengths, seed, reference, name)` on every row of ROWS in every mesh and, on 4 ranks, on a
+    row whose zigzag chunks of 2 tokens are shorter than the convolution's halo of 3 (it comes from two chunks)."""
+    for seed, lengths in enumerate(ROWS):
+        reference = per_document(model, _row(lengths, seed)[0], lengths)
+        for mesh in meshes:
+            name = f"{family} {mesh.config.mode} balance={mesh.config.balance} on {world} ranks, row {lengths}"
+            check(model, mesh, lengths, seed, reference, name)
+    if world == 4:
+        lengths = [3, 12, 1]
+        reference = per_document(model, _row(lengths, 2)[0], lengths)
+        check(model, meshes[0], lengths, 2, reference, f"{family} zigzag, chunks of 2 tokens")
+
+
 def _families_worker(rank: int, world: int) -> None:
     meshes = [build_mesh(ContextParallelConfig(size=world, **layout), "cpu") for layout in LAYOUTS]
     for family in CONFIGS:
-        model = build(family)
-        for seed, lengths in enumerate(ROWS):
-            reference = per_document(model, _row(lengths, seed)[0], lengths)
-            for mesh in meshes:
-                name = f"{family} {mesh.config.mode} balance={mesh.config.balance} on {world} ranks, row {lengths}"
-                _check(model, mesh, lengths, seed, reference, name)
-        if world == 4:  # chunks of 2 tokens, shorter than the convolution's halo of 3: it comes from two chunks
-            lengths = [3, 12, 1]
-            reference = per_document(model, _row(lengths, 2)[0], lengths)
-            _check(model, meshes[0], lengths, 2, reference, f"{family} zigzag, chunks of 2 tokens")
+        check_rows(build(family), family, meshes, world, _check)
 
 
 @pytest.mark.parametrize("world", [2, 4])
