@@ -72,3 +72,14 @@ def test_fused_kernel_matches_math(case, heads):
     ref_grads = exact.backward(dout, q, k, v, ref_out, ref_lse, seg, 0.125)
     for g, r, name in zip(grads, ref_grads, ("dq", "dk", "dv")):
         assert_close(g.float(), r, 2e-2, name)
+
+
+def test_cudnn_lengths_are_rounded_to_few_reusable_sizes():
+    """A lone causal document runs in cuDNN at `_bucket(n)`: never shorter, at most n/32 longer, a fixed point (the
+    padded call is not padded again), and few distinct lengths, so cuDNN's per-shape plans are reused."""
+    from transformers_cp.kernels.torch_fused import CUDNN_BUCKETS, _bucket
+
+    for n in range(1, 140_000):
+        m = _bucket(n)
+        assert n <= m <= n + n // CUDNN_BUCKETS and _bucket(m) == m, (n, m)
+    assert len({_bucket(n) for n in range(2048, 131073)}) < 200
