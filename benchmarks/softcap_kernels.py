@@ -8,7 +8,7 @@ Candidates (each one's failure, at compile time or in the check, is recorded and
   flex autograd [tanh|exp] FlexAttention's own forward+backward (no merged out/lse: not usable by a ring; the issue's
                            0.35×), with torch.tanh or the one-exp score_mod
   flex [tanh|exp]          FlexKernel: its backward recomputes the forward with autograd to take a merged out/lse
-  triton [exp|libdevice|approx] [atomic]  TritonSoftcapKernel with each tanh formula, dQ in its own kernel or by
+  triton [exp|libdevice|approx|rational] [atomic]  TritonSoftcapKernel with each tanh formula, dQ in its own kernel or by
                            atomic adds in the dK/dV kernel (see kernels/triton_softcap.py)
   triton (no softcap)      the same kernel without a softcap: its own speed against cuDNN
 
@@ -22,6 +22,10 @@ error against float64 over [−100, 100] (and densely over [−1, 1]).
 
     python benchmarks/softcap_kernels.py --seqs 32768,131072 --out benchmarks/results/softcap_kernels_1xH200.json
     python benchmarks/softcap_kernels.py --smoke     # CPU: float32, tiny, the Triton kernel under its interpreter
+
+`--tune wide` gives the Triton kernels' autotuners many more configs for the timed case (long rows, no window; the
+check keeps the module's few), and the JSON records the winners: how the module's config lists are chosen.
+Each timed case also gets the forward alone (`fwd_ms`), so that the backward's share shows.
 
 Under a 10-minute limit per command, run it in parts (--only; each part times the reference again) and merge them:
 
@@ -72,6 +76,8 @@ def candidates(softcap: float) -> dict[str, tuple[Callable, bool, bool]]:
         "triton exp": (lambda: triton_kernel(softcap, "exp"), False, True),
         "triton libdevice": (lambda: triton_kernel(softcap, "libdevice"), False, True),
         "triton approx": (lambda: triton_kernel(softcap, "approx"), False, True),
+        "triton rational": (lambda: triton_kernel(softcap, "rational"), False, True),
+        "triton rational atomic": (lambda: triton_kernel(softcap, "rational", "atomic"), False, True),
         "triton exp atomic": (lambda: triton_kernel(softcap, "exp", "atomic"), False, True),
         "triton approx atomic": (lambda: triton_kernel(softcap, "approx", "atomic"), False, True),
         "triton (no softcap)": (lambda: triton_kernel(None), False, False),
@@ -85,7 +91,7 @@ CHOICES = {  # candidate -> the settings that make kernel_class pick it
         f"triton {tanh}{' atomic' * (dq == 'atomic')}": {
             "SOFTCAP_KERNEL": "triton", "triton_softcap.TANH": tanh, "triton_softcap.DQ": dq
         }
-        for tanh in ("exp", "libdevice", "approx")
+        for tanh in ("exp", "libdevice", "approx", "rational")
         for dq in ("separate", "atomic")
     },
 }  # fmt: skip
@@ -179,8 +185,38 @@ def tanh_error(device) -> dict:
     return out
 
 
+WIDE = {  # --tune wide: (rows or keys, the other, warps, stages) per kernel, as the module's lists
+    "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3), (128, 32, 8, 3),
+            (128, 32, 4, 3), (128, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2),
+            (64, 128, 4, 3), (64, 32, 4, 3), (64, 64, 8, 3)],
+    "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 2),
+           (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 3), (64, 128, 8, 2), (128, 128, 8, 2)],
+    "dkv": [(128, 32, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 64, 4, 3),
+            (64, 64, 8, 3), (64, 32, 4, 3), (128, 32, 4, 2), (64, 128, 8, 2), (128, 128, 8, 2)],
+}  # fmt: skip
+
+
+def widen_tuning() -> None:
+    """--tune wide: the WIDE configs for long rows without a window, the module's own for every other key."""
+    from transformers_cp.kernels import triton_softcap as ts
+
+    for name, fn, names in (("fwd", ts._fwd_kernel, ("BM", "BN")), ("dq", ts._dq_kernel, ("BM", "BN")),
+                            ("dkv", ts._dkv_kernel, ("BN", "BM"))):  # fmt: skip
+        wide = ts._configs(WIDE[name], names)[:-1]  # without the float32 config _configs appends
+        fn.configs = wide + fn.configs
+        own = fn.early_config_prune
+
+        def prune(configs, named_args, _n=len(wide), _own=own, **kwargs):
+            if named_args["Q"].dtype != torch.float32 and kwargs["LONG"] and not kwargs["WINDOW"]:
+                return configs[:_n]
+            return _own(configs[_n:], named_args, **kwargs)
+
+        fn.early_config_prune = prune
+
+
 def time_at(kernel, autograd: bool, a, device, seq: int) -> dict:
-    """Forward+backward of one causal sequence of `seq` tokens: ms and TFLOP/s, or the error."""
+    """Forward+backward of one causal sequence of `seq` tokens (and the forward alone): ms and TFLOP/s, or the
+    error."""
     g = torch.Generator(device=device).manual_seed(seq)
     q = torch.randn(seq, a.heads[0], a.head_dim, device=device, dtype=DTYPE, generator=g)
     k, v = (torch.randn(seq, a.heads[1], a.head_dim, device=device, dtype=DTYPE, generator=g) for _ in range(2))
@@ -191,9 +227,15 @@ def time_at(kernel, autograd: bool, a, device, seq: int) -> dict:
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         attn(*leaves).backward(dout)
 
+    def forward() -> None:
+        with torch.no_grad():
+            attn(q, k, v)
+
+    iters = a.iters if seq >= 32768 else a.iters * 4
     try:
-        ms = timed(step, a.iters if seq >= 32768 else a.iters * 4, lockstep=False)
-        return {"ms": ms, "tflops": causal_tflop(seq, a.heads[0], a.head_dim) / ms * 1e3}
+        ms = timed(step, iters, lockstep=False)
+        return {"ms": ms, "tflops": causal_tflop(seq, a.heads[0], a.head_dim) / ms * 1e3,
+                "fwd_ms": timed(forward, iters, lockstep=False)}  # fmt: skip
     except Exception:  # noqa: BLE001 - a compile error or out of memory is an outcome
         return {"error": traceback.format_exc()[-1500:]}
 
@@ -238,6 +280,7 @@ def main() -> None:
     p.add_argument("--softcap", type=float, default=50.0, help="Gemma 2's attn_logit_softcapping")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--only", default=None, help="comma-separated candidate names (default: all)")
+    p.add_argument("--tune", choices=("module", "wide"), default="module", help="the Triton kernels' autotuning configs")
     p.add_argument("--smoke", action="store_true", help="CPU: float32, tiny shapes, Triton's interpreter")
     p.add_argument("--out", default=None, help="JSON file, rewritten after each candidate")
     p.add_argument(
@@ -257,6 +300,8 @@ def main() -> None:
             sys.exit("needs a CUDA GPU (or --smoke on CPU)")
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton's first import, which reads it
     device = torch.device("cuda" if CUDA else "cpu")
+    if a.tune == "wide":
+        widen_tuning()
     torch._dynamo.config.cache_size_limit = 64
     meta = dict(
         command=" ".join(["python", *sys.argv]),
@@ -268,6 +313,7 @@ def main() -> None:
         softcap=a.softcap,
         check=dict(docs=a.check_docs, heads=a.check_heads, window=a.check_window, q_scale=a.check_q_scale),
         date=time.strftime("%Y-%m-%d %H:%M"),
+        tune=a.tune,
     )
     try:
         import triton

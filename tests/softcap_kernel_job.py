@@ -130,6 +130,10 @@ def checks(kernel_cls) -> dict:
     for case in ("causal documents window", "prefix causal"):
         out[f"atomic dq {case}"] = lambda c=case: against_math(atomic, c, HEADS[1], 1.5)
     out["atomic dq merged blocks"] = lambda: merged_blocks(atomic, 1.5)
+    rational = functools.partial(kernel_cls, tanh="rational")
+    for case in ("causal documents window", "prefix causal"):
+        out[f"rational tanh {case}"] = lambda c=case: against_math(rational, c, HEADS[1], 1.5)
+    out["rational tanh merged blocks"] = lambda: merged_blocks(rational, 1.5)
     for dq in ("separate", "atomic"):
         big = functools.partial(_big_offsets(kernel_cls), dq=dq)
         out[f"64-bit offsets dq={dq}"] = lambda k=big: against_math(k, "causal documents window", HEADS[1], 1.5)

@@ -2,8 +2,8 @@
 Triton interpreter on CPU tensors (`softcap_kernel_job.py`, in a fresh process): documents, causal and not,
 bottom-right alignment (prefix rows that see no key), a window, GQA, head dims that are not powers of two, softcap on
 and off, the backward from a merged (out, lse) as a ring calls it, strided inputs. The interpreter computes the 'exp'
-tanh; the GPU's half-precision speed and error are measured by benchmarks/softcap_kernels.py. And the choice of the
-kernel with and without Triton installed."""
+and 'rational' tanh; the GPU's half-precision speed and error are measured by benchmarks/softcap_kernels.py. And the
+choice of the kernel with and without Triton installed."""
 
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ NAMES = [
     "atomic dq causal documents window",
     "atomic dq prefix causal",
     "atomic dq merged blocks",
+    "rational tanh causal documents window",
+    "rational tanh prefix causal",
+    "rational tanh merged blocks",
     "64-bit offsets dq=separate",
     "64-bit offsets dq=atomic",
     "bad setting refused",
@@ -107,9 +110,10 @@ def test_flex_exp_score_mod_is_the_softcap():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel needs CUDA")
+@pytest.mark.parametrize("tanh", [None, "rational", "approx"])
 @pytest.mark.parametrize("dq", ["separate", "atomic"])
 @pytest.mark.parametrize("case", list(CUDA_CASES))
-def test_triton_kernel_on_cuda_matches_math(case, dq):
+def test_triton_kernel_on_cuda_matches_math(case, dq, tanh):
     """bf16 on the GPU against the math kernel on the same inputs, at the bf16 level of the fused kernels (see
     test_kernels.py), GQA 8:2, with a softcap that bends the scores; the backward from the math kernel's out/lse."""
     from transformers_cp.kernels.triton_softcap import TritonSoftcapKernel
@@ -119,7 +123,7 @@ def test_triton_kernel_on_cuda_matches_math(case, dq):
     g = torch.Generator(device="cuda").manual_seed(0)
     mk = lambda n, h, s=1.0: (s * torch.randn(n, h, 128, generator=g, device="cuda")).to(torch.bfloat16)  # noqa: E731
     q, k, v, dout = mk(cu_q[-1], 8, 4.0), mk(cu_k[-1], 2), mk(cu_k[-1], 2), mk(cu_q[-1], 8)
-    kernel, exact = TritonSoftcapKernel(5.0, dq=dq), MathKernel(5.0)
+    kernel, exact = TritonSoftcapKernel(5.0, tanh=tanh, dq=dq), MathKernel(5.0)
     out, lse = kernel.forward(q, k, v, seg, 128**-0.5)
     ref_out, ref_lse = exact.forward(q, k, v, seg, 128**-0.5)
     assert_close(out.float(), ref_out, 2e-2, "out")

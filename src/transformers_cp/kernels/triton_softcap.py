@@ -11,11 +11,14 @@ c·tanh(s / c) and dS is multiplied by its derivative 1 − tanh²(s / c).
 The tanh (`TANH`, see `_tanh`), which with the softmax's exp is what the exp unit (MUFU) computes per score:
   'exp'       1 − 2 / (1 + 2^(2·log2(e)·x)): one ex2 and one reciprocal, both to a few float32 ulps, so the capped
               score is off by at most ~2e-7·softcap absolute (measured), a few float32 roundings of a score of that
-              size; far below bf16's. The default, and the only one the Triton interpreter runs (CPU tests).
+              size; far below bf16's. The default; the Triton interpreter (CPU tests) runs it and 'rational'.
   'libdevice' CUDA's tanhf: float32-exact, many instructions. Float32 inputs on CUDA take it.
-  'approx'    `tanh.approx.f32` (sm_75+): one MUFU op, relative error ~2^-11, i.e. up to ~5e-4·softcap on a capped
-              score: visible against the exact kernel, so it is never chosen by default; benchmarks/softcap_kernels.py
-              measures its speed and error.
+  'rational'  x·P(x²)/Q(x²) on x clamped to ±9 (P of degree 6 and Q of degree 3 in x², our own least-squares fit
+              to tanh in float64; beyond 9 tanh is 1 in float32): eleven FMAs and one fast division, so one MUFU op
+              instead of two, at the same float32 accuracy as 'exp' (max abs error ~3e-7).
+  'approx'    `tanh.approx.f32` (sm_75+): one MUFU op, max abs error ~8e-6 (measured), i.e. up to ~4e-4 on a capped
+              score at softcap 50: far below bf16's rounding but visible against the exact kernel in float32, so it is
+              never chosen by default; benchmarks/softcap_kernels.py measures its speed and error.
 
 dQ (`DQ`): its own kernel over key blocks ('separate', deterministic), or atomic float32 adds from the dK/dV kernel
 ('atomic', FlashAttention-2's way: two fewer matrix products per tile pair).
@@ -35,7 +38,7 @@ from triton.language.extra import libdevice
 
 from .base import Segments
 
-TANH_MODES = {"exp": 0, "libdevice": 1, "approx": 2}
+TANH_MODES = {"exp": 0, "libdevice": 1, "approx": 2, "rational": 3}
 TANH = "exp"
 """The tanh for half-precision inputs: the fastest exact one that benchmarks/softcap_kernels.py measured."""
 DQ_MODES = ("separate", "atomic")
@@ -111,6 +114,19 @@ def _tanh(x, TANH: tl.constexpr):
         )
     elif TANH == 1:
         return libdevice.tanh(x)
+    elif TANH == 3:  # see the module docstring; Horner in x²
+        x = tl.minimum(tl.maximum(x, -9.0), 9.0)
+        s = x * x
+        p = -8.893719742686386e-14 * s + 5.4353169960822535e-11
+        p = p * s - 2.055167040865858e-08
+        p = p * s + 1.123479640793213e-05
+        p = p * s + 0.003111660982411036
+        p = p * s + 0.1309091428981732
+        p = p * s + 0.9999999981501021
+        q = 0.00025573574467616594 * s + 0.02452587914221573
+        q = q * s + 0.4642424349847991
+        q = q * s + 1.0
+        return tl.fdiv(x * p, q)
     else:
         # 2·log2(e); x capped at 15, where tanh is 1.0 in float32, so that the exp never overflows into inf / inf
         return 1.0 - tl.fdiv(2.0, 1.0 + tl.exp2(tl.minimum(x, 15.0) * 2.8853900817779268))
@@ -477,7 +493,7 @@ def _covers(cu: tuple[int, ...], total: int) -> bool:
 
 class TritonSoftcapKernel:
     """Flash attention with the softcap in its inner loop (see the module docstring). `tanh` picks the formula; left
-    out, half-precision inputs take `TANH` and float32 ones libdevice's exact tanhf. The interpreter computes 'exp'."""
+    out, half-precision inputs take `TANH` and float32 ones libdevice's exact tanhf. Under the interpreter 'libdevice' and 'approx' become 'exp'."""
 
     name = "triton"
 
@@ -497,8 +513,8 @@ class TritonSoftcapKernel:
                 f"the Triton attention kernel takes head dim <= 256 and Hq a multiple of Hk, got {q.shape}"
             )
         tanh = self.tanh or ("libdevice" if q.dtype == torch.float32 else TANH)
-        if q.device.type != "cuda":
-            tanh = "exp"  # the interpreter runs neither inline PTX nor libdevice
+        if q.device.type != "cuda" and tanh in ("libdevice", "approx"):
+            tanh = "exp"  # the interpreter runs neither libdevice nor inline PTX
         cap = float(self.softcap) if self.softcap else None
         return dict(
             QK_SCALE=scale / cap if cap else scale * LOG2E,
