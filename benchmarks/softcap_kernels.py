@@ -204,14 +204,18 @@ def widen_tuning() -> None:
                             ("dkv", ts._dkv_kernel, ("BN", "BM"))):  # fmt: skip
         wide = ts._configs(WIDE[name], names)[:-1]  # without the float32 config _configs appends
         fn.configs = wide + fn.configs
-        own = fn.early_config_prune
+        fn.early_config_prune = _wide_prune(len(wide), fn.early_config_prune)
 
-        def prune(configs, named_args, _n=len(wide), _own=own, **kwargs):
-            if named_args["Q"].dtype != torch.float32 and kwargs["LONG"] and not kwargs["WINDOW"]:
-                return configs[:_n]
-            return _own(configs[_n:], named_args, **kwargs)
 
-        fn.early_config_prune = prune
+def _wide_prune(n_wide: int, own):
+    """The first `n_wide` configs for the timed case's key, `own`'s choice among the rest otherwise."""
+
+    def prune(configs, named_args, **kwargs):
+        if named_args["Q"].dtype != torch.float32 and kwargs["LONG"] and not kwargs["WINDOW"]:
+            return configs[:n_wide]
+        return own(configs[n_wide:], named_args, **kwargs)
+
+    return prune
 
 
 def time_at(kernel, autograd: bool, a, device, seq: int) -> dict:
@@ -280,7 +284,9 @@ def main() -> None:
     p.add_argument("--softcap", type=float, default=50.0, help="Gemma 2's attn_logit_softcapping")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--only", default=None, help="comma-separated candidate names (default: all)")
-    p.add_argument("--tune", choices=("module", "wide"), default="module", help="the Triton kernels' autotuning configs")
+    p.add_argument(
+        "--tune", choices=("module", "wide"), default="module", help="the Triton kernels' autotuning configs"
+    )
     p.add_argument("--smoke", action="store_true", help="CPU: float32, tiny shapes, Triton's interpreter")
     p.add_argument("--out", default=None, help="JSON file, rewritten after each candidate")
     p.add_argument(
