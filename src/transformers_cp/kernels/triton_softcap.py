@@ -9,16 +9,17 @@ dS = P ∘ (dP − delta) is exactly its share of the merged attention's gradien
 c·tanh(s / c) and dS is multiplied by its derivative 1 − tanh²(s / c).
 
 The tanh (`TANH`, see `_tanh`), which with the softmax's exp is what the exp unit (MUFU) computes per score:
+  'approx'    `tanh.approx.f32` (sm_75+): one MUFU op; max abs error 7.6e-6 (measured over [−100, 100]), i.e. at most
+              ~4e-4 on a capped score at softcap 50, relative ~1e-5: some 400× below the bf16 rounding of the q and k
+              that make the score, so at half precision the kernel's errors against the float32 math kernel are those
+              of the same kernel with an exact tanh (benchmarks/softcap_kernels.py checks both, each within 2× of the
+              cuDNN path's own without a softcap). The default for half precision: fastest by a margin.
   'exp'       1 − 2 / (1 + 2^(2·log2(e)·x)): one ex2 and one reciprocal, both to a few float32 ulps, so the capped
-              score is off by at most ~2e-7·softcap absolute (measured), a few float32 roundings of a score of that
-              size; far below bf16's. The default; the Triton interpreter (CPU tests) runs it and 'rational'.
-  'libdevice' CUDA's tanhf: float32-exact, many instructions. Float32 inputs on CUDA take it.
+              score is off by at most ~2e-7·softcap absolute (measured). The interpreter (CPU tests) runs it.
   'rational'  x·P(x²)/Q(x²) on x clamped to ±9 (P of degree 6 and Q of degree 3 in x², our own least-squares fit
-              to tanh in float64; beyond 9 tanh is 1 in float32): eleven FMAs and one fast division, so one MUFU op
-              instead of two, at the same float32 accuracy as 'exp' (max abs error ~3e-7).
-  'approx'    `tanh.approx.f32` (sm_75+): one MUFU op, max abs error ~8e-6 (measured), i.e. up to ~4e-4 on a capped
-              score at softcap 50: far below bf16's rounding but visible against the exact kernel in float32, so it is
-              never chosen by default; benchmarks/softcap_kernels.py measures its speed and error.
+              to tanh in float64; beyond 9 tanh is 1 in float32): eleven FMAs and one fast division, float32-accurate
+              (max abs error ~3e-7) with one MUFU op, but measured slower than 'exp' (the FMA pipe is the limit then).
+  'libdevice' CUDA's tanhf: float32-exact, many instructions. Float32 inputs on CUDA take it.
 
 dQ (`DQ`): its own kernel over key blocks ('separate', deterministic), or atomic float32 adds from the dK/dV kernel
 ('atomic', FlashAttention-2's way: two fewer matrix products per tile pair).
@@ -39,8 +40,9 @@ from triton.language.extra import libdevice
 from .base import Segments
 
 TANH_MODES = {"exp": 0, "libdevice": 1, "approx": 2, "rational": 3}
-TANH = "exp"
-"""The tanh for half-precision inputs: the fastest exact one that benchmarks/softcap_kernels.py measured."""
+TANH = "approx"
+"""The tanh for half-precision inputs on CUDA: the fastest one whose errors are at the bf16 level (see above), as
+benchmarks/softcap_kernels.py measured."""
 DQ_MODES = ("separate", "atomic")
 DQ = "separate"
 """How the backward computes dQ: 'separate', its own kernel over key blocks (recomputes S and dP: 7 matrix products
@@ -96,11 +98,12 @@ BY_DTYPE = {"early_config_prune": _by_dtype}
 
 # (rows, keys, warps, stages) candidates for H100/H200; the autotuner keeps the fastest per key. Candidates that do not
 # fit in shared memory (head dim 256) fail to compile and are skipped by the autotuner.
-# (ptxas for sm_90 at head dim 128: these spill at most a few hundred bytes.)
-# Three each: every candidate compiles for each kernel variant (causal, window, softcap, tanh, dQ mode) on first use.
-FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
-DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 8, 2)]
-DKV_CONFIGS = [(128, 32, 8, 2), (64, 64, 8, 3), (128, 64, 8, 2)]  # (keys, rows, warps, stages)
+# Three each, as every candidate compiles for each kernel variant (causal, window, softcap, tanh, dQ mode) on first use:
+# the first of each list won `softcap_kernels.py --tune wide` (11-15 candidates per kernel) on one H200 at 32k and
+# 128k tokens for each tanh formula (exp's forward took the second), the others are smaller ones for head dim 256.
+FWD_CONFIGS = [(128, 64, 8, 4), (128, 32, 4, 3), (64, 64, 4, 3)]
+DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3)]
+DKV_CONFIGS = [(64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 4, 3)]  # (keys, rows, warps, stages)
 FLOAT32_CONFIG = (32, 32, 4, 2)
 TUNE_KEY = ["HEAD_DIM", "CAUSAL", "WINDOW", "SOFTCAP", "TANH", "LONG", "ATOMIC_DQ"]
 NOT_SPECIALIZED = ["window", "LONG"]  # Triton compiles integer arguments equal to 1 apart: not worth a compilation
