@@ -7,8 +7,8 @@ Trainer (`train.run_one`).
     python benchmarks/attention_models.py --smoke --out /tmp/attention_models_smoke.json     # CPU, tiny, seconds
 
 "One GPU" runs are context_parallel_size=1 in the same job (each GPU trains its own sequence, data parallel), so
-tokens/s per GPU compares directly; their attention is the stock model's: FlexAttention for gpt-oss on CUDA (SDPA
-takes no sinks, and eager attention runs out of memory at 32k), eager for Gemma 2 (SDPA takes no softcap). "Without
+tokens/s per GPU compares directly; their attention is the stock model's FlexAttention on CUDA (SDPA takes neither
+sinks nor a softcap, and eager attention runs out of memory at 32k). "Without
 sinks" deletes each attention's `sinks` parameter (the model then calls
 attention with `s_aux=None`): the same weights and shapes otherwise.
 """
@@ -59,8 +59,12 @@ def without_sinks(model: torch.nn.Module) -> None:
 
 
 SHAPES = {"gpt_oss_2b": (gpt_oss, "sinks"), "gemma2_2b": (gemma2, "attn_softcap")}
-SINGLE_ATTENTION = {"gpt_oss_2b": "flex_attention" if CUDA else "eager", "gemma2_2b": "eager"}
-"""The stock attention of the one-GPU runs."""
+SINGLE_ATTENTION = {
+    "gpt_oss_2b": "flex_attention" if CUDA else "eager",
+    "gemma2_2b": "flex_attention" if CUDA else "eager",
+}
+"""The stock attention of the one-GPU runs: FlexAttention on CUDA, which takes sinks and the softcap (SDPA takes
+neither, and eager attention's full score matrices run out of memory at 32k)."""
 
 
 def main() -> None:
