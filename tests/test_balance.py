@@ -217,15 +217,25 @@ def _model_worker(rank, world):
         mesh = build_mesh(ContextParallelConfig(size=world, mode=mode, balance="documents"), "cpu")
         model = apply_context_parallel(build_model("llama", reference=False), mesh.config, mesh=mesh)
         shard = ContextParallelCollator(mesh)(features)
+        with pytest.raises(ValueError, match="run no forward yet"):  # no row layout to gather with
+            gather_sequence(shard["shift_labels"], mesh)
+        early = gather_sequence(shard["shift_labels"], mesh, cu_seq_lens_q=shard["cu_seq_lens_q"])
         inputs = {k: shard[k] for k in ("input_ids", "position_ids", "cu_seq_lens_q")}
         tokens = out.logits.shape[1]
         logits = gather_sequence(model(**inputs).logits, mesh)[:, :tokens]
         assert_close(logits, out.logits.detach(), RTOL, f"{mode} logits")
         targets = gather_sequence(shard["shift_labels"], mesh)[0, :tokens]
+        assert torch.equal(early[0, :tokens], targets), f"{mode}: labels gathered before the forward"
         torch.nn.functional.cross_entropy(logits[0], targets).backward()
         for n, p in model.named_parameters():
             dist.all_reduce(p.grad, group=mesh.cp_group)
             assert_close(p.grad, ref_grads[n], RTOL, f"{mode} grad {n}")
+        # another row's labels, gathered by its own boundaries after the first row's forward
+        other = ContextParallelCollator(mesh)(sft_dataset(3, 9))
+        early = gather_sequence(other["shift_labels"], mesh, cu_seq_lens_q=other["cu_seq_lens_q"])
+        with torch.no_grad():
+            model(**{k: other[k] for k in ("input_ids", "position_ids", "cu_seq_lens_q")})
+        assert torch.equal(early, gather_sequence(other["shift_labels"], mesh)), f"{mode}: another row's labels"
         with pytest.raises(ValueError, match="needs the row's cu_seq_lens_q"):
             model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"])
 

@@ -218,34 +218,54 @@ def shard_batch(
     )
 
 
-def gather_sequence(tensor: torch.Tensor, mesh: ContextParallelMesh, dim: int = 1) -> torch.Tensor:
+def gather_sequence(
+    tensor: torch.Tensor, mesh: ContextParallelMesh, dim: int = 1, cu_seq_lens_q: torch.Tensor | None = None
+) -> torch.Tensor:
     """The full row of a per-token output (logits, labels, log-probs) from every CP rank's shard, in global token order.
 
     Differentiable: the backward keeps this rank's slice of the row's gradient. That is the gradient of a value every
-    CP rank computes alike from the full row (a replicated loss, see `loss.py`), through this rank's tokens. Under
-    `balance="documents"` the row is the one of the model's last forward (`mesh.current_layout`).
+    CP rank computes alike from the full row (a replicated loss, see `loss.py`), through this rank's tokens.
+
+    Under `balance="documents"` each row is sharded by its own documents: the layout is the one of the model's last
+    forward (`mesh.current_layout`), right for the model's outputs; to gather a shard of another row (its labels
+    before the forward, say) pass that row's `cu_seq_lens_q` (global, as the collator and `shard_batch` give it).
     """
     if mesh.cp_group is None:
         return tensor
+    layout = _row_layout(mesh, cu_seq_lens_q, tensor.shape[dim] * mesh.cp_size)
     if tensor.requires_grad:
-        return _GatherReplicated.apply(tensor, mesh, dim)
-    return _all_gather_row(tensor, mesh, dim)
+        return _GatherReplicated.apply(tensor, mesh, dim, layout)
+    return _all_gather_row(tensor, mesh, dim, layout)
 
 
-def _all_gather_row(tensor: torch.Tensor, mesh: ContextParallelMesh, dim: int) -> torch.Tensor:
+def _row_layout(mesh: ContextParallelMesh, cu_seq_lens_q: torch.Tensor | None, seq_len: int) -> Layout:
+    """The layout a row was sharded with: from its boundaries, else the last forward's. Decided before the gather,
+    from what every rank holds alike."""
+    if cu_seq_lens_q is not None:
+        return mesh.layout.for_row([int(b) for b in cu_seq_lens_q.tolist()], seq_len)
+    if mesh.layout.balance == "documents" and mesh.row_layout is None:
+        raise ValueError(
+            "gather_sequence under context_parallel_balance='documents' needs the row's layout, and the model has "
+            "run no forward yet: pass the row's cu_seq_lens_q (gather_sequence(..., cu_seq_lens_q=batch["
+            "'cu_seq_lens_q'])) or gather after the forward."
+        )
+    return mesh.current_layout
+
+
+def _all_gather_row(tensor: torch.Tensor, mesh: ContextParallelMesh, dim: int, layout: Layout) -> torch.Tensor:
     shards = [torch.empty_like(tensor) for _ in range(mesh.cp_size)]
     dist.all_gather(shards, tensor.contiguous(), group=mesh.cp_group)
-    return mesh.current_layout.unshard(shards, dim=dim)
+    return layout.unshard(shards, dim=dim)
 
 
 class _GatherReplicated(torch.autograd.Function):
     """The row from every rank's shard, for a value every CP rank computes alike: backward keeps this rank's slice."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, mesh: ContextParallelMesh, dim: int) -> torch.Tensor:
-        ctx.mesh, ctx.dim, ctx.layout = mesh, dim, mesh.current_layout
-        return _all_gather_row(tensor.detach(), mesh, dim)
+    def forward(ctx, tensor: torch.Tensor, mesh: ContextParallelMesh, dim: int, layout: Layout) -> torch.Tensor:
+        ctx.mesh, ctx.dim, ctx.layout = mesh, dim, layout
+        return _all_gather_row(tensor.detach(), mesh, dim, layout)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return ctx.layout.shard(grad, ctx.mesh.cp_rank, dim=ctx.dim), None, None
+        return ctx.layout.shard(grad, ctx.mesh.cp_rank, dim=ctx.dim), None, None, None
