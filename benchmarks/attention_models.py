@@ -15,14 +15,9 @@ attention with `s_aux=None`): the same weights and shapes otherwise.
 
 from __future__ import annotations
 
-import argparse
-import sys
-import time
-
 import torch
-import torch.distributed as dist
 import transformers
-from train import CUDA, ResultsFile, progress, run_one
+from train import CUDA, model_job_parser, model_job_results, progress, run_one
 
 SMOKE = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
              intermediate_size=64, num_hidden_layers=2)  # fmt: skip
@@ -68,26 +63,10 @@ neither, and eager attention's full score matrices run out of memory at 32k)."""
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--modes", default="ulysses", help="CP modes of the CP=2 runs")
-    p.add_argument("--single-seq", type=int, default=32768, help="sequence of the one-GPU run")
-    p.add_argument("--cp-seqs", default="65536", help="sequences of the CP=2 runs")
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes and sequences, for a CPU check of the script")
-    p.add_argument("--out", default=None)
-    a = p.parse_args()
+    a = model_job_parser(__doc__, SHAPES, modes="ulysses", cp_seqs="65536").parse_args()
     if a.smoke:
         a.single_seq, a.cp_seqs, a.steps = 64, "128", 2
-    from transformers_cp.mesh import init_distributed
-
-    init_distributed()
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    meta = dict(command=" ".join(([f"torchrun --nproc_per_node {world}"] if world > 1 else ["python"]) + sys.argv),
-                machine=f"{world}x {torch.cuda.get_device_name() if CUDA else 'cpu'}", torch=torch.__version__,
-                transformers=transformers.__version__, date=time.strftime("%Y-%m-%d"))  # fmt: skip
-    results = ResultsFile(meta, a.out, rank)
+    world, results = model_job_results(a.out)
 
     def record(row: dict, variant: str, on: bool) -> None:
         row.pop("model_tflops_per_gpu", None)  # train.py's count is for dense attention-only models

@@ -16,15 +16,10 @@ mixers found (flash-linear-attention, mamba_ssm, causal-conv1d, else transformer
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import sys
-import time
 
-import torch
-import torch.distributed as dist
 import transformers
-from train import CUDA, ResultsFile, longest, progress, run_one
+from train import CUDA, longest, model_job_parser, model_job_results, progress, run_one
 
 SMOKE = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
@@ -78,37 +73,22 @@ def kernels() -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--modes", default="zigzag,ulysses", help="CP modes of the CP=2 runs")
-    p.add_argument("--single-seq", type=int, default=32768, help="sequence of the one-GPU run")
-    p.add_argument("--cp-seqs", default="65536,131072", help="sequences of the CP=2 runs")
-    p.add_argument("--steps", type=int, default=3)
+    p = model_job_parser(__doc__, SHAPES, modes="zigzag,ulysses", cp_seqs="65536,131072")
     p.add_argument("--search", action="store_true", help="also the longest sequence on 1 GPU and on 2 (first mode)")
     p.add_argument("--search-limit", type=int, default=1 << 20)
-    p.add_argument("--smoke", action="store_true", help="tiny shapes and sequences, for a CPU check of the script")
     p.add_argument(
         "--mixer-path",
         choices=("state", "gathered"),
         default="state",
         help="the gated-delta-rule mixers' CP form: state passing (about 1x compute) or gathered (up to cx)",
     )
-    p.add_argument("--out", default=None)
     a = p.parse_args()
     if a.smoke:
         a.single_seq, a.cp_seqs, a.steps, a.search_limit = 64, "128", 2, 256
     from transformers_cp import delta_rule
-    from transformers_cp.mesh import init_distributed
 
     delta_rule.USE_STATE = a.mixer_path == "state"
-    init_distributed()
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    meta = dict(command=" ".join(([f"torchrun --nproc_per_node {world}"] if world > 1 else ["python"]) + sys.argv),
-                machine=f"{world}x {torch.cuda.get_device_name() if CUDA else 'cpu'}", torch=torch.__version__,
-                transformers=transformers.__version__, kernels=kernels(), mixer_path=a.mixer_path,
-                date=time.strftime("%Y-%m-%d"))  # fmt: skip
-    results = ResultsFile(meta, a.out, rank)
+    world, results = model_job_results(a.out, kernels=kernels(), mixer_path=a.mixer_path)
 
     def record(row: dict) -> None:
         row.pop("model_tflops_per_gpu", None)  # train.py's count is for attention-only models

@@ -190,6 +190,33 @@ class ResultsFile:
                 json.dump({"meta": self.meta, "results": self.rows}, f, indent=1)
 
 
+def model_job_parser(doc: str, shapes: dict, modes: str, cp_seqs: str) -> argparse.ArgumentParser:
+    """The options of a job over model shapes (attention_models.py, hybrid.py): one-GPU runs against CP=2 runs."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--shapes", default=",".join(shapes))
+    p.add_argument("--modes", default=modes, help="CP modes of the CP=2 runs")
+    p.add_argument("--single-seq", type=int, default=32768, help="sequence of the one-GPU run")
+    p.add_argument("--cp-seqs", default=cp_seqs, help="sequences of the CP=2 runs")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes and sequences, for a CPU check of the script")
+    p.add_argument("--out", default=None)
+    return p
+
+
+def model_job_results(out: str | None, **meta) -> tuple[int, ResultsFile]:
+    """Joins the job's process group; the world size and the results file, its meta the command, machine and
+    versions (and `meta`)."""
+    from transformers_cp.mesh import init_distributed
+
+    init_distributed()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    meta = dict(command=" ".join(([f"torchrun --nproc_per_node {world}"] if world > 1 else ["python"]) + sys.argv),
+                machine=f"{world}x {torch.cuda.get_device_name() if CUDA else 'cpu'}", torch=torch.__version__,
+                transformers=transformers.__version__, **meta, date=time.strftime("%Y-%m-%d"))  # fmt: skip
+    return world, ResultsFile(meta, out, rank)
+
+
 def record_peak(row: dict) -> None:
     """Put the run's peak allocated memory (the largest over ranks) into `row`, and free the cache for the next run."""
     if not CUDA:
