@@ -22,11 +22,24 @@ everything else is the stock path. Where mamba_ssm is installed, the mixer's tra
 which takes no incoming state: the mixer runs its unfused path (mamba_ssm's chunk scan and causal-conv1d kernels)
 during the call (`training` off for that module; it has no dropout). Chunks shorter than k − 1 take their halo from
 several chunks. A mixer given other per-token arguments (none of these classes today) takes `GatheredMixer`.
+
+Where the scan runs transformers' torch path (mamba_ssm absent), the stock mixer's chunk scan is called over pieces
+of whole scan chunks, each starting from the state the one before left (`scan_in_pieces`): the same recurrence, with
+the memory of one piece. In transformers 5.17 that path broadcasts before it reduces: (chunk × chunk × heads ×
+state) float32 per token, 4 MiB at Nemotron-H 1.5B's widths, and (chunks² × heads × head_dim × state) in the
+recurrence between chunks, 129 GiB at 32k tokens; 5.24 contracts these, but its recurrence between chunks still
+grows with chunks² (docs/hybrid.md).
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
+import functools
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +60,11 @@ CLASSES = (
     "Mamba2Mixer",
 )
 """transformers' Mamba2 mixers (near-copies of `Mamba2Mixer`) that take the state-passing form."""
+
+SCAN_BYTES = 2 << 30
+"""The most one call of transformers' torch-path chunk scan may broadcast (`scan_in_pieces`): its pieces hold as many
+whole scan chunks as fit, at least one (512 tokens at Nemotron-H 1.5B's widths; the backward holds about twice that).
+Smaller pieces cost more calls (host time), not memory."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +158,8 @@ class StatePassingMixer(GatheredMixer):
         training = module.training
         try:
             module.training = False  # the fused training kernel (mamba_ssm) takes no incoming state
-            out, extra = self._run({self.hidden: rows}, fixed)
+            with scan_in_pieces(module):
+                out, extra = self._run({self.hidden: rows}, fixed)
         finally:
             module.training = training
             self.call = None
@@ -248,6 +267,56 @@ class StatePassingMixer(GatheredMixer):
         pieces.append(x.new_zeros(c.shape[0] - position, *x.shape[1:]))
         correction = torch.cat(pieces).flatten(1) + 0 * gathered.sum()
         return correction, gate
+
+
+@functools.cache
+def _torch_scan() -> bool:
+    """Whether transformers' Mamba2 chunk scan runs its torch path: it takes mamba_ssm's kernel where that imports."""
+    return importlib.util.find_spec("mamba_ssm") is None
+
+
+_PER_TOKEN = ("hidden_states", "dt", "B", "C", "z", "seq_idx")
+_PER_ROW = ("A", "D", "dt_bias", "initial_states")
+
+
+@contextlib.contextmanager
+def scan_in_pieces(module: torch.nn.Module) -> Iterator[None]:
+    """While open, the chunk scan `module`'s forward calls (its modeling module's `mamba2_chunk_scan`) runs over
+    pieces of at most `SCAN_BYTES` of its largest float32 broadcast, whole scan chunks each, on transformers' torch
+    path (see the module docstring); nothing changes where mamba_ssm's kernel runs or a version calls no such
+    function."""
+    modeling = sys.modules[type(module).__module__]
+    stock = getattr(modeling, "mamba2_chunk_scan", None)
+    if stock is None or not _torch_scan():
+        yield
+        return
+    per_token = module.chunk_size * module.num_heads * max(module.ssm_state_size, module.head_dim) * 4
+    tokens = module.chunk_size * max(1, SCAN_BYTES // (per_token * module.chunk_size))
+    modeling.mamba2_chunk_scan = functools.partial(_scan_pieces, stock, tokens)
+    try:
+        yield
+    finally:
+        modeling.mamba2_chunk_scan = stock
+
+
+def _scan_pieces(stock: Callable, tokens: int, *args, **kwargs):
+    """`stock(*args, **kwargs)` (a chunk scan, (batch, L, ...) per-token arguments) over pieces of `tokens`, each
+    entering with the state the piece before left."""
+    signature, call = inspect.signature(stock), {}
+    for name, value in signature.bind(*args, **kwargs).arguments.items():
+        call.update(value if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+    length = call["hidden_states"].shape[1]
+    other = [k for k, v in call.items() if isinstance(v, torch.Tensor) and k not in _PER_TOKEN + _PER_ROW]
+    if length <= tokens or other:  # an argument of unknown extent: the whole call, as the stock model makes it
+        return stock(**call)
+    split = [k for k in _PER_TOKEN if isinstance(call.get(k), torch.Tensor)]
+    state, outputs = call.get("initial_states"), []
+    for start in range(0, length, tokens):
+        piece = {k: call[k][:, start : start + tokens] for k in split}
+        out, state = stock(**{**call, **piece, "initial_states": state, "return_final_states": True})
+        outputs.append(out)
+    out = torch.cat(outputs, dim=1)
+    return (out, state) if call.get("return_final_states") else out
 
 
 def _to(plan: _Plan, device: torch.device) -> _Plan:
