@@ -18,7 +18,7 @@ from ..comm import all_gather, contiguous, copy_rows, reduce_scatter
 from ..kernels import AttentionKernel, accumulation_dtype
 from ..plan import Block
 from ..sinks import sinks_grad, with_sinks
-from .merge import Accumulator
+from .merge import Accumulator, Sum
 from .reuse import ForwardReuse, forward_once
 
 
@@ -155,18 +155,19 @@ class Llama3Attention(torch.autograd.Function):
                 pending = _gather(kv[:, :, _heads(i + 1, stride, g)[1]], ctx.group, ctx.spans)
             qh, kh = _heads(i, stride, g)
             qs, outs, douts = (contiguous(t[:, qh]) for t in (q, out, dout))
-            dq_acc = torch.zeros(qs.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
-            dfull = torch.zeros(full.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
+            dq_buf = torch.empty(qs.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
+            dfull_buf = torch.empty(full.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
+            dq_acc, dfull = Sum(dq_buf, [dq_buf]), Sum(dfull_buf, [dfull_buf[:, 0], dfull_buf[:, 1]])
+            full_k, full_v, lse_h = full[:, 0], full[:, 1], lse[qh]
             for b in ctx.blocks:
                 rows, keys = b.rows, b.keys
                 dq_b, dk_b, dv_b = ctx.kernel.backward(
-                    douts[rows], qs[rows], full[keys, 0], full[keys, 1], outs[rows], lse[qh, rows], b.seg, ctx.scale
+                    douts[rows], qs[rows], full_k[keys], full_v[keys], outs[rows], lse_h[:, rows], b.seg, ctx.scale
                 )
-                dq_acc[rows] += dq_b
-                dfull[keys, 0] += dk_b
-                dfull[keys, 1] += dv_b
-            copy_rows(dq[:, qh], dq_acc.to(q.dtype))
-            scatters.append((kh, *_scatter_grads(dfull, ctx.group, ctx.spans, world)))
+                dq_acc.add(rows, dq_b)
+                dfull.add(keys, dk_b, dv_b)
+            copy_rows(dq[:, qh], dq_acc.result.to(q.dtype))
+            scatters.append((kh, *_scatter_grads(dfull.result, ctx.group, ctx.spans, world)))
         for kh, mine, work in scatters:
             work.wait()
             copy_rows(dk[:, kh], mine[:, 0].to(dk.dtype))
