@@ -159,6 +159,7 @@ def main() -> None:
             size=1 if name == "local" else WORLD,
             mode="ulysses" if name == "local" else name,
             ulysses_size=WORLD if name == "hybrid" else None,
+            heads_k_stride=next((int(o[1:]) for o in opts if o.startswith("k")), None),
             balance="documents" if "b" in opts else "tokens",
         )
         mesh = build_mesh(config, "cpu")

@@ -39,12 +39,13 @@ class Rows:
 
 
 class Accumulator:
-    """Running (out, lse) of local queries over the KV blocks seen so far."""
+    """Running (out, lse) of local queries over the KV blocks seen so far; `lse`: the (H, L) buffer in the
+    accumulation dtype that the lse is kept in (the caller's, which then needs no copy of it), else one of its own."""
 
-    def __init__(self, q: torch.Tensor) -> None:
+    def __init__(self, q: torch.Tensor, lse: torch.Tensor | None = None) -> None:
         acc = accumulation_dtype(q.dtype)
         self._out = torch.empty(q.shape, dtype=acc, device=q.device)
-        self._lse = torch.empty((q.shape[1], q.shape[0]), dtype=acc, device=q.device)
+        self._lse = torch.empty((q.shape[1], q.shape[0]), dtype=acc, device=q.device) if lse is None else lse
         self._empty = Rows(q.shape[0])
 
     def _clear(self, a: int, b: int) -> None:
@@ -52,16 +53,19 @@ class Accumulator:
         self._out[a:b].zero_()
         self._lse[:, a:b].fill_(float("-inf"))
 
-    @property
-    def out(self) -> torch.Tensor:
+    def _settle(self) -> None:
         for a, b in self._empty.take(0, self._out.shape[0]):
             self._clear(a, b)
+
+    @property
+    def out(self) -> torch.Tensor:
+        """The merged output; reading it (or `lse`) settles both, rows no block reached being (0, -inf)."""
+        self._settle()
         return self._out
 
     @property
     def lse(self) -> torch.Tensor:
-        for a, b in self._empty.take(0, self._out.shape[0]):
-            self._clear(a, b)
+        self._settle()
         return self._lse
 
     def add(self, rows: tuple[int, int], out: torch.Tensor, lse: torch.Tensor) -> None:
