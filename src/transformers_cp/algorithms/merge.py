@@ -82,7 +82,7 @@ class Accumulator:
         new_lse = torch.logaddexp(acc_lse, lse)
         w_acc = torch.exp(acc_lse - new_lse).T.unsqueeze(-1)
         w_new = torch.exp(lse - new_lse).T.unsqueeze(-1)
-        acc_out.mul_(w_acc).add_(out.to(acc_out.dtype) * w_new)
+        acc_out.mul_(w_acc).add_(out * w_new)  # w_new has the accumulation dtype: out is promoted, as `.to` did
         acc_lse.copy_(new_lse)
 
     def attend(self, q, k, v, blocks: list[Block], kernel: AttentionKernel, scale: float) -> None:
