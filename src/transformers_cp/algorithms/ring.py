@@ -92,5 +92,6 @@ class RingAttention(torch.autograd.Function):
                 kv = nxt
         grad_comm.wait()
         dsinks = None if sinks is None else sinks_grad(dout, out, lse, sinks)
-        dk, dv = incoming[0].to(k.dtype), incoming[1].to(v.dtype)
+        dkv_home = incoming.to(k.dtype)  # k and v share a dtype (stacked in forward): one conversion for both
+        dk, dv = dkv_home[0], dkv_home[1]
         return dq.result.to(q.dtype), dk, dv, None, None, None, None, None, dsinks
