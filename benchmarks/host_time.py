@@ -11,7 +11,8 @@ group) and tiny tensors, with the attention kernel replaced by one that allocate
 - `--kernel math`: the exact CPU kernel (host time of the CPU path, tiny shapes).
 
 Per mode it prints microseconds per fwd+bwd call (median of `--repeats` windows of `--iters` calls) and the ATen
-operators dispatched per call: views, and the rest, each of which is at least one kernel launch on CUDA. Mode
+operators dispatched per call: "ops", each at least one kernel launch or collective on CUDA, allocations and views
+(host time only); the attention kernel calls (forward and backward) are counted apart. Mode
 `local` is the floor: the same call without CP (one rank attends the whole row).
 
     PYTHONPATH=src python benchmarks/host_time.py --modes ulysses,zigzag,ring,llama3,hybrid --docs single,packed
@@ -44,6 +45,7 @@ from transformers_cp.mesh import build_mesh
 from transformers_cp.plan import Documents
 
 WORLD = 2
+KERNEL_CALLS = collections.Counter()  # attention kernel calls (forward and backward) of the stubs
 
 
 class NullKernel:
@@ -53,9 +55,11 @@ class NullKernel:
     softcap = None
 
     def forward(self, q, k, v, seg: Segments, scale: float):
+        KERNEL_CALLS["attention"] += 1
         return torch.empty_like(q), torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
 
     def backward(self, dout, q, k, v, out, lse, seg: Segments, scale: float):
+        KERNEL_CALLS["attention"] += 1
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -64,19 +68,23 @@ class _StubAten:
 
     @staticmethod
     def _scaled_dot_product_cudnn_attention(q, k, v, bias, lse, dropout, causal, debug, scale=None):
+        KERNEL_CALLS["attention"] += 1
         n, h, lq, _ = q.shape
         return torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype), torch.empty((n, h, lq, 1))
 
     @staticmethod
     def _scaled_dot_product_cudnn_attention_backward(dout, q, k, v, *rest, scale=None):
+        KERNEL_CALLS["attention"] += 1
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     @staticmethod
     def _flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, scale=None, **windows):
+        KERNEL_CALLS["attention"] += 1
         return torch.empty_like(q), torch.empty((q.shape[1], q.shape[0]))
 
     @staticmethod
     def _flash_attention_backward(dout, q, k, v, *rest, scale=None, **windows):
+        KERNEL_CALLS["attention"] += 1
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     def __getattr__(self, name: str):
@@ -99,15 +107,21 @@ def _stub_fused_ops() -> None:
 KERNELS = {"fused": TorchKernel, "null": NullKernel, "math": MathKernel}
 
 
+ALLOCATIONS = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty"}
+
+
 class OpCounter(TorchDispatchMode):
-    """Counts the ATen operators dispatched (views apart)."""
+    """Counts the ATen operators dispatched: views, allocations (no kernel on CUDA) and the rest ("ops"), each of
+    which launches at least one kernel or collective on CUDA."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[("view" if func.is_view else "op", str(func.overloadpacket))] += 1
+        name = str(func.overloadpacket)
+        kind = "view" if func.is_view else "alloc" if name in ALLOCATIONS else "op"
+        self.ops[(kind, name)] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -180,11 +194,16 @@ def main() -> None:
             for _ in range(a.iters):
                 call()
             windows.append((time.perf_counter() - t0) / a.iters * 1e6)
+        KERNEL_CALLS.clear()
         with OpCounter() as counter:
             call()
-        ops = sum(n for (kind_, _), n in counter.ops.items() if kind_ == "op")
-        views = sum(n for (kind_, _), n in counter.ops.items() if kind_ == "view")
-        print(f"{mode:10s} {kind:7s} {statistics.median(windows):8.1f} us/call  ops {ops:4d}  views {views:4d}")
+        count = collections.Counter()
+        for (kind_, _), n in counter.ops.items():
+            count[kind_] += n
+        print(
+            f"{mode:10s} {kind:7s} {statistics.median(windows):8.1f} us/call  attention kernels "
+            f"{KERNEL_CALLS['attention']:2d}  ops {count['op']:4d}  allocations {count['alloc']:3d}  views {count['view']:4d}"
+        )
         if a.ops:
             for (kind_, op), n in counter.ops.most_common():
                 print(f"    {n:4d} {kind_:4s} {op}")

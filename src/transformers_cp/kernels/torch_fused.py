@@ -146,7 +146,9 @@ class TorchKernel:
         pieces = _pieces(seg, q.shape[-1])
         if len(pieces) == 1:
             return self._backward(dout, q, k, v, out, lse, seg, scale)
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        # the pieces tile the keys [0, cu_k[-1]) as the queries: zeros only for keys beyond (no plan makes them)
+        alloc = torch.empty_like if seg.cu_k[-1] == k.shape[0] else torch.zeros_like
+        dq, dk, dv = torch.empty_like(q), alloc(k), alloc(v)
         for sub, q0, k0 in pieces:
             rows, keys = slice(q0, q0 + sub.cu_q[-1]), slice(k0, k0 + sub.cu_k[-1])
             dq[rows], dk[keys], dv[keys] = self._backward(
