@@ -21,6 +21,7 @@ CASES = {
     "dense window": ((0, 40), (0, 128), False, 100),
     "prefix causal": ((0, 64, 192), (0, 128, 256), True, None),
     "long and short documents": ((0, 5, 2105, 2106, 4300), (0, 5, 2105, 2106, 4300), True, None),
+    "two long equal chunks": ((0, 2048, 4096), (0, 2048, 4096), True, None),  # a zigzag diagonal: one batched call
 }
 
 
@@ -83,3 +84,23 @@ def test_cudnn_lengths_are_rounded_to_few_reusable_sizes():
         m = _bucket(n)
         assert n <= m <= n + n // CUDNN_BUCKETS and _bucket(m) == m, (n, m)
     assert len({_bucket(n) for n in range(2048, 131073)}) < 200
+
+
+def test_long_documents_of_one_shape_share_a_cudnn_call():
+    """Consecutive long documents of one shape (a zigzag diagonal's two chunks) are one batched cuDNN call, unless
+    their length is rounded (`_bucket`: each then runs padded alone); short ones and windows go to the varlen op."""
+    from transformers_cp.kernels.torch_fused import _pieces
+
+    def calls(cu, causal=True, window=None):
+        return [(s.cu_q, s.cu_k, q0, k0) for s, q0, k0 in _pieces(Segments(cu, cu, causal, window), 128)]
+
+    assert calls((0, 2048, 4096)) == [((0, 2048, 4096), (0, 2048, 4096), 0, 0)]
+    assert calls((0, 2048, 4096), causal=False) == [((0, 2048, 4096), (0, 2048, 4096), 0, 0)]
+    assert calls((0, 2048, 4096, 4100, 6148, 8196)) == [
+        ((0, 2048, 4096), (0, 2048, 4096), 0, 0),
+        ((0, 4), (0, 4), 4096, 4096),
+        ((0, 2048, 4096), (0, 2048, 4096), 4100, 4100),
+    ]
+    assert calls((0, 2100, 4200)) == [((0, 2100), (0, 2100), 0, 0), ((0, 2100), (0, 2100), 2100, 2100)]
+    assert calls((0, 2048, 6144)) == [((0, 2048), (0, 2048), 0, 0), ((0, 4096), (0, 4096), 2048, 2048)]
+    assert calls((0, 2048, 4096), window=100) == [((0, 2048, 4096), (0, 2048, 4096), 0, 0)]

@@ -18,7 +18,7 @@ from ..comm import all_gather, contiguous, copy_rows, reduce_scatter
 from ..kernels import AttentionKernel, accumulation_dtype
 from ..plan import Block
 from ..sinks import sinks_grad, with_sinks
-from .merge import Accumulator
+from .merge import Accumulator, Sum
 from .reuse import ForwardReuse, forward_once
 
 
@@ -71,6 +71,11 @@ def _heads(stride_index: int, kv_stride: int, group_size: int) -> tuple[slice, s
     return slice(k0 * group_size, (k0 + kv_stride) * group_size), slice(k0, k0 + kv_stride)
 
 
+def _stride_kv(k: torch.Tensor, v: torch.Tensor, heads: slice) -> torch.Tensor:
+    """One stride's KV heads interleaved per token, (L, 2, h, D): what each rank sends to the all-gather (one copy)."""
+    return torch.stack([k[:, heads], v[:, heads]], dim=1)
+
+
 def _gather(kv: torch.Tensor, group, spans: Spans):
     """Start gathering this rank's (L, 2, h, D) KV stride; returns a function giving (S, 2, h, D) in global order."""
     gathered, work = all_gather(contiguous(kv), group, async_op=True)
@@ -95,20 +100,21 @@ def _llama3_forward(q, k, v, blocks: list[Block], spans, group, kernel: Attentio
     """(out, lse) of the local queries against the all-gathered KV, one stride of KV heads at a time."""
     g = q.shape[1] // k.shape[1]
     n_strides = k.shape[1] // kv_stride
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if n_strides > 1 else None
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=accumulation_dtype(q.dtype), device=q.device)
-    kv = torch.stack([k, v], dim=1)
-    pending = _gather(kv[:, :, _heads(0, kv_stride, g)[1]], group, spans)
+    pending = _gather(_stride_kv(k, v, _heads(0, kv_stride, g)[1]), group, spans)
     for i in range(n_strides):
         full = pending()
         if i + 1 < n_strides:
-            pending = _gather(kv[:, :, _heads(i + 1, kv_stride, g)[1]], group, spans)
+            pending = _gather(_stride_kv(k, v, _heads(i + 1, kv_stride, g)[1]), group, spans)
         qh, _ = _heads(i, kv_stride, g)
         qs = contiguous(q[:, qh])
-        acc = Accumulator(qs)
+        acc = Accumulator(qs, lse[qh])  # its lse is this stride's rows of `lse`, settled when `out` is read
         acc.attend(qs, full[:, 0], full[:, 1], blocks, kernel, scale)
-        copy_rows(out[:, qh], acc.out.to(q.dtype))
-        lse[qh] = acc.lse
+        if out is None:  # one stride: all heads
+            out = acc.out.to(q.dtype)
+        else:
+            copy_rows(out[:, qh], acc.out.to(q.dtype))
     return out, lse
 
 
@@ -144,32 +150,38 @@ class Llama3Attention(torch.autograd.Function):
         g, stride = q.shape[1] // k.shape[1], ctx.kv_stride
         n_strides = k.shape[1] // stride
         world = dist.get_world_size(ctx.group)
-        dq = torch.empty_like(q)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
-        kv = torch.stack([k, v], dim=1)
-        pending = _gather(kv[:, :, _heads(0, stride, g)[1]], ctx.group, ctx.spans)
+        dq = torch.empty_like(q) if n_strides > 1 else None
+        dk, dv = (torch.empty_like(k), torch.empty_like(v)) if n_strides > 1 else (None, None)
+        pending = _gather(_stride_kv(k, v, _heads(0, stride, g)[1]), ctx.group, ctx.spans)
         scatters = []
         for i in range(n_strides):
             full = pending()
             if i + 1 < n_strides:
-                pending = _gather(kv[:, :, _heads(i + 1, stride, g)[1]], ctx.group, ctx.spans)
+                pending = _gather(_stride_kv(k, v, _heads(i + 1, stride, g)[1]), ctx.group, ctx.spans)
             qh, kh = _heads(i, stride, g)
             qs, outs, douts = (contiguous(t[:, qh]) for t in (q, out, dout))
-            dq_acc = torch.zeros(qs.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
-            dfull = torch.zeros(full.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
+            dq_buf = torch.empty(qs.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
+            dfull_buf = torch.empty(full.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
+            dq_acc, dfull = Sum(dq_buf, [dq_buf]), Sum(dfull_buf, [dfull_buf[:, 0], dfull_buf[:, 1]])
+            full_k, full_v, lse_h = full[:, 0], full[:, 1], lse[qh]
             for b in ctx.blocks:
                 rows, keys = b.rows, b.keys
                 dq_b, dk_b, dv_b = ctx.kernel.backward(
-                    douts[rows], qs[rows], full[keys, 0], full[keys, 1], outs[rows], lse[qh, rows], b.seg, ctx.scale
+                    douts[rows], qs[rows], full_k[keys], full_v[keys], outs[rows], lse_h[:, rows], b.seg, ctx.scale
                 )
-                dq_acc[rows] += dq_b
-                dfull[keys, 0] += dk_b
-                dfull[keys, 1] += dv_b
-            copy_rows(dq[:, qh], dq_acc.to(q.dtype))
-            scatters.append((kh, *_scatter_grads(dfull, ctx.group, ctx.spans, world)))
+                dq_acc.add(rows, dq_b)
+                dfull.add(keys, dk_b, dv_b)
+            if dq is None:  # one stride: all heads
+                dq = dq_acc.result.to(q.dtype)
+            else:
+                copy_rows(dq[:, qh], dq_acc.result.to(q.dtype))
+            scatters.append((kh, *_scatter_grads(dfull.result, ctx.group, ctx.spans, world)))
         for kh, mine, work in scatters:
             work.wait()
-            copy_rows(dk[:, kh], mine[:, 0].to(dk.dtype))
-            copy_rows(dv[:, kh], mine[:, 1].to(dv.dtype))
+            if dk is None:  # one stride: all heads
+                dk, dv = mine[:, 0].to(k.dtype), mine[:, 1].to(v.dtype)
+            else:
+                copy_rows(dk[:, kh], mine[:, 0].to(dk.dtype))
+                copy_rows(dv[:, kh], mine[:, 1].to(dv.dtype))
         dsinks = None if sinks is None else sinks_grad(dout, out, lse, sinks)
         return dq, dk, dv, None, None, None, None, None, None, None, dsinks

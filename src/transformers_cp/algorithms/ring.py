@@ -15,7 +15,7 @@ from ..comm import RingComm
 from ..kernels import AttentionKernel, accumulation_dtype
 from ..plan import Block
 from ..sinks import sinks_grad, with_sinks
-from .merge import Accumulator
+from .merge import Accumulator, Sum
 from .reuse import ForwardReuse, forward_once
 
 Steps = list[tuple[int, list[Block]]]
@@ -63,32 +63,35 @@ class RingAttention(torch.autograd.Function):
         steps = ctx.steps
         kv = torch.stack([k, v])
         acc = accumulation_dtype(q.dtype)
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        dkv = torch.zeros(kv.shape, dtype=acc, device=q.device)
+        dq_buf = torch.empty(q.shape, dtype=acc, device=q.device)
+        dq = Sum(dq_buf, [dq_buf])
+        dkv_buf = torch.empty(kv.shape, dtype=acc, device=q.device)
+        dkv = Sum(dkv_buf, [dkv_buf[0], dkv_buf[1]])
         incoming = None
         for i, (s, blocks) in enumerate(steps):
             last = i + 1 == len(steps)
             nxt = None if last else kv_comm.start(kv, steps[i + 1][0] - s)
             grads = []
+            k_s, v_s = kv[0], kv[1]
             for b in blocks:
                 qs = b.rows
                 dq_b, dk_b, dv_b = ctx.kernel.backward(
-                    dout[qs], q[qs], kv[0, b.keys], kv[1, b.keys], out[qs], lse[:, qs], b.seg, ctx.scale
+                    dout[qs], q[qs], k_s[b.keys], v_s[b.keys], out[qs], lse[:, qs], b.seg, ctx.scale
                 )
-                dq[qs] += dq_b
+                dq.add(qs, dq_b)
                 grads.append((b.keys, dk_b, dv_b))
             if incoming is not None:  # the dK/dV of the block we hold, accumulated by the ranks before us
                 grad_comm.wait()
-                dkv = incoming
+                dkv = Sum(incoming, [incoming[0], incoming[1]], written=True)
             for keys, dk_b, dv_b in grads:
-                dkv[0, keys] += dk_b
-                dkv[1, keys] += dv_b
+                dkv.add(keys, dk_b, dv_b)
             # along with the KV, or home (to the rank s steps back, whose KV we hold) after the last step
-            incoming = grad_comm.start(dkv, -s if last else steps[i + 1][0] - s)
+            incoming = grad_comm.start(dkv.result, -s if last else steps[i + 1][0] - s)
             if nxt is not None:
                 kv_comm.wait()
                 kv = nxt
         grad_comm.wait()
         dsinks = None if sinks is None else sinks_grad(dout, out, lse, sinks)
-        dk, dv = incoming[0].to(k.dtype), incoming[1].to(v.dtype)
-        return dq.to(q.dtype), dk, dv, None, None, None, None, None, dsinks
+        dkv_home = incoming.to(k.dtype)  # k and v share a dtype (stacked in forward): one conversion for both
+        dk, dv = dkv_home[0], dkv_home[1]
+        return dq.result.to(q.dtype), dk, dv, None, None, None, None, None, dsinks

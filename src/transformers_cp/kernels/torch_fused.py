@@ -17,7 +17,7 @@ from .base import Segments, flash_windows
 
 CUDNN_MAX_HEAD_DIM = 128
 CUDNN_BUCKETS = 32  # lone causal documents run at lengths rounded up to n/32 (`_bucket`)
-CUDNN_MIN_DOCUMENT = 2048  # documents at least this long get a cuDNN call of their own; shorter runs share one
+CUDNN_MIN_DOCUMENT = 2048  # documents at least this long go to cuDNN (`_pieces`); shorter runs share a varlen call
 
 
 def _dense_shape(seg: Segments, q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int] | None:
@@ -54,30 +54,41 @@ def _padded(x: torch.Tensor, rows: int, value: float = 0.0) -> torch.Tensor:
 
 
 def _pieces(seg: Segments, head_dim: int) -> list[tuple[Segments, int, int]]:
-    """Split mixed segments into kernel calls: (segments, q offset, k offset) per call, each either a lone long
-    document cuDNN takes densely or a run of the others for the varlen op. Cached on the segments object."""
+    """Split mixed segments into kernel calls: (segments, q offset, k offset) per call, each either lone long
+    documents cuDNN takes densely (consecutive ones of one shape batched into one call, as the two chunks of a zigzag
+    diagonal, where no length rounding is due: see `_bucket`) or a run of the others for the varlen op. Cached on the
+    segments object."""
     cache = seg.__dict__.setdefault("_pieces", {})
     if head_dim in cache:
         return cache[head_dim]
-    pieces, run = [], []
+    pieces: list[tuple[Segments, int, int]] = []
+    run: list[int] = []  # short documents, for one varlen call
+    batch: list[int] = []  # long documents of one shape, for one cuDNN call
 
-    def close_run() -> None:
-        if run:
-            q0, k0 = seg.cu_q[run[0]], seg.cu_k[run[0]]
-            cu_q = tuple(seg.cu_q[i] - q0 for i in [*run, run[-1] + 1])
-            cu_k = tuple(seg.cu_k[i] - k0 for i in [*run, run[-1] + 1])
+    def close(docs: list[int]) -> None:
+        if docs:
+            q0, k0 = seg.cu_q[docs[0]], seg.cu_k[docs[0]]
+            cu_q = tuple(seg.cu_q[i] - q0 for i in [*docs, docs[-1] + 1])
+            cu_k = tuple(seg.cu_k[i] - k0 for i in [*docs, docs[-1] + 1])
             pieces.append((Segments(cu_q, cu_k, seg.causal, seg.window_left), q0, k0))
-            run.clear()
+            docs.clear()
 
     for i in range(len(seg.cu_q) - 1):
         lq, lk = seg.cu_q[i + 1] - seg.cu_q[i], seg.cu_k[i + 1] - seg.cu_k[i]
-        lone = Segments((0, lq), (0, lk), seg.causal, seg.window_left)
-        if min(lq, lk) >= CUDNN_MIN_DOCUMENT and _dense_ok(lone, head_dim):
-            close_run()
-            pieces.append((lone, seg.cu_q[i], seg.cu_k[i]))
+        if min(lq, lk) >= CUDNN_MIN_DOCUMENT and _dense_ok(
+            Segments((0, lq), (0, lk), seg.causal, seg.window_left), head_dim
+        ):
+            close(run)
+            first = batch[0] if batch else i
+            same = (seg.cu_q[first + 1] - seg.cu_q[first], seg.cu_k[first + 1] - seg.cu_k[first]) == (lq, lk)
+            if not same or (seg.causal and _bucket(lq) != lq):
+                close(batch)
+            batch.append(i)
         else:
+            close(batch)
             run.append(i)
-    close_run()
+    close(run)
+    close(batch)
     cache[head_dim] = pieces
     return pieces
 
@@ -135,7 +146,9 @@ class TorchKernel:
         pieces = _pieces(seg, q.shape[-1])
         if len(pieces) == 1:
             return self._backward(dout, q, k, v, out, lse, seg, scale)
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        # the pieces tile the keys [0, cu_k[-1]) as the queries: zeros only for keys beyond (no plan makes them)
+        alloc = torch.empty_like if seg.cu_k[-1] == k.shape[0] else torch.zeros_like
+        dq, dk, dv = torch.empty_like(q), alloc(k), alloc(v)
         for sub, q0, k0 in pieces:
             rows, keys = slice(q0, q0 + sub.cu_q[-1]), slice(k0, k0 + sub.cu_k[-1])
             dq[rows], dk[keys], dv[keys] = self._backward(
