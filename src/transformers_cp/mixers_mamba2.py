@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_leaves
 from transformers.activations import ACT2FN
 
 from .comm import AllGather
@@ -62,9 +64,11 @@ CLASSES = (
 """transformers' Mamba2 mixers (near-copies of `Mamba2Mixer`) that take the state-passing form."""
 
 SCAN_BYTES = 2 << 30
-"""The most one call of transformers' torch-path chunk scan may broadcast (`scan_in_pieces`): its pieces hold as many
-whole scan chunks as fit, at least one (512 tokens at Nemotron-H 1.5B's widths; the backward holds about twice that).
-Smaller pieces cost more calls (host time), not memory."""
+"""The largest tensor one call of transformers' torch-path chunk scan may make (`scan_in_pieces`): its pieces hold as
+many whole scan chunks as keep it under this, at least one, measured on meta tensors for the installed version (the
+whole shard in one call on 5.24 at Nemotron-H 1.5B's widths up to 64k tokens per rank, 512 tokens on 5.17, whose
+scan broadcasts 4 MiB per token). Smaller pieces cost more calls (host time, measured 2x a step on the GPU), not
+memory."""
 
 
 @dataclass(frozen=True)
@@ -282,34 +286,78 @@ _PER_ROW = ("A", "D", "dt_bias", "initial_states")
 @contextlib.contextmanager
 def scan_in_pieces(module: torch.nn.Module) -> Iterator[None]:
     """While open, the chunk scan `module`'s forward calls (its modeling module's `mamba2_chunk_scan`) runs over
-    pieces of at most `SCAN_BYTES` of its largest float32 broadcast, whole scan chunks each, on transformers' torch
-    path (see the module docstring); nothing changes where mamba_ssm's kernel runs or a version calls no such
-    function."""
+    pieces of whole scan chunks whose largest tensor stays under `SCAN_BYTES`, on transformers' torch path (see the
+    module docstring); nothing changes where mamba_ssm's kernel runs or a version calls no such function."""
     modeling = sys.modules[type(module).__module__]
     stock = getattr(modeling, "mamba2_chunk_scan", None)
     if stock is None or not _torch_scan():
         yield
         return
-    per_token = module.chunk_size * module.num_heads * max(module.ssm_state_size, module.head_dim) * 4
-    tokens = module.chunk_size * max(1, SCAN_BYTES // (per_token * module.chunk_size))
-    modeling.mamba2_chunk_scan = functools.partial(_scan_pieces, stock, tokens)
+    modeling.mamba2_chunk_scan = functools.partial(_scan_pieces, stock, module.chunk_size)
     try:
         yield
     finally:
         modeling.mamba2_chunk_scan = stock
 
 
-def _scan_pieces(stock: Callable, tokens: int, *args, **kwargs):
-    """`stock(*args, **kwargs)` (a chunk scan, (batch, L, ...) per-token arguments) over pieces of `tokens`, each
-    entering with the state the piece before left."""
+class _LargestTensor(TorchDispatchMode):
+    """The largest tensor any op makes while open: run on meta tensors, it measures a function without running it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.bytes = max(self.bytes, t.numel() * t.element_size())
+        return out
+
+
+@functools.lru_cache(maxsize=256)
+def _largest_tensor(stock: Callable, shapes: tuple, flags: tuple) -> int:
+    """The largest tensor `stock` makes on arguments of these (name, shape, dtype), with these other arguments."""
+    call = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape, dtype in shapes}
+    with torch.no_grad(), _disable_current_modes(), _LargestTensor() as largest:  # apart from any open mode
+        stock(**call, **dict(flags))
+    return largest.bytes
+
+
+def _piece_tokens(stock: Callable, call: dict, split: list[str], chunk: int) -> int:
+    """The longest piece, whole scan chunks or the whole call, whose largest tensor stays under `SCAN_BYTES`:
+    halved from the whole length until it does (each size measured once, on meta tensors)."""
+    length = call["hidden_states"].shape[1]
+    flags = tuple(sorted((k, v) for k, v in call.items() if not isinstance(v, torch.Tensor)))
+
+    def largest(tokens: int) -> int:
+        shapes = tuple(
+            (k, (v.shape[0], tokens, *v.shape[2:]) if k in split else tuple(v.shape), v.dtype)
+            for k, v in call.items()
+            if isinstance(v, torch.Tensor)
+        )
+        return _largest_tensor(stock, shapes, (*flags, ("return_final_states", True)))
+
+    tokens = length
+    while tokens > chunk and largest(tokens) > SCAN_BYTES:
+        tokens = max(chunk, tokens // 2 // chunk * chunk)
+    return tokens
+
+
+def _scan_pieces(stock: Callable, chunk: int, *args, **kwargs):
+    """`stock(*args, **kwargs)` (a chunk scan, (batch, L, ...) per-token arguments) over pieces of whole scan chunks
+    (`_piece_tokens`), each entering with the state the piece before left."""
     signature, call = inspect.signature(stock), {}
     for name, value in signature.bind(*args, **kwargs).arguments.items():
         call.update(value if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD else {name: value})
     length = call["hidden_states"].shape[1]
     other = [k for k, v in call.items() if isinstance(v, torch.Tensor) and k not in _PER_TOKEN + _PER_ROW]
-    if length <= tokens or other:  # an argument of unknown extent: the whole call, as the stock model makes it
-        return stock(**call)
     split = [k for k in _PER_TOKEN if isinstance(call.get(k), torch.Tensor)]
+    if other or length <= chunk:  # an argument of unknown extent: the whole call, as the stock model makes it
+        return stock(**call)
+    tokens = _piece_tokens(stock, call, split, chunk)
+    if tokens >= length:
+        return stock(**call)
     state, outputs = call.get("initial_states"), []
     for start in range(0, length, tokens):
         piece = {k: call[k][:, start : start + tokens] for k in split}
