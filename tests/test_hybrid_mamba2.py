@@ -22,8 +22,6 @@ from distributed import run_distributed
 from reference import assert_close, per_document
 from test_hybrid import FAMILIES, VOCAB, _assert_gradient, _assert_same_training, _trainer_run
 from test_hybrid import build as build_other
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from transformers_cp import (
     ContextParallelConfig,
@@ -231,20 +229,6 @@ def test_scan_in_pieces_equal_each_document_alone():
     run_distributed(_pieces_worker, 2, timeout=600)
 
 
-class _Largest(TorchDispatchMode):
-    """The bytes of the largest tensor any op creates while active."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        sizes = [t.untyped_storage().nbytes() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        self.bytes = max([self.bytes, *sizes])
-        return out
-
-
 MEMORY_CONFIG = dict(layers_block_type=["linear_attention"], num_hidden_layers=1, mamba_num_heads=4, mamba_head_dim=8,
                      ssm_state_size=8, n_groups=2, chunk_size=2, conv_kernel=4, max_position_embeddings=4096)  # fmt: skip
 """One Nemotron-H Mamba2 layer with scan chunks of 2 tokens: at these lengths the largest tensor of transformers'
@@ -256,7 +240,7 @@ def _largest(model, mesh, length: int) -> int:
     ids = torch.randint(3, VOCAB, (1, length), generator=torch.Generator().manual_seed(length))
     apply_context_parallel(model, mesh.config, mesh=mesh)
     shard = lambda t: mesh.layout.for_row([0, length], length).shard(t, mesh.cp_rank, dim=1)  # noqa: E731
-    with _Largest() as largest:
+    with mixers_mamba2.LargestTensor() as largest:
         logits = model(input_ids=shard(ids), position_ids=shard(torch.arange(length)[None])).logits
         logits.square().sum().backward()
     remove_context_parallel(model)

@@ -300,8 +300,9 @@ def scan_in_pieces(module: torch.nn.Module) -> Iterator[None]:
         modeling.mamba2_chunk_scan = stock
 
 
-class _LargestTensor(TorchDispatchMode):
-    """The largest tensor any op makes while open: run on meta tensors, it measures a function without running it."""
+class LargestTensor(TorchDispatchMode):
+    """The bytes of the largest tensor any op makes while open; on meta tensors it measures a function without running
+    it (`_piece_tokens`), and the tests measure the mixers with it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -319,7 +320,7 @@ class _LargestTensor(TorchDispatchMode):
 def _largest_tensor(stock: Callable, shapes: tuple, flags: tuple) -> int:
     """The largest tensor `stock` makes on arguments of these (name, shape, dtype), with these other arguments."""
     call = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape, dtype in shapes}
-    with torch.no_grad(), _disable_current_modes(), _LargestTensor() as largest:  # apart from any open mode
+    with torch.no_grad(), _disable_current_modes(), LargestTensor() as largest:  # apart from any open mode
         stock(**call, **dict(flags))
     return largest.bytes
 
