@@ -220,6 +220,8 @@ def _model_worker(rank, world):
         with pytest.raises(ValueError, match="run no forward yet"):  # no row layout to gather with
             gather_sequence(shard["shift_labels"], mesh)
         early = gather_sequence(shard["shift_labels"], mesh, cu_seq_lens_q=shard["cu_seq_lens_q"])
+        with pytest.raises(ValueError, match="is not this row's"):  # another row's boundaries, refused alike
+            gather_sequence(shard["shift_labels"], mesh, cu_seq_lens_q=torch.tensor([0, 10**6]))
         inputs = {k: shard[k] for k in ("input_ids", "position_ids", "cu_seq_lens_q")}
         tokens = out.logits.shape[1]
         logits = gather_sequence(model(**inputs).logits, mesh)[:, :tokens]

@@ -229,6 +229,23 @@ def test_scan_in_pieces_equal_each_document_alone():
     run_distributed(_pieces_worker, 2, timeout=600)
 
 
+def test_scan_that_cannot_run_on_meta_tensors_runs_in_one_call():
+    """A chunk scan that the meta-tensor measurement cannot run is called whole, as the stock model calls it."""
+
+    def scan(hidden_states, dt, A, B, C, chunk_size, initial_states=None, return_final_states=False):
+        if hidden_states.is_meta:
+            raise NotImplementedError("no meta kernel")
+        return hidden_states
+
+    call = dict(hidden_states=torch.zeros(1, 64, 2, 4), dt=torch.zeros(1, 64, 2), A=torch.zeros(2),
+                B=torch.zeros(1, 64, 1, 4), C=torch.zeros(1, 64, 1, 4), chunk_size=8)  # fmt: skip
+    default, mixers_mamba2.SCAN_BYTES = mixers_mamba2.SCAN_BYTES, 1
+    try:
+        assert mixers_mamba2._piece_tokens(scan, call, ["hidden_states", "dt", "B", "C"], 8) == 64
+    finally:
+        mixers_mamba2.SCAN_BYTES = default
+
+
 MEMORY_CONFIG = dict(layers_block_type=["linear_attention"], num_hidden_layers=1, mamba_num_heads=4, mamba_head_dim=8,
                      ssm_state_size=8, n_groups=2, chunk_size=2, conv_kernel=4, max_position_embeddings=4096)  # fmt: skip
 """One Nemotron-H Mamba2 layer with scan chunks of 2 tokens: at these lengths the largest tensor of transformers'

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_leaves
 from transformers.activations import ACT2FN
@@ -63,6 +64,7 @@ CLASSES = (
 )
 """transformers' Mamba2 mixers (near-copies of `Mamba2Mixer`) that take the state-passing form."""
 
+logger = transformers.utils.logging.get_logger(f"transformers.{__name__}")
 SCAN_BYTES = 2 << 30
 """The largest tensor one call of transformers' torch-path chunk scan may make (`scan_in_pieces`): its pieces hold as
 many whole scan chunks as keep it under this, at least one, measured on meta tensors for the installed version (the
@@ -318,10 +320,17 @@ class LargestTensor(TorchDispatchMode):
 
 @functools.lru_cache(maxsize=256)
 def _largest_tensor(stock: Callable, shapes: tuple, flags: tuple) -> int:
-    """The largest tensor `stock` makes on arguments of these (name, shape, dtype), with these other arguments."""
+    """The largest tensor `stock` makes on arguments of these (name, shape, dtype), with these other arguments; 0
+    (one call, as the stock model makes it) where the scan cannot run on meta tensors, with a warning."""
     call = {name: torch.empty(shape, dtype=dtype, device="meta") for name, shape, dtype in shapes}
-    with torch.no_grad(), _disable_current_modes(), LargestTensor() as largest:  # apart from any open mode
-        stock(**call, **dict(flags))
+    try:
+        with torch.no_grad(), _disable_current_modes(), LargestTensor() as largest:  # apart from any open mode
+            stock(**call, **dict(flags))
+    except (RuntimeError, NotImplementedError, TypeError) as e:
+        logger.warning(
+            f"the Mamba2 chunk scan could not be measured on meta tensors ({e!r:.200}); it runs in one call"
+        )
+        return 0
     return largest.bytes
 
 

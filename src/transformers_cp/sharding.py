@@ -242,7 +242,14 @@ def _row_layout(mesh: ContextParallelMesh, cu_seq_lens_q: torch.Tensor | None, s
     """The layout a row was sharded with: from its boundaries, else the last forward's. Decided before the gather,
     from what every rank holds alike."""
     if cu_seq_lens_q is not None:
-        return mesh.layout.for_row([int(b) for b in cu_seq_lens_q.tolist()], seq_len)
+        bounds = [int(b) for b in cu_seq_lens_q.reshape(-1).tolist()]
+        if not bounds or bounds[0] != 0 or any(b < a for a, b in zip(bounds, bounds[1:])) or bounds[-1] > seq_len:
+            raise ValueError(
+                f"gather_sequence: cu_seq_lens_q={bounds[:6]}{'...' if len(bounds) > 6 else ''} is not this row's: "
+                f"it starts at 0, never decreases and ends at most at the row's {seq_len} tokens (the shard's length "
+                f"× {mesh.cp_size} ranks); pass the cu_seq_lens_q of the batch this shard came from."
+            )
+        return mesh.layout.for_row(bounds, seq_len)
     if mesh.layout.balance == "documents" and mesh.row_layout is None:
         raise ValueError(
             "gather_sequence under context_parallel_balance='documents' needs the row's layout, and the model has "
