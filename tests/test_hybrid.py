@@ -8,6 +8,9 @@ distributed job per world size loops over every family and mode.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -125,27 +128,67 @@ def build(family: str, configs: dict | None = None) -> transformers.PreTrainedMo
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float()
 
 
-def _row(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, position_ids (restarting per document) and next-token targets (-100 at document ends)."""
-    ids = torch.randint(3, VOCAB, (1, sum(DOCS)), generator=torch.Generator().manual_seed(seed))
-    position_ids = torch.cat([torch.arange(n) for n in DOCS])[None]
+def packed_row(
+    lengths: list[int] | None = None, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+    """input_ids, position_ids (restarting per document), next-token targets (-100 at document ends) and the document
+    bounds of one packed row of documents of `lengths` (DOCS)."""
+    lengths = lengths or DOCS
+    ids = torch.randint(3, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(seed))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
     targets = torch.full_like(ids, -100)
     targets[:, :-1] = ids[:, 1:]
-    targets[0, torch.tensor(DOCS).cumsum(0) - 1] = -100
-    return ids, position_ids, targets
+    targets[0, torch.tensor(bounds[1:]) - 1] = -100
+    return ids, position_ids, targets, bounds
 
 
-def _assert_gradient(actual: torch.Tensor, expected: torch.Tensor, floor: float, name: str) -> None:
+def _assert_gradient(
+    actual: torch.Tensor, expected: torch.Tensor, floor: float, name: str, tolerance: float = RTOL
+) -> None:
     """`reference.assert_close` with the sweep's measure of a gradient: relative to the larger of its own scale and
     `floor` (1e-3 of the model's largest gradient), so that one which nearly cancels (fp32 rounding of its terms moves
     it with the summation order) is not measured against its own tiny scale."""
     scale = max(expected.abs().max().item(), floor)
-    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=RTOL * scale, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(actual, expected, rtol=tolerance, atol=tolerance * scale, msg=lambda m: f"{name}: {m}")
+
+
+def compare_row(
+    model, mesh, lengths: list[int], seed: int, reference: tuple, name: str, form: type | None = None,
+    tolerance: float = RTOL, watch: Callable | None = None, cu_seq_lens: bool = True,
+) -> list:  # fmt: skip
+    """One packed row (`packed_row`) through `model` under CP (applied here, removed after) against `reference`, its
+    documents run alone (`reference.per_document`): logits and every parameter gradient. `form`: the class every
+    mixer's forward must take (None: not checked); `watch(mixers, name)`: a context manager around the forward that
+    checks what the mixers ran; `cu_seq_lens`: pass the row's cu_seq_lens_q (else the documents come from the
+    position_ids, except under the `documents` balance, which needs them). Returns the mixers checked."""
+    ids, position_ids, targets, bounds = packed_row(lengths, seed)
+    ref_logits, ref_grads = reference
+    floor = 1e-3 * max(g.abs().max().item() for g in ref_grads.values())
+    apply_context_parallel(model, mesh.config, mesh=mesh)
+    mixers = [m for _, m in find_mixers(model)] if form else []
+    assert not form or mixers and all(isinstance(m.forward, form) for m in mixers), f"{name}: {form} not installed"
+    layout = mesh.layout.for_row(bounds, ids.shape[1])
+    shard = lambda t: layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
+    extra = {"cu_seq_lens_q": torch.tensor(bounds)} if cu_seq_lens or mesh.config.balance == "documents" else {}
+    with watch(mixers, name) if watch else contextlib.nullcontext():
+        logits = model(input_ids=shard(ids), position_ids=shard(position_ids), **extra).logits
+    torch.nn.functional.cross_entropy(logits[0], shard(targets)[0], reduction="sum").backward()
+    assert_close(logits.detach(), shard(ref_logits), tolerance, f"{name}: logits")
+    for key, p in model.named_parameters():
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(grad, group=mesh.cp_group)
+        expected = ref_grads.get(key, torch.zeros_like(p))
+        _assert_gradient(grad, expected, floor, f"{name}: gradient of {key}", tolerance)
+    model.zero_grad()
+    remove_context_parallel(model)
+    assert not any("forward" in vars(m) for m in mixers), f"{name}: mixer forward not restored"
+    return mixers
 
 
 def _families_worker(rank: int, world: int) -> None:
     delta_rule.USE_STATE = False  # the gathered form for every family; tests/test_hybrid_state.py the state passing
-    ids, position_ids, targets = _row()
+    ids, position_ids, targets, _ = packed_row()
     meshes = [build_mesh(ContextParallelConfig(size=world, mode=m, ulysses_size=2 if m == "hybrid" else None), "cpu")
               for m in MODES[world]]  # fmt: skip
     for family in FAMILIES:
@@ -180,7 +223,7 @@ def test_stock_packed_rows():
     """Whether the stock model on a packed row (position_ids restarting per document, as DataCollatorWithFlattening
     gives them) equals each document run alone, as `MIXERS` records per mixer (where it does not, the stock Trainer
     on packed rows is no reference for the family)."""
-    ids, position_ids, _ = _row()
+    ids, position_ids, _, _ = packed_row()
     for family in FAMILIES:
         model = build(family)
         alone, _ = per_document(model, ids, DOCS)

@@ -15,8 +15,8 @@ import pytest
 import torch
 from distributed import run_distributed
 from reference import per_document
-from test_hybrid import _assert_same_training, _trainer_run
-from test_hybrid_state import BALANCED, MODES, ROWS, _compare, _row, build
+from test_hybrid import _assert_same_training, _trainer_run, compare_row, packed_row
+from test_hybrid_state import BALANCED, MODES, ROWS, build
 
 from transformers_cp import (
     ContextParallelConfig,
@@ -63,11 +63,11 @@ def _worker(rank: int, world: int) -> None:
         model = build(family, torch.float32)
         layers = sum(type(m).__name__ == mixer for m in model.modules())
         for seed, lengths in enumerate(ROWS):
-            reference = per_document(model, _row(lengths, seed)[0], lengths)
+            reference = per_document(model, packed_row(lengths, seed)[0], lengths)
             for mesh in meshes:
                 name = f"{family} {mesh.config.mode} ({mesh.config.balance}) on {world} ranks, {lengths}"
                 with _ran() as ran:
-                    _compare(model, mesh, lengths, seed, reference, RTOL, name, CLASSES[mixer])
+                    compare_row(model, mesh, lengths, seed, reference, name, CLASSES[mixer])
                 assert ran.calls == layers > 0, f"{name}: the state-passing path ran {ran.calls} times"
     if world == 2:
         _refuses_a_forward_that_skips_the_state(meshes[0])
@@ -76,7 +76,7 @@ def _worker(rank: int, world: int) -> None:
 def _refuses_a_forward_that_skips_the_state(mesh) -> None:
     """A mixer forward that does not reach the submodules the state passing hooks (another transformers version's) is
     refused on every rank, naming the way out, instead of running without state passing."""
-    ids, position_ids, _, _ = _row(ROWS[0], 0)
+    ids, position_ids, _, _ = packed_row(ROWS[0], 0)
     for family in FAMILIES:
         model = apply_context_parallel(build(family, torch.float32), mesh.config, mesh=mesh)
         mixer = next(m for _, m in find_mixers(model))

@@ -10,15 +10,15 @@ size loops over every case.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
-import torch
-import torch.distributed as dist
 import transformers
 from distributed import run_distributed
-from reference import assert_close
-from test_hybrid import FAMILIES, _assert_gradient, _assert_same_training, _trainer_run
+from test_hybrid import FAMILIES, _assert_same_training, _trainer_run, compare_row, packed_row
 from test_hybrid import build as build_hybrid
-from test_hybrid_mamba2 import LAYOUTS, ROWS, _row, check_rows
+from test_hybrid_mamba2 import LAYOUTS, ROWS, check_rows
 
 from transformers_cp import (
     ContextParallelConfig,
@@ -49,34 +49,23 @@ def build(family: str) -> transformers.PreTrainedModel:
 
 def _check(model, mesh, lengths: list[int], seed: int, reference: tuple, name: str) -> None:
     """CP on one row against `reference` (each document alone), every mixer call in the state-passing form."""
-    ids, position_ids, targets = _row(lengths, seed)
-    ref_logits, ref_grads = reference
-    floor = 1e-3 * max(g.abs().max().item() for g in ref_grads.values())
-    apply_context_parallel(model, mesh.config, mesh=mesh)
-    mixers = find_mixers(model)
-    assert mixers and all(type(m).__name__ in CLASSES for _, m in mixers), name
-    assert all(isinstance(m.forward, ScanMixer) for _, m in mixers), f"{name}: state passing not installed"
-    bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
-    layout = mesh.layout.for_row(bounds, sum(lengths))
-    shard = lambda t: layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
-    extra = {"cu_seq_lens_q": torch.tensor(bounds)} if mesh.config.balance == "documents" else {}
-    calls = []  # the kernel functions each mixer call ran in their CP form
-    handles = [m.register_forward_hook(lambda *_: calls.append(list(_Active.ran))) for _, m in mixers]
+    mixers = compare_row(
+        model, mesh, lengths, seed, reference, name, ScanMixer, watch=_ran_both_kernels, cu_seq_lens=False
+    )
+    assert all(type(m).__name__ in CLASSES for m in mixers), name
+
+
+@contextlib.contextmanager
+def _ran_both_kernels(mixers: list, name: str) -> Iterator[None]:
+    """Around a forward: every mixer call ran both kernel functions in their CP form."""
+    calls = []
+    handles = [m.register_forward_hook(lambda *_: calls.append(list(_Active.ran))) for m in mixers]
     try:
-        logits = model(input_ids=shard(ids), position_ids=shard(position_ids), **extra).logits
+        yield
     finally:
         for handle in handles:
             handle.remove()
     assert len(calls) == len(mixers) and all(delta_rule.CONV in c and SCAN in c for c in calls), f"{name}: {calls}"
-    torch.nn.functional.cross_entropy(logits[0], shard(targets)[0], reduction="sum").backward()
-    assert_close(logits.detach(), shard(ref_logits), RTOL, f"{name}: logits")
-    for key, p in model.named_parameters():
-        grad = p.grad if p.grad is not None else torch.zeros_like(p)
-        dist.all_reduce(grad, group=mesh.cp_group)
-        _assert_gradient(grad, ref_grads.get(key, torch.zeros_like(p)), floor, f"{name}: gradient of {key}")
-    model.zero_grad()
-    remove_context_parallel(model)
-    assert not any("forward" in vars(m) for _, m in mixers), f"{name}: mixer forward not restored"
 
 
 def _families_worker(rank: int, world: int) -> None:
@@ -101,7 +90,7 @@ def _refuses_a_forward_that_skips_the_scan(model, mesh) -> None:
     namespace = __import__(type(mixer).__module__, fromlist=["_"])
     width = conv.shape[0]
     mixer.forward.original = lambda x: namespace.causal_conv1d_fn(mixer.in_proj(x).transpose(1, 2)[:, :width], conv)
-    ids, position_ids, _ = _row(ROWS[0], 0)
+    ids, position_ids, _, _ = packed_row(ROWS[0], 0)
     shard = lambda t: mesh.layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
     with pytest.raises(RuntimeError, match="USE_STATE = False"):
         model(input_ids=shard(ids), position_ids=shard(position_ids))

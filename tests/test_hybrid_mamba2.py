@@ -12,15 +12,16 @@ mixer grows linearly with the local length (a dispatch-mode recorder at two leng
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
-import torch.distributed as dist
 import transformers
 from distributed import run_distributed
 from reference import assert_close, per_document
-from test_hybrid import FAMILIES, VOCAB, _assert_gradient, _assert_same_training, _trainer_run
+from test_hybrid import FAMILIES, VOCAB, _assert_same_training, _trainer_run, compare_row, packed_row
 from test_hybrid import build as build_other
 
 from transformers_cp import (
@@ -50,75 +51,44 @@ def build(family: str) -> transformers.PreTrainedModel:
     return build_other(family, CONFIGS)
 
 
-def _row(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """input_ids, position_ids (restarting per document) and next-token targets (-100 at document ends)."""
-    ids = torch.randint(3, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(seed))
-    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
-    targets = torch.full_like(ids, -100)
-    targets[:, :-1] = ids[:, 1:]
-    targets[0, torch.tensor(lengths).cumsum(0) - 1] = -100
-    return ids, position_ids, targets
-
-
 def _check(model, mesh, lengths: list[int], seed: int, reference: tuple, name: str, passing: bool = True) -> None:
     """CP on one row against `reference` (each document alone); `passing`: the mixers are Mamba2's and pass state."""
-    ids, position_ids, targets = _row(lengths, seed)
-    ref_logits, ref_grads = reference
-    floor = 1e-3 * max(g.abs().max().item() for g in ref_grads.values())
-    apply_context_parallel(model, mesh.config, mesh=mesh)
-    mixers = find_mixers(model) if passing else []
-    assert not passing or mixers and all(type(m).__name__ in CLASSES for _, m in mixers), name
-    assert all(isinstance(m.forward, StatePassingMixer) for _, m in mixers), f"{name}: state passing not installed"
-    bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
-    layout = mesh.layout.for_row(bounds, sum(lengths))
-    shard = lambda t: layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
-    extra = {"cu_seq_lens_q": torch.tensor(bounds)} if mesh.config.balance == "documents" else {}
+    form = StatePassingMixer if passing else None
+    mixers = compare_row(
+        model, mesh, lengths, seed, reference, name, form, watch=_ran_state_passing, cu_seq_lens=False
+    )
+    assert all(type(m).__name__ in CLASSES for m in mixers), name
+    assert not any(m.in_proj._forward_hooks for m in mixers), f"{name}: in_proj hook not removed"
+
+
+@contextlib.contextmanager
+def _ran_state_passing(mixers: list, name: str) -> Iterator[None]:
+    """Around a forward: every mixer call ran the state-passing form (not its gathered fallback)."""
     calls = []
-    with _watch(mixers, calls):
-        logits = model(input_ids=shard(ids), position_ids=shard(position_ids), **extra).logits
-    assert not passing or calls and all(calls), f"{name}: a mixer took the gathered form"
-    torch.nn.functional.cross_entropy(logits[0], shard(targets)[0], reduction="sum").backward()
-    assert_close(logits.detach(), shard(ref_logits), RTOL, f"{name}: logits")
-    for key, p in model.named_parameters():
-        grad = p.grad if p.grad is not None else torch.zeros_like(p)
-        dist.all_reduce(grad, group=mesh.cp_group)
-        _assert_gradient(grad, ref_grads.get(key, torch.zeros_like(p)), floor, f"{name}: gradient of {key}")
-    model.zero_grad()
-    remove_context_parallel(model)
-    assert not any("forward" in vars(m) for _, m in mixers), f"{name}: mixer forward not restored"
-    assert not any(m.in_proj._forward_hooks for _, m in mixers), f"{name}: in_proj hook not removed"
 
+    def seen(module, args, out) -> None:
+        calls.append(next(m for m in mixers if m.in_proj is module).forward.call is not None)
 
-class _watch:
-    """Records, per mixer call, whether it ran the state-passing form (not its gathered fallback)."""
-
-    def __init__(self, mixers, calls: list) -> None:
-        self.mixers, self.calls = mixers, calls
-
-    def __enter__(self):
-        self.handles = [m.in_proj.register_forward_hook(self._seen) for _, m in self.mixers]
-        return self
-
-    def _seen(self, module, args, out):
-        mixer = next(m for _, m in self.mixers if m.in_proj is module)
-        self.calls.append(mixer.forward.call is not None)
-
-    def __exit__(self, *exc):
-        for handle in self.handles:
+    handles = [m.in_proj.register_forward_hook(seen) for m in mixers]
+    try:
+        yield
+    finally:
+        for handle in handles:
             handle.remove()
+    assert not mixers or calls and all(calls), f"{name}: a mixer took the gathered form"
 
 
 def check_rows(model, family: str, meshes: list, world: int, check) -> None:
     """`check(model, mesh, lengths, seed, reference, name)` on every row of ROWS in every mesh and, on 4 ranks, on a
     row whose zigzag chunks of 2 tokens are shorter than the convolution's halo of 3 (it comes from two chunks)."""
     for seed, lengths in enumerate(ROWS):
-        reference = per_document(model, _row(lengths, seed)[0], lengths)
+        reference = per_document(model, packed_row(lengths, seed)[0], lengths)
         for mesh in meshes:
             name = f"{family} {mesh.config.mode} balance={mesh.config.balance} on {world} ranks, row {lengths}"
             check(model, mesh, lengths, seed, reference, name)
     if world == 4:
         lengths = [3, 12, 1]
-        reference = per_document(model, _row(lengths, 2)[0], lengths)
+        reference = per_document(model, packed_row(lengths, 2)[0], lengths)
         check(model, meshes[0], lengths, 2, reference, f"{family} zigzag, chunks of 2 tokens")
 
 
@@ -138,7 +108,7 @@ def _other_forms_worker(rank: int, world: int) -> None:
     for family in ("jamba", "lfm2"):  # the gathered form, and the halo form (or its gathered fallback)
         model = build_other(family)
         for seed, lengths in enumerate(ROWS):
-            reference = per_document(model, _row(lengths, seed)[0], lengths)
+            reference = per_document(model, packed_row(lengths, seed)[0], lengths)
             for layout in LAYOUTS[-2:]:
                 mesh = build_mesh(ContextParallelConfig(size=world, **layout), "cpu")
                 name = f"{family} {layout} on {world} ranks, row {lengths}"

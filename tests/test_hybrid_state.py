@@ -22,11 +22,10 @@ import types
 
 import pytest
 import torch
-import torch.distributed as dist
 import transformers
 from distributed import run_distributed
-from reference import assert_close, per_document
-from test_hybrid import _GDN, COMMON, FAMILIES, _assert_same_training, _pad_rows
+from reference import per_document
+from test_hybrid import _GDN, COMMON, FAMILIES, _assert_same_training, _pad_rows, compare_row, packed_row
 from trainer_cases import CPTrainer, StockTrainer, arguments, sft_dataset, train_and_record
 
 import transformers_cp
@@ -79,47 +78,6 @@ def build(family: str, dtype: torch.dtype) -> transformers.PreTrainedModel:
     return model.to(dtype)
 
 
-def _row(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-    """input_ids, position_ids, next-token targets (-100 at document ends) and the document bounds of one row."""
-    ids = torch.randint(3, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(seed))
-    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
-    bounds = [0, *torch.tensor(lengths).cumsum(0).tolist()]
-    targets = torch.full_like(ids, -100)
-    targets[:, :-1] = ids[:, 1:]
-    targets[0, torch.tensor(bounds[1:]) - 1] = -100
-    return ids, position_ids, targets, bounds
-
-
-def _compare(
-    model, mesh, lengths: list[int], seed: int, reference: tuple, tolerance: float, name: str, form: type = StateMixer
-) -> None:
-    """One row through the CP model against its documents run alone (its mixers in `form`): logits and every
-    gradient."""
-    ids, position_ids, targets, bounds = _row(lengths, seed)
-    ref_logits, ref_grads = reference
-    floor = 1e-3 * max(g.abs().max().item() for g in ref_grads.values())
-    apply_context_parallel(model, mesh.config, mesh=mesh)
-    mixers = [m for _, m in find_mixers(model)]
-    assert mixers and all(isinstance(m.forward, form) for m in mixers), f"{name}: {form.__name__} not installed"
-    rank, layout = mesh.cp_rank, mesh.layout.for_row(bounds, ids.shape[1])
-    shard = lambda t: layout.shard(t, rank, dim=1)  # noqa: E731
-    cu_seq_lens = torch.tensor(bounds)  # the `documents` balance shards by them; the other layouts read them too
-    logits = model(input_ids=shard(ids), position_ids=shard(position_ids), cu_seq_lens_q=cu_seq_lens).logits
-    torch.nn.functional.cross_entropy(logits[0], shard(targets)[0], reduction="sum").backward()
-    assert_close(logits.detach(), shard(ref_logits), tolerance, f"{name}: logits")
-    for key, p in model.named_parameters():
-        grad = p.grad if p.grad is not None else torch.zeros_like(p)
-        dist.all_reduce(grad, group=mesh.cp_group)
-        scale = max(ref_grads.get(key, grad).abs().max().item(), floor)
-        torch.testing.assert_close(
-            grad, ref_grads.get(key, torch.zeros_like(p)), rtol=tolerance, atol=tolerance * scale,
-            msg=lambda m, key=key: f"{name}: gradient of {key}: {m}",
-        )  # fmt: skip
-    model.zero_grad()
-    remove_context_parallel(model)
-    assert not any("forward" in vars(m) for m in mixers), f"{name}: mixer forward not restored"
-
-
 def _state_worker(rank: int, world: int) -> None:
     configs = [
         ContextParallelConfig(size=world, mode=m, ulysses_size=2 if m == "hybrid" else None) for m in MODES[world]
@@ -130,19 +88,19 @@ def _state_worker(rank: int, world: int) -> None:
     for family in STATE_FAMILIES:  # float64: exact up to float64 rounding
         model = build(family, torch.float64)
         for seed, lengths in enumerate(ROWS if world == 2 else ROWS[:3]):  # (the last adds little on 4 ranks)
-            reference = per_document(model, _row(lengths, seed)[0], lengths)
+            reference = per_document(model, packed_row(lengths, seed)[0], lengths)
             for mesh in meshes:
                 name = f"{family} float64 {mesh.config.mode} ({mesh.config.balance}) on {world} ranks, {lengths}"
-                _compare(model, mesh, lengths, seed, reference, RTOL, name)
+                compare_row(model, mesh, lengths, seed, reference, name, StateMixer)
     for modeling, original in undo:
         modeling.torch = original
     for family in STATE_FAMILIES:  # float32, the stock kernels as they are: the sweep's criterion
         model = build(family, torch.float32)
         lengths = ROWS[0]
-        reference = per_document(model, _row(lengths, 0)[0], lengths)
+        reference = per_document(model, packed_row(lengths, 0)[0], lengths)
         for mesh in meshes[: len(MODES[world])]:
             name = f"{family} float32 {mesh.config.mode} on {world} ranks, {lengths}"
-            _compare(model, mesh, lengths, 0, reference, SWEEP_TOLERANCE, name)
+            compare_row(model, mesh, lengths, 0, reference, name, StateMixer, SWEEP_TOLERANCE)
     if world == 2:
         _gathered_balanced(meshes[len(MODES[world]) :])
         _refuses_a_forward_that_skips_the_kernels(meshes[0])
@@ -157,7 +115,7 @@ def _gathered_balanced(meshes: list) -> None:
     from test_hybrid import build as build_float32
 
     lengths = ROWS[0]
-    ids, position_ids, targets, bounds = _row(lengths, 0)
+    ids = packed_row(lengths, 0)[0]
     delta_rule.USE_STATE = False
     try:
         for family in ("lfm2", "nemotron_h", "qwen3_next"):
@@ -165,7 +123,7 @@ def _gathered_balanced(meshes: list) -> None:
             reference = per_document(model, ids, lengths)
             for mesh in meshes:
                 name = f"{family} gathered {mesh.config.mode} (documents), {lengths}"
-                _compare(model, mesh, lengths, 0, reference, RTOL, name, GatheredMixer)
+                compare_row(model, mesh, lengths, 0, reference, name, GatheredMixer)
     finally:
         delta_rule.USE_STATE = True
 
@@ -176,7 +134,7 @@ def _refuses_a_forward_that_skips_the_kernels(mesh) -> None:
     model = apply_context_parallel(build("qwen3_5_text", torch.float32), mesh.config, mesh=mesh)
     mixer = next(m for _, m in find_mixers(model))
     mixer.forward.original = lambda x: x  # reaches neither kernel function
-    ids, position_ids, _, _ = _row(ROWS[0], 0)
+    ids, position_ids, _, _ = packed_row(ROWS[0], 0)
     shard = lambda t: mesh.layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
     with pytest.raises(RuntimeError, match="USE_STATE = False"):
         model(input_ids=shard(ids), position_ids=shard(position_ids))
