@@ -9,7 +9,7 @@ distributed job per world size loops over every family and mode.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -161,12 +161,13 @@ def compare_row(
     documents run alone (`reference.per_document`): logits and every parameter gradient. `form`: the class every
     mixer's forward must take (None: not checked); `watch(mixers, name)`: a context manager around the forward that
     checks what the mixers ran; `cu_seq_lens`: pass the row's cu_seq_lens_q (else the documents come from the
-    position_ids, except under the `documents` balance, which needs them). Returns the mixers checked."""
+    position_ids, except under the `documents` balance, which needs them). Returns the model's mixers."""
+
     ids, position_ids, targets, bounds = packed_row(lengths, seed)
     ref_logits, ref_grads = reference
     floor = 1e-3 * max(g.abs().max().item() for g in ref_grads.values())
     apply_context_parallel(model, mesh.config, mesh=mesh)
-    mixers = [m for _, m in find_mixers(model)] if form else []
+    mixers = [m for _, m in find_mixers(model)]
     assert not form or mixers and all(isinstance(m.forward, form) for m in mixers), f"{name}: {form} not installed"
     layout = mesh.layout.for_row(bounds, ids.shape[1])
     shard = lambda t: layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
@@ -186,32 +187,34 @@ def compare_row(
     return mixers
 
 
+def assert_refused(model, mesh) -> None:
+    """A forward of `model` (CP applied, a mixer's forward replaced by one that another transformers version might
+    have) is refused on every rank, naming the way out (USE_STATE = False); CP comes off after."""
+    ids, position_ids, _, _ = packed_row(seed=0)
+    shard = lambda t: mesh.layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
+    with pytest.raises(RuntimeError, match="USE_STATE = False"):
+        model(input_ids=shard(ids), position_ids=shard(position_ids))
+    remove_context_parallel(model)
+
+
 def _families_worker(rank: int, world: int) -> None:
     delta_rule.USE_STATE = False  # the gathered form for every family; tests/test_hybrid_state.py the state passing
-    ids, position_ids, targets, _ = packed_row()
     meshes = [build_mesh(ContextParallelConfig(size=world, mode=m, ulysses_size=2 if m == "hybrid" else None), "cpu")
               for m in MODES[world]]  # fmt: skip
     for family in FAMILIES:
         model = build(family)
-        ref_logits, ref_grads = per_document(model, ids, DOCS)
-        floor = 1e-3 * max(g.abs().max().item() for g in ref_grads.values())
+        reference = per_document(model, packed_row()[0], DOCS)
         for mesh in meshes:
-            name = f"{family} {mesh.config.mode} on {world} ranks"
-            apply_context_parallel(model, mesh.config, mesh=mesh)
-            windowed = [m for _, m in find_mixers(model) if MIXERS[type(m).__name__].window]
-            assert all(isinstance(m.forward, HaloMixer) for m in windowed), f"{name}: halo path not installed"
-            shard = lambda t, mesh=mesh: mesh.layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
-            logits = model(input_ids=shard(ids), position_ids=shard(position_ids)).logits
-            torch.nn.functional.cross_entropy(logits[0], shard(targets)[0], reduction="sum").backward()
-            assert_close(logits.detach(), shard(ref_logits), RTOL, f"{name}: logits")
-            for key, p in model.named_parameters():
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                dist.all_reduce(grad, group=mesh.cp_group)
-                expected = ref_grads.get(key, torch.zeros_like(p))
-                _assert_gradient(grad, expected, floor, f"{name}: gradient of {key}")
-            model.zero_grad()
-            remove_context_parallel(model)
-            assert not any("forward" in vars(m) for _, m in find_mixers(model)), f"{name}: mixer forward not restored"
+            compare_row(model, mesh, DOCS, 1, reference, f"{family} {mesh.config.mode} on {world} ranks",
+                        watch=_windowed_take_the_halo, cu_seq_lens=False)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _windowed_take_the_halo(mixers: list, name: str) -> Iterator[None]:
+    """Around a forward: the mixers with a window (short convolutions) run the halo form."""
+    windowed = [m for m in mixers if MIXERS[type(m).__name__].window]
+    assert all(isinstance(m.forward, HaloMixer) for m in windowed), f"{name}: halo path not installed"
+    yield
 
 
 @pytest.mark.parametrize("world", [2, 4])

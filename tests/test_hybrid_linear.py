@@ -15,7 +15,7 @@ import pytest
 import torch
 from distributed import run_distributed
 from reference import per_document
-from test_hybrid import _assert_same_training, _trainer_run, compare_row, packed_row
+from test_hybrid import _assert_same_training, _trainer_run, assert_refused, compare_row, packed_row
 from test_hybrid_state import BALANCED, MODES, ROWS, build
 
 from transformers_cp import (
@@ -23,7 +23,6 @@ from transformers_cp import (
     apply_context_parallel,
     build_mesh,
     delta_rule,
-    remove_context_parallel,
 )
 from transformers_cp.mixers import find_mixers
 from transformers_cp.mixers_linear import CLASSES, LightningMixer, RecurrentBlockMixer, fits
@@ -76,16 +75,12 @@ def _worker(rank: int, world: int) -> None:
 def _refuses_a_forward_that_skips_the_state(mesh) -> None:
     """A mixer forward that does not reach the submodules the state passing hooks (another transformers version's) is
     refused on every rank, naming the way out, instead of running without state passing."""
-    ids, position_ids, _, _ = packed_row(ROWS[0], 0)
     for family in FAMILIES:
         model = apply_context_parallel(build(family, torch.float32), mesh.config, mesh=mesh)
         mixer = next(m for _, m in find_mixers(model))
         hidden = mixer.forward.hidden  # the name of its input
         mixer.forward.original = lambda hidden=hidden, **kwargs: (kwargs[hidden], None)  # reaches none of them
-        shard = lambda t: mesh.layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
-        with pytest.raises(RuntimeError, match="USE_STATE = False"):
-            model(input_ids=shard(ids), position_ids=shard(position_ids))
-        remove_context_parallel(model)
+        assert_refused(model, mesh)
 
 
 def test_gathered_path_when_switched_off(monkeypatch):

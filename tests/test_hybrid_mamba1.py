@@ -16,9 +16,9 @@ from collections.abc import Iterator
 import pytest
 import transformers
 from distributed import run_distributed
-from test_hybrid import FAMILIES, _assert_same_training, _trainer_run, compare_row, packed_row
+from test_hybrid import FAMILIES, _assert_same_training, _trainer_run, assert_refused, compare_row
 from test_hybrid import build as build_hybrid
-from test_hybrid_mamba2 import LAYOUTS, ROWS, check_rows
+from test_hybrid_mamba2 import LAYOUTS, check_rows
 
 from transformers_cp import (
     ContextParallelConfig,
@@ -26,7 +26,6 @@ from transformers_cp import (
     build_mesh,
     delta_rule,
     mixers_mamba1,
-    remove_context_parallel,
 )
 from transformers_cp.delta_rule import _Active, _Dispatch
 from transformers_cp.mixers import find_mixers
@@ -90,11 +89,7 @@ def _refuses_a_forward_that_skips_the_scan(model, mesh) -> None:
     namespace = __import__(type(mixer).__module__, fromlist=["_"])
     width = conv.shape[0]
     mixer.forward.original = lambda x: namespace.causal_conv1d_fn(mixer.in_proj(x).transpose(1, 2)[:, :width], conv)
-    ids, position_ids, _, _ = packed_row(ROWS[0], 0)
-    shard = lambda t: mesh.layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
-    with pytest.raises(RuntimeError, match="USE_STATE = False"):
-        model(input_ids=shard(ids), position_ids=shard(position_ids))
-    remove_context_parallel(model)
+    assert_refused(model, mesh)
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -25,7 +25,16 @@ import torch
 import transformers
 from distributed import run_distributed
 from reference import per_document
-from test_hybrid import _GDN, COMMON, FAMILIES, _assert_same_training, _pad_rows, compare_row, packed_row
+from test_hybrid import (
+    _GDN,
+    COMMON,
+    FAMILIES,
+    _assert_same_training,
+    _pad_rows,
+    assert_refused,
+    compare_row,
+    packed_row,
+)
 from trainer_cases import CPTrainer, StockTrainer, arguments, sft_dataset, train_and_record
 
 import transformers_cp
@@ -34,7 +43,6 @@ from transformers_cp import (
     apply_context_parallel,
     build_mesh,
     delta_rule,
-    remove_context_parallel,
 )
 from transformers_cp.delta_rule import StateMixer, _Dispatch
 from transformers_cp.mixers import GatheredMixer, find_mixers
@@ -134,11 +142,7 @@ def _refuses_a_forward_that_skips_the_kernels(mesh) -> None:
     model = apply_context_parallel(build("qwen3_5_text", torch.float32), mesh.config, mesh=mesh)
     mixer = next(m for _, m in find_mixers(model))
     mixer.forward.original = lambda x: x  # reaches neither kernel function
-    ids, position_ids, _, _ = packed_row(ROWS[0], 0)
-    shard = lambda t: mesh.layout.shard(t, mesh.cp_rank, dim=1)  # noqa: E731
-    with pytest.raises(RuntimeError, match="USE_STATE = False"):
-        model(input_ids=shard(ids), position_ids=shard(position_ids))
-    remove_context_parallel(model)
+    assert_refused(model, mesh)
 
 
 @pytest.mark.parametrize("world", [2, 4])
