@@ -54,10 +54,7 @@ def without_sinks(model: torch.nn.Module) -> None:
 
 
 SHAPES = {"gpt_oss_2b": (gpt_oss, "sinks"), "gemma2_2b": (gemma2, "attn_softcap")}
-SINGLE_ATTENTION = {
-    "gpt_oss_2b": "flex_attention" if CUDA else "eager",
-    "gemma2_2b": "flex_attention" if CUDA else "eager",
-}
+SINGLE_ATTENTION = "flex_attention" if CUDA else "eager"
 """The stock attention of the one-GPU runs: FlexAttention on CUDA, which takes sinks and the softcap (SDPA takes
 neither, and eager attention's full score matrices run out of memory at 32k)."""
 
@@ -76,9 +73,9 @@ def main() -> None:
         build, variant = SHAPES[shape]
         progress(f"{shape}: one GPU per sequence at {a.single_seq}")
         config = build(a.smoke)
-        config._attn_implementation = SINGLE_ATTENTION[shape]
+        config._attn_implementation = SINGLE_ATTENTION
         row = run_one(shape, a.single_seq, "single", a.steps, 1, config=config)
-        record({**row, "attention": SINGLE_ATTENTION[shape]}, variant, True)
+        record({**row, "attention": SINGLE_ATTENTION}, variant, True)
         if world < 2:
             continue
         for mode in a.modes.split(","):
