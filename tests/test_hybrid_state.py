@@ -18,13 +18,14 @@ transformers code, float32 meaning float64), and float32 at the sweep's toleranc
 
 from __future__ import annotations
 
+import functools
 import types
 
 import pytest
 import torch
 import transformers
 from distributed import run_distributed
-from reference import per_document
+from reference import assert_close, per_document
 from test_hybrid import (
     _GDN,
     COMMON,
@@ -77,8 +78,8 @@ def _float64_kernels() -> list[tuple[types.ModuleType, object]]:
     return undo
 
 
-def build(family: str, dtype: torch.dtype) -> transformers.PreTrainedModel:
-    config = transformers.CONFIG_MAPPING[family](**{**COMMON, **CONFIGS[family]})
+def build(family: str, dtype: torch.dtype, **config) -> transformers.PreTrainedModel:
+    config = transformers.CONFIG_MAPPING[family](**{**COMMON, **CONFIGS[family], **config})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(
         config, attn_implementation="eager", experts_implementation="eager"
@@ -112,6 +113,7 @@ def _state_worker(rank: int, world: int) -> None:
     if world == 2:
         _gathered_balanced(meshes[len(MODES[world]) :])
         _refuses_a_forward_that_skips_the_kernels(meshes[0])
+        _kernel_in_pieces(meshes[0], meshes[3])
     for name in STATE_FAMILIES.values():  # the kernel functions are the stock ones again once no model runs CP
         modeling = getattr(getattr(transformers.models, name), f"modeling_{name}")
         assert not any(isinstance(v, _Dispatch) for v in vars(modeling).values()), f"{name}: dispatcher left installed"
@@ -143,6 +145,78 @@ def _refuses_a_forward_that_skips_the_kernels(mesh) -> None:
     mixer = next(m for _, m in find_mixers(model))
     mixer.forward.original = lambda x: x  # reaches neither kernel function
     assert_refused(model, mesh)
+
+
+def _kernel_in_pieces(*meshes) -> None:
+    """With the recurrence's kernel over pieces of one chunk (64 tokens) on rows longer than several, zigzag and
+    ulysses equal each document run alone (float64, the suite's 1e-5): pieces inside a document that starts in the
+    shard and inside one that continues from another rank."""
+    undo = _float64_kernels()
+    default, delta_rule.PIECE_BYTES = delta_rule.PIECE_BYTES, 1
+    try:
+        for family in ("qwen3_next", "kimi_linear"):
+            model = build(family, torch.float64, max_position_embeddings=512)
+            lengths = [5, 290, 1, 88]  # 384 tokens: 192 per rank, 96 per zigzag chunk
+            reference = per_document(model, packed_row(lengths, 0)[0], lengths)
+            for mesh in meshes:
+                name = f"{family} float64 {mesh.config.mode}, kernel in pieces, {lengths}"
+                compare_row(model, mesh, lengths, 0, reference, name, StateMixer)
+    finally:
+        delta_rule.PIECE_BYTES = default
+        for modeling, original in undo:
+            modeling.torch = original
+
+
+KERNELS = {"qwen3_next": "torch_chunk_gated_delta_rule", "kimi_linear": "chunk_kimi_delta_attention"}
+
+
+@pytest.mark.parametrize("family", KERNELS)
+def test_kernel_in_pieces_equals_one_call(family, monkeypatch):
+    """The torch-path kernel over pieces of one chunk (`delta_rule.in_pieces`) equals one call over the whole length:
+    output, final state and the gradient of every input (float32, relative 1e-5), from a zero and from a given
+    state, with a last piece shorter than a chunk."""
+    modeling = getattr(getattr(transformers.models, family), f"modeling_{family}")
+    kernel = getattr(modeling, KERNELS[family])
+    monkeypatch.setattr(delta_rule, "PIECE_BYTES", 1)
+    monkeypatch.setattr(delta_rule, "_fla", lambda: False)
+    delta_rule.in_pieces.cache_clear()
+    calls = []
+
+    @functools.wraps(kernel)
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    pieces = delta_rule.in_pieces(counted)
+    delta_rule.in_pieces.cache_clear()
+    length, heads, dk, dv = 5 * 64 - 3, 2, 8, 12
+    g = torch.Generator().manual_seed(0)
+    decay = (1, length, heads, dk) if family == "kimi_linear" else (1, length, heads)
+    shapes = dict(query=(1, length, heads, dk), key=(1, length, heads, dk), value=(1, length, heads, dv), g=decay,
+                  beta=(1, length, heads), initial_state=(1, heads, dk, dv))  # fmt: skip
+    for incoming in (False, True):
+        inputs = {k: torch.randn(v, generator=g, requires_grad=True) for k, v in shapes.items()}
+        with torch.no_grad():
+            inputs["g"].copy_(-inputs["g"].abs() / 4)  # decays exp(g) in (0, 1]
+            inputs["beta"].copy_(inputs["beta"].sigmoid())
+        if not incoming:
+            inputs["initial_state"] = None
+        results = []
+        for run in (kernel, pieces):
+            calls.clear()
+            out, final = run(**inputs, output_final_state=True, use_qk_l2norm_in_kernel=True)
+            grads = torch.autograd.grad(
+                (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + final.square().sum(),
+                [v for v in inputs.values() if v is not None],
+            )
+            results.append((out.detach(), final.detach(), grads))
+        assert len(calls) == 5, f"{family}: {len(calls)} kernel calls for 5 chunks in pieces of one"
+        name = f"{family}, incoming state {incoming}"
+        (out, final, grads), (out_p, final_p, grads_p) = results
+        assert_close(out_p, out, RTOL, f"{name}: output")
+        assert_close(final_p, final, RTOL, f"{name}: final state")
+        for key, a, b in zip([k for k, v in inputs.items() if v is not None], grads_p, grads):
+            assert_close(a, b, RTOL, f"{name}: gradient of {key}")
 
 
 @pytest.mark.parametrize("world", [2, 4])

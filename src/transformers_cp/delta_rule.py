@@ -19,10 +19,16 @@ those calls their CP form; at any other time they call the original function.
   composes its incoming state S_in = A S + B over the chunks of its document in global order and adds S_inᵀ w_t to
   its output. The gather's backward sums the states' gradients back to their owners. Kimi delta attention decays
   per key channel (S_t = (I − β_t k_t k_tᵀ) diag(α_t) S_{t−1} + β_t k_t v_tᵀ): affine alike, the same scheme.
+
+On transformers' torch path (flash-linear-attention absent) the recurrence's kernel runs over pieces of whole chunks,
+each from the state the one before left (`in_pieces`): that path's backward grows with its call's length squared.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,6 +57,13 @@ attention (a decay per key channel; affine in (S, v) alike)."""
 USE_STATE = True
 """Whether `mixers.install` gives these mixers, and the Mamba1 family (`mixers_mamba1`), the state-passing form (else
 the gathered one: benchmarks compare)."""
+PIECE_BYTES = 16 << 20
+"""transformers' torch path of the chunked delta rule takes one chunk of its whole-call tensors per step of its scan
+(`x[:, :, i]`, `out[:, :, i] = ...`), and the backward of each such index writes a tensor of the whole call: about
+five of them per chunk, so its backward grows with the call's length squared (one H200 step of a Qwen3-Next-shaped
+1.6B: 28.5 s at 32k tokens per rank, 85 s at 64k). `in_pieces` calls it over pieces of whole chunks whose values
+take at most these bytes in float32 (2,048 tokens at 16 heads of 128): each step then writes that much, about the
+work of the step itself; smaller pieces cost more calls (benchmarks/delta_rule_pieces.py)."""
 
 
 def fits(module: torch.nn.Module) -> bool:
@@ -179,8 +192,44 @@ def halo_conv(original, plan: Plan, group, x, weight, bias=None, activation=None
     return out.index_select(2, keep) + 0 * tails.sum()
 
 
+@functools.cache
+def _fla() -> bool:
+    """Whether flash-linear-attention is installed: transformers' kernel functions then take its kernels."""
+    return importlib.util.find_spec("fla") is not None
+
+
+@functools.cache
+def in_pieces(kernel: Callable) -> Callable:
+    """`kernel`, a chunked delta rule of transformers ((batch, L, heads, dim) tensors, `g`, `beta`, `initial_state`,
+    `output_final_state`, `chunk_size`), called over pieces of whole chunks (`PIECE_BYTES`), each entering with the
+    state the one before left: the same recurrence, with a backward linear in the length. flash-linear-attention's
+    kernels and a kernel without `chunk_size` are called whole."""
+    chunk = inspect.signature(kernel).parameters.get("chunk_size")
+    if _fla() or chunk is None:
+        return kernel
+    return functools.partial(_pieces, kernel, chunk.default)
+
+
+def _pieces(kernel, chunk: int, query, key, value, g=None, beta=None, initial_state=None, output_final_state=False,
+            **kwargs):  # fmt: skip
+    """`kernel` over pieces of whole chunks (`in_pieces`)."""
+    length, heads, width = value.shape[1:]
+    step = max(chunk, PIECE_BYTES // (heads * width * 4) // chunk * chunk)
+    if length <= step:
+        return kernel(query, key, value, g=g, beta=beta, initial_state=initial_state,
+                      output_final_state=output_final_state, **kwargs)  # fmt: skip
+    outputs, state = [], initial_state
+    for a in range(0, length, step):
+        part = [t[:, a : a + step] for t in (query, key, value, g, beta)]
+        out, state = kernel(*part[:3], g=part[3], beta=part[4], initial_state=state, output_final_state=True,
+                            **kwargs)  # fmt: skip
+        outputs.append(out)
+    return torch.cat(outputs, dim=1), state if output_final_state else None
+
+
 def _rule(original, plan: Plan, group, query, key, value, g=None, beta=None, **kwargs):
     """The chunked delta rule (gated, or KDA) on each piece; continuing pieces corrected by their incoming state."""
+    original = in_pieces(original)
     kwargs.pop("cu_seqlens", None)
     kwargs.pop("initial_state", None)
     kwargs.pop("output_final_state", None)
