@@ -62,7 +62,7 @@ neither, and eager attention's full score matrices run out of memory at 32k)."""
 def main() -> None:
     a = model_job_parser(__doc__, SHAPES, modes="ulysses", cp_seqs="65536").parse_args()
     if a.smoke:
-        a.single_seq, a.cp_seqs, a.steps = 64, "128", 2
+        a.single_seqs, a.cp_seqs, a.steps = "64", "128", 2
     world, results = model_job_results(a.out)
 
     def record(row: dict, variant: str, on: bool) -> None:
@@ -71,11 +71,12 @@ def main() -> None:
 
     for shape in a.shapes.split(","):
         build, variant = SHAPES[shape]
-        progress(f"{shape}: one GPU per sequence at {a.single_seq}")
-        config = build(a.smoke)
-        config._attn_implementation = SINGLE_ATTENTION
-        row = run_one(shape, a.single_seq, "single", a.steps, 1, config=config)
-        record({**row, "attention": SINGLE_ATTENTION}, variant, True)
+        for seq in map(int, a.single_seqs.split(",")):
+            progress(f"{shape}: one GPU per sequence at {seq}")
+            config = build(a.smoke)
+            config._attn_implementation = SINGLE_ATTENTION
+            row = run_one(shape, seq, "single", a.steps, 1, config=config)
+            record({**row, "attention": SINGLE_ATTENTION}, variant, True)
         if world < 2:
             continue
         for mode in a.modes.split(","):

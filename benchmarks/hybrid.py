@@ -5,6 +5,9 @@ training with gradient checkpointing through transformers_cp's Trainer (`train.r
 
     torchrun --nproc_per_node 2 benchmarks/hybrid.py --out benchmarks/results/hybrid_2xH200.json
     python benchmarks/hybrid.py --smoke --out /tmp/hybrid_smoke.json        # CPU, tiny shapes, seconds
+    # the longest sequence: one step at given lengths, one GPU (stock kernels and the CP kernels) and CP=2
+    torchrun --nproc_per_node 2 benchmarks/hybrid.py --shapes nemotron_h_1.5b --single-seqs 196608 \
+        --single-kernels pieces --cp-seqs 393216 --modes ulysses --steps 1
 
 "One GPU" runs are context_parallel_size=1 in the same 2-process job (each GPU trains its own sequence, data
 parallel), so tokens/s per GPU compares directly. The mixers run through `transformers_cp.mixers`: Nemotron-H's
@@ -12,14 +15,24 @@ Mamba2 layers and the gated delta rule pass their state across ranks (`mixers_ma
 its own tokens); `--mixer-path gathered` puts the gated delta rule on the gathered form instead (each mixer's input
 gathered over the CP group, the stock mixer per document). The JSON says which path and which kernels the stock
 mixers found (flash-linear-attention, mamba_ssm, causal-conv1d, else transformers' torch path).
+
+On transformers' torch path the CP mixers call the stock kernels over pieces (`delta_rule.in_pieces`: the gated
+delta rule's backward grows with its call's length squared; `mixers_mamba2.scan_pieces`: the Mamba2 scan's memory
+does). `--single-kernels pieces` gives the one-GPU model the same kernels (the stock model otherwise), so that the
+one-GPU and CP rows differ only by CP.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
+from collections.abc import Iterator
 
 import transformers
 from train import CUDA, longest, model_job_parser, model_job_results, progress, run_one
+
+from transformers_cp import delta_rule, mixers_mamba2
 
 SMOKE = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 
@@ -72,6 +85,26 @@ def kernels() -> dict:
     return found
 
 
+@contextlib.contextmanager
+def kernels_in_pieces(config: transformers.PretrainedConfig) -> Iterator[None]:
+    """While open, the model type's torch-path kernels run over pieces as its CP mixers run them, without CP."""
+    modeling = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    stock = {name: getattr(modeling, name) for name in (*set(delta_rule.CLASSES.values()), "mamba2_chunk_scan")
+             if hasattr(modeling, name)}  # fmt: skip
+    for name, kernel in stock.items():
+        scan = name == "mamba2_chunk_scan"
+        setattr(
+            modeling,
+            name,
+            mixers_mamba2.scan_pieces(kernel, config.chunk_size) if scan else delta_rule.in_pieces(kernel),
+        )
+    try:
+        yield
+    finally:
+        for name, kernel in stock.items():
+            setattr(modeling, name, kernel)
+
+
 def main() -> None:
     p = model_job_parser(__doc__, SHAPES, modes="zigzag,ulysses", cp_seqs="65536,131072")
     p.add_argument("--search", action="store_true", help="also the longest sequence on 1 GPU and on 2 (first mode)")
@@ -82,13 +115,20 @@ def main() -> None:
         default="state",
         help="the gated-delta-rule mixers' CP form: state passing (about 1x compute) or gathered (up to cx)",
     )
+    p.add_argument(
+        "--single-kernels",
+        default="stock",
+        help="the one-GPU runs' kernels, comma-separated: stock, pieces (the torch-path kernels as the CP runs call them)",
+    )
+    p.add_argument("--piece-bytes", type=int, default=None, help="delta_rule.PIECE_BYTES (default: the module's)")
     a = p.parse_args()
+    if a.piece_bytes is not None:
+        delta_rule.PIECE_BYTES = a.piece_bytes
     if a.smoke:
-        a.single_seq, a.cp_seqs, a.steps, a.search_limit = 64, "128", 2, 256
-    from transformers_cp import delta_rule
-
+        a.single_seqs, a.cp_seqs, a.steps, a.search_limit = "64", "128", 2, 256
     delta_rule.USE_STATE = a.mixer_path == "state"
-    world, results = model_job_results(a.out, kernels=kernels(), mixer_path=a.mixer_path)
+    pieces = dict(delta_rule_piece_bytes=delta_rule.PIECE_BYTES, mamba2_scan_bytes=mixers_mamba2.SCAN_BYTES)
+    world, results = model_job_results(a.out, kernels=kernels(), mixer_path=a.mixer_path, **pieces)
 
     def record(row: dict) -> None:
         row.pop("model_tflops_per_gpu", None)  # train.py's count is for attention-only models
@@ -96,15 +136,18 @@ def main() -> None:
 
     for shape in a.shapes.split(","):
         config = SHAPES[shape](a.smoke)
-        progress(f"{shape}: one GPU per sequence at {a.single_seq}")
-        record(run_one(shape, a.single_seq, "single", a.steps, 1, config=config))
+        for form in a.single_kernels.split(","):
+            for seq in map(int, a.single_seqs.split(",")) if a.single_seqs else []:
+                progress(f"{shape}: one GPU per sequence at {seq}, {form} kernels")
+                with kernels_in_pieces(config) if form == "pieces" else contextlib.nullcontext():
+                    record({**run_one(shape, seq, "single", a.steps, 1, config=config), "kernels": form})
         if world < 2:
             continue
         for mode in a.modes.split(","):
-            for seq in map(int, a.cp_seqs.split(",")):
+            for seq in map(int, a.cp_seqs.split(",")) if a.cp_seqs else []:
                 record(run_one(shape, seq, mode, a.steps, world, config=config))
         if a.search:
-            start = a.single_seq
+            start = int(a.single_seqs.split(",")[0])
             record(longest(shape, "single", start, 1, a.search_limit, step=max(start // 4, 64), config=config))
             mode = a.modes.split(",")[0]
             record(longest(shape, mode, start, world, a.search_limit, step=max(start // 4, 64), config=config))

@@ -195,7 +195,7 @@ def model_job_parser(doc: str, shapes: dict, modes: str, cp_seqs: str) -> argpar
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--shapes", default=",".join(shapes))
     p.add_argument("--modes", default=modes, help="CP modes of the CP=2 runs")
-    p.add_argument("--single-seq", type=int, default=32768, help="sequence of the one-GPU run")
+    p.add_argument("--single-seqs", default="32768", help="sequences of the one-GPU runs")
     p.add_argument("--cp-seqs", default=cp_seqs, help="sequences of the CP=2 runs")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--smoke", action="store_true", help="tiny shapes and sequences, for a CPU check of the script")

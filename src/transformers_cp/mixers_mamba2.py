@@ -295,11 +295,18 @@ def scan_in_pieces(module: torch.nn.Module) -> Iterator[None]:
     if stock is None or not _torch_scan():
         yield
         return
-    modeling.mamba2_chunk_scan = functools.partial(_scan_pieces, stock, module.chunk_size)
+    modeling.mamba2_chunk_scan = scan_pieces(stock, module.chunk_size)
     try:
         yield
     finally:
         modeling.mamba2_chunk_scan = stock
+
+
+def scan_pieces(stock: Callable, chunk: int) -> Callable:
+    """`stock`, a modeling module's Mamba2 chunk scan with scan chunks of `chunk` tokens, called over pieces
+    (`scan_in_pieces`); `stock` itself where mamba_ssm's kernel runs. benchmarks/hybrid.py gives it to the model
+    without CP, for a one-GPU run with the kernels the CP run has."""
+    return functools.partial(_scan_pieces, stock, chunk) if _torch_scan() else stock
 
 
 class LargestTensor(TorchDispatchMode):
