@@ -220,7 +220,7 @@ def _pieces(kernel, chunk: int, query, key, value, g=None, beta=None, initial_st
                       output_final_state=output_final_state, **kwargs)  # fmt: skip
     outputs, state = [], initial_state
     for a in range(0, length, step):
-        part = [t[:, a : a + step] for t in (query, key, value, g, beta)]
+        part = [None if t is None else t[:, a : a + step] for t in (query, key, value, g, beta)]
         out, state = kernel(*part[:3], g=part[3], beta=part[4], initial_state=state, output_final_state=True,
                             **kwargs)  # fmt: skip
         outputs.append(out)
