@@ -69,8 +69,8 @@ class _StubAten:
     @staticmethod
     def _scaled_dot_product_cudnn_attention(q, k, v, bias, lse, dropout, causal, debug, scale=None):
         KERNEL_CALLS["attention"] += 1
-        n, h, lq, _ = q.shape
-        return torch.empty(q.shape[:-1] + v.shape[-1:], dtype=q.dtype), torch.empty((n, h, lq, 1))
+        n, h, lq, _ = q.shape  # the output in q's stride order, as cuDNN allocates it (`alloc_with_matching_layout`)
+        return torch.empty_like(q), torch.empty((n, h, lq, 1))
 
     @staticmethod
     def _scaled_dot_product_cudnn_attention_backward(dout, q, k, v, *rest, scale=None):
@@ -100,7 +100,7 @@ class _StubTorch:
         return getattr(torch, name)
 
 
-def _stub_fused_ops() -> None:
+def stub_fused_ops() -> None:
     torch_fused.torch = _StubTorch()
 
 
@@ -158,7 +158,7 @@ def main() -> None:
     dist.init_process_group("fake", rank=a.rank, world_size=WORLD, store=FakeStore())
     torch.set_num_threads(1)
     if a.kernel == "fused":
-        _stub_fused_ops()
+        stub_fused_ops()
         # the documents that get a cuDNN call of their own at 8k get one here too: the same calls, tiny
         torch_fused.CUDNN_MIN_DOCUMENT = max(2, torch_fused.CUDNN_MIN_DOCUMENT * a.seq // 8192)
     kernel_cls = KERNELS[a.kernel]

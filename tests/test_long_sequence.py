@@ -106,6 +106,19 @@ def test_chunked_loss_is_the_models_loss(family, chunk):
         assert_close(chunked(input_ids=ids).logits, plain(input_ids=ids).logits, RTOL, "logits")
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_chunked_loss_without_targets_is_the_models_loss(family):
+    """Labels all -100 (every chunk skipped): the loss 0 and zero gradients of the plain model over
+    num_items_in_batch."""
+    plain = _model(family)
+    chunked = apply_chunked_loss(copy.deepcopy(plain), 7)
+    ids, _ = _batch()
+    inputs = dict(input_ids=ids, labels=torch.full_like(ids, -100), num_items_in_batch=torch.tensor(29))
+    expected = _loss_and_grads(plain, **inputs)
+    assert expected[0] == 0 and expected[1] and not any(g.any() for g in expected[1].values())
+    _assert_same(_loss_and_grads(chunked, **inputs), expected, family)
+
+
 def test_chunked_loss_rejects_logit_scaling():
     config = transformers.CohereConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,

@@ -123,7 +123,8 @@ def context_parallel_attention_forward(
             "transformers_cp collator or `shard_batch`."
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    q, k, v = equal_head_dims(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1))
+    # squeeze, not [0]: a select's backward writes a zero tensor and copies the gradient into it, per tensor and layer
+    q, k, v = equal_head_dims(*(t.squeeze(0).transpose(0, 1) for t in (query, key, value)))
     reuse = ForwardReuse(state.kept, module) if state.recomputed(module) else None
     softcap = kwargs.get("softcap") or None
     out = context_parallel_attention(q, k, v, mesh, docs, scale, sliding_window, reuse, softcap=softcap, sinks=sinks)

@@ -42,6 +42,18 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return logits.float()
 
 
+def _chunks_with_targets(labels: torch.Tensor, chunk_size: int) -> list[int]:
+    """The first rows of the chunks that hold a target (a label other than -100), read from the device in one
+    synchronisation for all chunks."""
+    targets = F.pad(labels.ne(IGNORE_INDEX), (0, -labels.shape[0] % chunk_size))
+    return [i * chunk_size for i, has in enumerate(targets.view(-1, chunk_size).any(1).tolist()) if has]
+
+
+def _add_float(total: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
+    """`total + grad` in float32, `grad` in float32 when there is no total yet."""
+    return grad.float() if total is None else total.add_(grad)
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Σ CE(softcap(h·Wᵀ + b), labels) over chunks of `chunk_size` rows, gradients computed in forward."""
 
@@ -49,13 +61,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, chunk_size: int, softcap: float | None, with_grads: bool):
         needs = [need and with_grads for need in ctx.needs_input_grad[:3]]  # no gradient work without autograd
         grad_hidden = torch.zeros_like(hidden) if needs[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and needs[2] else None
+        # float32 sums over the chunks (None until the first chunk, copied in rather than added to zeros)
+        grad_weight = grad_bias = None
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk_size):
+        for start in _chunks_with_targets(labels, chunk_size):
             chunk_labels = labels[start : start + chunk_size]
-            if not bool(chunk_labels.ne(IGNORE_INDEX).any()):
-                continue  # no target in this chunk: no loss and no gradient
             with torch.enable_grad():
                 h = hidden[start : start + chunk_size].detach().requires_grad_(needs[0])
                 w = weight.detach().requires_grad_(needs[1])
@@ -69,10 +79,14 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if needs[0]:
                     grad_hidden[start : start + chunk_size] = next(grads)
                 if needs[1]:
-                    grad_weight += next(grads)
-                if grad_bias is not None:
-                    grad_bias += next(grads)
+                    grad_weight = _add_float(grad_weight, next(grads))
+                if bias is not None and needs[2]:
+                    grad_bias = _add_float(grad_bias, next(grads))
             total += loss.detach()
+        if needs[1] and grad_weight is None:  # no chunk has a target
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        if bias is not None and needs[2] and grad_bias is None:
+            grad_bias = torch.zeros_like(bias, dtype=torch.float32)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
