@@ -3,11 +3,13 @@ the mixer's compute), exact against each document run alone.
 
 The stock mixer (transformers' own forward, no copy of it) runs once per call on an *expanded* shard: every piece of
 the shard (a stretch of one document inside one chunk of the layout) is preceded by k − 1 spacer rows (k = the
-convolution's kernel). Two hooks on the mixer's own submodules, live only during that call, make it exact:
+convolution's kernel) holding the k − 1 mixer inputs that precede the piece in global order (from the rank holding
+them, one all-gather of every chunk's last k − 1 input rows; the backward sums their gradients back to the owner),
+zeros before a document start; `in_proj` turns them into the piece's convolution look-back, so the convolution of
+each piece is its own (a hook on `in_proj`'s output zeroes those convolution inputs where it has a bias). A shard
+that starts with a document takes no spacers before it: the convolution's zero padding and the scan's zero initial
+state are the truth there. A hook on the mixer's gated norm, live only during that call, makes the scan exact:
 
-- on `in_proj` (output): the spacer rows' convolution inputs become the k − 1 inputs that precede the piece in
-  global order (from the rank holding them, one all-gather of every chunk's last k − 1 rows; the backward sums their
-  gradients back to the owner), zeros before a document start. The convolution of each piece is then its own.
 - on the gated norm (input; for Falcon-H1 without `mamba_rms_norm`, on `out_proj`'s input with the gate applied):
   the scan output y gains the state correction. The SSM is h_t = exp(A·Δ_t) h_{t−1} + Δ_t B_t x_tᵀ,
   y_t = C_tᵀ h_t + D x_t, so a piece whose stock run entered with state h_s where the truth is h_in has
@@ -17,9 +19,11 @@ convolution's kernel). Two hooks on the mixer's own submodules, live only during
   affine composition: h_s along the expanded shard, h_in over the CP group (one all-gather of every chunk's last
   piece (decay, state); its backward returns the states' gradients).
 
-x, B, C and Δ for the correction are recomputed from `in_proj`'s output (the depthwise convolution again: cheap);
-everything else is the stock path. Where mamba_ssm is installed, the mixer's training path is its fused kernel,
-which takes no incoming state: the mixer runs its unfused path (mamba_ssm's chunk scan and causal-conv1d kernels)
+C and Δ for the correction are recomputed from `in_proj`'s output (the depthwise convolution again), x and B only
+over the rows whose state is used (the spacers, and the pieces whose state a later piece or chunk takes); the
+correction is added to its pieces' rows only (`_AddRows`); everything else is the stock path
+(`benchmarks/mamba2_overhead.py` measures what this adds per rank). Where mamba_ssm is installed, the mixer's
+training path is its fused kernel, which takes no incoming state: the mixer runs its unfused path (mamba_ssm's chunk scan and causal-conv1d kernels)
 during the call (`training` off for that module; it has no dropout). Chunks shorter than k − 1 take their halo from
 several chunks. A mixer given other per-token arguments (none of these classes today) takes `GatheredMixer`.
 
@@ -78,12 +82,13 @@ class _Plan:
     """Where each piece of this rank's shard sits in the expanded row and where its incoming values come from."""
 
     pieces: list[tuple[int, int, int, bool]]  # (expanded start, end, chunk's position in `order`, continues)
-    source: torch.Tensor  # per expanded row: its row of the shard, or L for a spacer (a zero row)
+    source: torch.Tensor  # per expanded row: its row of [shard | zero row | gathered tails]
     keep: torch.Tensor  # the expanded rows of the shard's own positions, in shard order
-    spacers: torch.Tensor  # the expanded spacer rows
-    halo: torch.Tensor  # per spacer row: its row of the gathered tails, or the zero row after them
-    tails: torch.Tensor  # per chunk slot of this rank (`slots` of them): its last k − 1 expanded rows
+    blank: torch.Tensor  # the spacer rows before a document start (zero convolution inputs)
+    tails: torch.Tensor  # per chunk slot of this rank (`slots` of them): its last k − 1 rows of the shard
+    real: torch.Tensor  # per row of `tails`: whether it is one (else a zero row: a short chunk, a missing slot)
     slots: int  # chunk slots per rank in the gathers (the most chunks any rank holds)
+    needed: list[bool]  # per piece: whether its own final state is used (a later piece, or the next chunk's)
     order: list[tuple[int, int, bool, bool]]  # every chunk in global order: (rank, slot, continues, one piece)
     mine: list[int]  # positions in `order` of this rank's chunks, in shard order
 
@@ -98,37 +103,43 @@ def _plan(docs: Documents, mesh: ContextParallelMesh, k: int) -> _Plan:
     order = [(r, i, a not in starts, not any(a < s < b for s in starts)) for a, b, r, i in chunks]
     position = {(r, i): n for n, (r, i, _, _) in enumerate(order)}
     mine = [position[mesh.cp_rank, i] for i in range(len(ranges[mesh.cp_rank]))]
-    zero = mesh.cp_size * slots * halo  # the zero row after the gathered tails
+    shard = sum(b - a for a, b in ranges[mesh.cp_rank])
+    zero = shard  # the zero row after the shard's rows, then the gathered tails
 
     def gathered_row(p: int) -> int:
-        """The row of the gathered tails holding the input at global position p (among its chunk's last k − 1)."""
+        """The row of the table holding the input at global position p (among its chunk's last k − 1)."""
         a, b, r, i = chunks[bisect.bisect_right([c[0] for c in chunks], p) - 1]
-        return (r * slots + i) * halo + p - (b - halo)
+        return zero + 1 + (r * slots + i) * halo + p - (b - halo)
 
-    pieces, source, keep, spacers, halo_rows, tails = [], [], [], [], [], []
-    shard = sum(b - a for a, b in ranges[mesh.cp_rank])
+    pieces, source, keep, blank, tails = [], [], [], [], []
     offset = 0
     for slot, (a, b) in enumerate(ranges[mesh.cp_rank]):
         cuts = [a, *sorted(s for s in starts if a < s < b), b]
         for s, e in zip(cuts, cuts[1:]):
-            first = len(source)
-            spacers.extend(range(first, first + halo))
-            source.extend([shard] * halo)
             doc_start = docs.span(s)[0]
-            for p in range(s - halo, s):  # the document's inputs before the piece, zeros before its start
-                halo_rows.append(gathered_row(p) if s == a and p >= doc_start else zero)
+            # no spacers where the shard starts with a document: the convolution's own zero padding and the scan's
+            # zero initial state are the truth there (the piece needs no correction)
+            for p in range(s - halo, s) if source or s != doc_start else ():
+                if s == a and p >= doc_start:
+                    source.append(gathered_row(p))
+                else:
+                    blank.append(len(source))
+                    source.append(zero)
             keep.extend(range(len(source), len(source) + e - s))
             source.extend(range(offset + s - a, offset + e - a))
-            pieces.append((first + halo, len(source), mine[slot], s == a and s != doc_start))
-        tail = keep[max(len(keep) - halo, len(keep) - (b - a)) :]
+            pieces.append((len(source) - (e - s), len(source), mine[slot], s == a and s != doc_start))
+        tail = list(range(offset + max(0, b - a - halo), offset + b - a))
         tails.append([None] * (halo - len(tail)) + tail)  # a chunk shorter than k − 1: zeros in front
         offset += b - a
     tails += [[None] * halo] * (slots - len(ranges[mesh.cp_rank]))  # this rank has fewer chunks than another
+    # a piece's own state is used by the next piece of the shard (the state the stock run carries into it) or, for
+    # the shard's last piece (its chunk's last), by the chunk after it in global order if that continues it
+    needed = [i + 1 < len(pieces) or (n + 1 < len(order) and order[n + 1][2]) for i, (_, _, n, _) in enumerate(pieces)]
     as_tensor = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
-    tail_rows = [len(source) if i is None else i for t in tails for i in t]  # None: the zero row after the rows
+    flat = [i for t in tails for i in t]
     return _Plan(
-        pieces, as_tensor(source), as_tensor(keep), as_tensor(spacers), as_tensor(halo_rows), as_tensor(tail_rows),
-        slots, order, mine,
+        pieces, as_tensor(source), as_tensor(keep), as_tensor(blank), as_tensor([i or 0 for i in flat]),
+        torch.tensor([i is not None for i in flat])[:, None], slots, needed, order, mine,
     )  # fmt: skip
 
 
@@ -158,7 +169,12 @@ class StatePassingMixer(GatheredMixer):
             return super().__call__(*args, **kwargs)
         key = ("mamba2_plan", self.k, self.mesh.cp_rank, str(x.device))
         plan = docs.cached(key, lambda: _to(_plan(docs, self.mesh, self.k), x.device))
-        rows = torch.cat([x, x.new_zeros(1, 1, x.shape[-1])], dim=1).index_select(1, plan.source)
+        # the spacer rows take the k − 1 mixer inputs before each piece (in_proj then gives their convolution
+        # inputs), from the rank that holds them: every chunk's last k − 1 rows in one all-gather
+        shard = x.squeeze(0)  # a view both ways (indexing [0] would make a zero-filled gradient)
+        tails = torch.where(plan.real, shard.index_select(0, plan.tails), 0)
+        gathered = AllGather.apply(tails, self.mesh.cp_group)  # rank order, then slot order, then row
+        rows = torch.cat([shard, x.new_zeros(1, x.shape[-1]), gathered]).index_select(0, plan.source)[None]
         self.call = {"plan": plan}
         module = self.module
         training = module.training
@@ -172,25 +188,16 @@ class StatePassingMixer(GatheredMixer):
         out = out.index_select(1, plan.keep)
         return out if extra is None else (out, *extra)
 
-    def _columns(self) -> tuple[int, int]:
-        """in_proj's output columns of the convolution's input (x, B, C), which precede the heads' Δ."""
-        module = self.module
-        end = -module.num_heads
-        return end - module.conv_dim, end
-
-    def _after_in_proj(self, _module, _args, out: torch.Tensor):
+    def _after_in_proj(self, in_proj, _args, out: torch.Tensor):
         if self.call is None:
             return None
         plan = self.call["plan"]
-        lo, hi = self._columns()
-        xbc = out[0, :, lo:hi]
-        tails = torch.cat([xbc, xbc.new_zeros(1, xbc.shape[-1])]).index_select(0, plan.tails)
-        gathered = AllGather.apply(tails, self.mesh.cp_group)  # rank order, then slot order, then row
-        spacer_rows = torch.cat([gathered, gathered.new_zeros(1, xbc.shape[-1])]).index_select(0, plan.halo)
-        xbc = xbc.index_put((plan.spacers,), spacer_rows)
-        # every rank's gather must reach the backward (its reduce-scatter is a collective), used or not
-        xbc = xbc + 0 * gathered.sum()
-        out = torch.cat([out[..., :lo], xbc[None], out[..., hi:]], dim=-1)
+        if in_proj.bias is not None and len(plan.blank):  # zero inputs gave the bias: zero convolution inputs
+            hi = out.shape[-1] - self.module.num_heads  # the convolution's input (x, B, C) precedes the heads' Δ
+            lo = hi - self.module.conv_dim
+            rows = plan.blank.repeat_interleave(hi - lo)
+            columns = torch.arange(lo, hi, device=out.device).repeat(len(plan.blank))
+            out = out[0].index_put((rows, columns), out.new_zeros(()))[None]
         self.call["projected"] = out
         return out
 
@@ -198,38 +205,47 @@ class StatePassingMixer(GatheredMixer):
         if self.call is None:
             return None
         y, *rest = args
-        correction, gate = self._correction()
+        pieces, gate = self._correction()
         if self.gate_at_output:
-            correction = correction * F.silu(gate)
-        return ((y + correction.to(y.dtype)[None]), *rest)
+            pieces = [(s, e, c * F.silu(gate[s:e]).view(c.shape)) for s, e, c in pieces]
+        ranges = [(s, e) for s, e, _ in pieces]
+        return (_AddRows.apply(y, ranges, *(c.to(y.dtype) for _, _, c in pieces)), *rest)
 
-    def _ssm_inputs(self, projected: torch.Tensor):
-        """Δ (L', G, H/G), x (L', G, H/G, P), B and C (L', G, N) and the gate of the expanded row, as the stock path
-        makes them (heads grouped by the B and C they share, G groups)."""
+    def _ssm_inputs(self, projected: torch.Tensor, rows: int):
+        """Δ (L', G, H/G), C (L', G, N), x (rows, G, H/G, P) and B (rows, G, N) of the expanded row's first `rows`
+        rows, and the gate, as the stock path makes them (heads grouped by the B and C they share, G groups)."""
         module = self.module
         mup = getattr(module, "mup_vector", None)
         if mup is not None:
             projected = projected * mup
-        projected = projected[0]
-        lo, hi = self._columns()
-        xbc, dt = projected[:, lo:hi], projected[:, hi:]
-        gate = projected[:, lo - module.intermediate_size : lo]
-        weight = module.conv1d.weight
-        conv = F.conv1d(xbc.T[None].to(weight.dtype), weight, module.conv1d.bias, padding=self.k - 1,
-                        groups=module.conv_dim)[0, :, : xbc.shape[0]]  # fmt: skip
-        conv = ACT2FN[module.activation](conv).to(xbc.dtype).T
         heads, groups, state = module.num_heads, module.n_groups, module.ssm_state_size
-        x, b, c = conv.float().split([module.intermediate_size, groups * state, groups * state], dim=-1)
+        inner = module.intermediate_size
+        sizes = [inner, inner + groups * state, groups * state, heads]  # gate, x and B, C, Δ
+        _, gate, xb, c, dt = projected.squeeze(0).split([projected.shape[-1] - sum(sizes), *sizes], dim=-1)
+        x, b = self._conv(xb if rows == len(xb) else xb[:rows], 0).split([inner, groups * state], dim=-1)
+        c = self._conv(c, inner + groups * state)
         dt = F.softplus(dt + module.dt_bias.to(dt.dtype))
         low, high = module.time_step_limit
         dt = torch.clamp(dt, low, high).float().view(-1, groups, heads // groups)
         x = x.view(-1, groups, heads // groups, module.head_dim)
         return dt, x, b.view(-1, groups, state), c.view(-1, groups, state), gate
 
-    def _correction(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The additive correction of the scan output (L', H·P) and the gate (L', H·P)."""
+    def _conv(self, inputs: torch.Tensor, first: int) -> torch.Tensor:
+        """The depthwise convolution and activation of the channels [first, first + width) of the convolution's
+        input (L, width), in float32 as the stock scan takes them."""
+        conv1d, width = self.module.conv1d, inputs.shape[-1]
+        weight = conv1d.weight[first : first + width]
+        bias = None if conv1d.bias is None else conv1d.bias[first : first + width]
+        out = F.conv1d(inputs.T.unsqueeze(0).to(weight.dtype), weight, bias, padding=self.k - 1, groups=width)
+        return ACT2FN[self.module.activation](out.squeeze(0)[:, : len(inputs)]).to(inputs.dtype).T.float()
+
+    def _correction(self) -> tuple[list[tuple[int, int, torch.Tensor]], torch.Tensor]:
+        """The additive correction of the scan output per piece (its expanded rows [s, e) and (e − s, G, H/G, P)), and
+        the gate (L', H·P)."""
         plan, module = self.call["plan"], self.module
-        dt, x, b, c, gate = self._ssm_inputs(self.call["projected"])
+        # x and B are needed for the spacers' and the used pieces' own states only (C for every correction)
+        rows = max([s for s, *_ in plan.pieces] + [e for (_, e, *_), n in zip(plan.pieces, plan.needed) if n] + [1])
+        dt, x, b, c, gate = self._ssm_inputs(self.call["projected"], rows)
         a = -torch.exp(module.A_log.float()).view(dt.shape[1:])
         cum = torch.cumsum((dt * a).double(), dim=0)  # log-decay from the row's start, float64 against cancellation
         cum = torch.cat([cum.new_zeros(1, *cum.shape[1:]), cum])  # cum[t] = before expanded row t
@@ -245,10 +261,11 @@ class StatePassingMixer(GatheredMixer):
         # the stock run's state entering each piece (it carries across pieces and spacers), and each chunk's last piece
         heads, shape = module.num_heads, (*x.shape[1:], b.shape[-1])  # a state: (G, H/G, P, N)
         carried, stock, last, halo = x.new_zeros(shape), [], {}, self.k - 1
-        for s, e, chunk, _ in plan.pieces:
-            carried = decay(s - halo, s) * carried + final_state(s - halo, s)
+        for (s, e, chunk, _), needed in zip(plan.pieces, plan.needed):
+            if s > 0:  # its spacers (the first piece has none where it starts a document: it enters with zero)
+                carried = decay(s - halo, s) * carried + final_state(s - halo, s)
             stock.append(carried)
-            own = final_state(s, e)
+            own = final_state(s, e) if needed else torch.zeros_like(carried)  # unused: zeros in the gather
             last[chunk] = (own, (cum[e] - cum[s]).float().flatten())
             carried = decay(s, e) * carried + own
         rows = [torch.cat([last[n][0].flatten(), last[n][1]]) for n in plan.mine]
@@ -263,16 +280,36 @@ class StatePassingMixer(GatheredMixer):
                 state = torch.exp(row[-heads:]).view(shape[:2])[..., None, None] * state + own
             else:
                 state = own
-        pieces, position = [], 0
+        # every rank's gather must reach the backward (its reduce-scatter is a collective), used or not
+        anchor = 0 * gathered.sum()
+        pieces = [(0, 0, x.new_zeros(0, heads * x.shape[-1]) + anchor)]  # (rows [s, e), the correction)
         for (s, e, chunk, continues), before in zip(plan.pieces, stock):
+            if s == 0:  # the shard starts with this document: the stock run was exact
+                continue
             true = entering[chunk] if continues else torch.zeros_like(before)
             decays = torch.exp((cum[s + 1 : e + 1] - cum[s]).float())
-            pieces.append(x.new_zeros(s - position, *x.shape[1:]))
-            pieces.append(torch.einsum("tgn,gjpn->tgjp", c[s:e], true - before) * decays[..., None])
-            position = e
-        pieces.append(x.new_zeros(c.shape[0] - position, *x.shape[1:]))
-        correction = torch.cat(pieces).flatten(1) + 0 * gathered.sum()
-        return correction, gate
+            correction = torch.einsum("tgn,gjpn->tgjp", c[s:e], true - before) * decays[..., None]
+            pieces.append((s, e, correction))  # (e − s, G, H/G, P), permuted: _AddRows takes it as it is
+        return pieces, gate
+
+
+class _AddRows(torch.autograd.Function):
+    """y (1, L', W) with each of `pieces` ((e − s, ...), any strides: the einsum's permuted output) added to its rows
+    [s, e) of `ranges`, in one copy of y; the backward passes y's gradient through whole and gives each piece a view
+    of it (autograd's slicing would make a zero-filled y-sized gradient per piece)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, ranges: list[tuple[int, int]], *pieces: torch.Tensor) -> torch.Tensor:
+        ctx.ranges = ranges
+        out = y.clone()
+        for (s, e), piece in zip(ranges, pieces):
+            out[0, s:e].view(piece.shape).add_(piece)
+        ctx.shapes = [piece.shape for piece in pieces]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None, *(grad[0, s:e].reshape(shape) for (s, e), shape in zip(ctx.ranges, ctx.shapes))
 
 
 @functools.cache
