@@ -2,7 +2,7 @@
 against one process at the same tokens per process (one document per row, ulysses, CP = 2; rank 0 holds the
 document's start, rank 1 its continuation):
 
-- `bytes`: bytes that one Mamba2 mixer's forward and backward write (every op's new outputs, views excluded; the
+- `bytes`: bytes that one Mamba2 mixer's forward and backward write (`step_ops.written_bytes`; the
   best CPU proxy for the GPU time of these memory-bound ops), per local token and per op, on meta tensors (any
   shape, no compute; `--shape gpu` is benchmarks/hybrid.py's 1.5B). `cp, no correction` runs the expanded shard
   without the correction at the gated norm.
@@ -31,8 +31,8 @@ import torch.distributed as dist
 import transformers
 from hybrid import nemotron_h
 from mamba2_memory import _Gather
+from step_ops import written_bytes
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from transformers_cp import ContextParallelConfig, apply_context_parallel, build_mesh, mixers_mamba2
 from transformers_cp.layout import Layout
@@ -56,7 +56,7 @@ def config(shape: str, layers: str = "M-M-M-") -> transformers.NemotronHConfig:
 
 
 class Written(TorchDispatchMode):
-    """Bytes of the new tensors every op writes while open (views are not counted; in-place ops are), per op."""
+    """Bytes every op writes while open (`step_ops.written_bytes`), per op."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -64,10 +64,7 @@ class Written(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        alias = func._schema.returns[0].alias_info if func._schema.returns else None
-        if alias is None or alias.is_write:
-            self.bytes[func.__name__] += sum(t.numel() * t.element_size() for t in tree_leaves(out)
-                                             if isinstance(t, torch.Tensor))  # fmt: skip
+        self.bytes[func.__name__] += written_bytes(func, out)
         return out
 
 

@@ -93,6 +93,13 @@ def _site() -> str:
     return f"autograd {node.name()}" if node is not None else model or "-"
 
 
+def written_bytes(func, out) -> int:
+    """Bytes an ATen op writes: its output tensors' (an in-place op's `self`); views and allocations write none."""
+    if func.is_view or func.overloadpacket.__name__ in ALLOCATIONS:
+        return 0
+    return sum(t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+
+
 class OpRecorder(TorchDispatchMode):
     """Records calls and bytes written per ATen op into `record` (see the module docstring)."""
 
@@ -107,9 +114,7 @@ class OpRecorder(TorchDispatchMode):
         if func.is_view:
             return out
         name = func.overloadpacket.__name__
-        written = 0
-        if name not in ALLOCATIONS:
-            written = sum(t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+        written = written_bytes(func, out)
         key, rec = (self.phase, name), self.record
         if self.in_kernel or any(k in name for k in KERNEL_OPS):
             tallies = [rec.kernel[key]]
