@@ -2,9 +2,13 @@
 document from earlier chunks: the composition the diagonal-decay recurrences share (Mamba1's selective scan, lightning
 attention, RG-LRU). A chunk's recurrence from a zero start ends in S_chunk; with decay the product of its per-step
 decays, the state leaving it from an incoming S is decay ⊙ S + S_chunk, so the incoming state of a continuing piece is
-that map composed over its document's earlier chunks in global order."""
+that map composed over its document's earlier chunks in global order. `call_in_pieces` runs a stock recurrence kernel
+over pieces of its length, each entering with the state the one before left (Mamba2's chunk scan, the delta rule).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -31,3 +35,18 @@ class ChunkStates:
             row = self.gathered[slot]
             state = row[self.size :].view(self.decay) * state + row[: self.size].view(self.shape)
         return state
+
+
+def call_in_pieces(
+    kernel: Callable, call: dict, per_token: tuple[str, ...], tokens: int, state: str, final: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kernel(**call)` over pieces of `tokens` positions of its (batch, L, ...) arguments `per_token`, each piece
+    entering with the state the one before left (the kernel's keywords `state` for the incoming one and `final` to
+    return it): the concatenated output and the last state."""
+    length = next(call[k] for k in per_token if call.get(k) is not None).shape[1]
+    current, outputs = call.get(state), []
+    for start in range(0, length, tokens):
+        piece = {k: call[k][:, start : start + tokens] for k in per_token if call.get(k) is not None}
+        out, current = kernel(**{**call, **piece, state: current, final: True})
+        outputs.append(out)
+    return torch.cat(outputs, dim=1), current

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import changes
+from .chunk_states import call_in_pieces
 from .comm import AllGather
 from .mesh import ContextParallelMesh
 from .mixers import GatheredMixer, MixerDocuments
@@ -215,16 +216,12 @@ def _pieces(kernel, chunk: int, query, key, value, g=None, beta=None, initial_st
     """`kernel` over pieces of whole chunks (`in_pieces`)."""
     length, heads, width = value.shape[1:]
     step = max(chunk, PIECE_BYTES // (heads * width * 4) // chunk * chunk)
+    call = dict(query=query, key=key, value=value, g=g, beta=beta, initial_state=initial_state, **kwargs)
     if length <= step:
-        return kernel(query, key, value, g=g, beta=beta, initial_state=initial_state,
-                      output_final_state=output_final_state, **kwargs)  # fmt: skip
-    outputs, state = [], initial_state
-    for a in range(0, length, step):
-        part = [None if t is None else t[:, a : a + step] for t in (query, key, value, g, beta)]
-        out, state = kernel(*part[:3], g=part[3], beta=part[4], initial_state=state, output_final_state=True,
-                            **kwargs)  # fmt: skip
-        outputs.append(out)
-    return torch.cat(outputs, dim=1), state if output_final_state else None
+        return kernel(**call, output_final_state=output_final_state)
+    per_token = ("query", "key", "value", "g", "beta")
+    out, state = call_in_pieces(kernel, call, per_token, step, "initial_state", "output_final_state")
+    return out, state if output_final_state else None
 
 
 def _rule(original, plan: Plan, group, query, key, value, g=None, beta=None, **kwargs):

@@ -23,8 +23,8 @@ C and Δ for the correction are recomputed from `in_proj`'s output (the depthwis
 over the rows whose state is used (the spacers, and the pieces whose state a later piece or chunk takes); the
 correction is added to its pieces' rows only (`_AddRows`); everything else is the stock path
 (`benchmarks/mamba2_overhead.py` measures what this adds per rank). Where mamba_ssm is installed, the mixer's
-training path is its fused kernel, which takes no incoming state: the mixer runs its unfused path (mamba_ssm's chunk scan and causal-conv1d kernels)
-during the call (`training` off for that module; it has no dropout). Chunks shorter than k − 1 take their halo from
+training path is its fused kernel, which takes no incoming state: the mixer runs its unfused path (mamba_ssm's chunk
+scan and causal-conv1d kernels) during the call (`training` off for that module; it has no dropout). Chunks shorter than k − 1 take their halo from
 several chunks. A mixer given other per-token arguments (none of these classes today) takes `GatheredMixer`.
 
 Where the scan runs transformers' torch path (mamba_ssm absent), the stock mixer's chunk scan is called over pieces
@@ -53,6 +53,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_leaves
 from transformers.activations import ACT2FN
 
+from .chunk_states import call_in_pieces
 from .comm import AllGather
 from .mesh import ContextParallelMesh
 from .mixers import GatheredMixer, MixerDocuments
@@ -412,12 +413,7 @@ def _scan_pieces(stock: Callable, chunk: int, *args, **kwargs):
     tokens = _piece_tokens(stock, call, split, chunk)
     if tokens >= length:
         return stock(**call)
-    state, outputs = call.get("initial_states"), []
-    for start in range(0, length, tokens):
-        piece = {k: call[k][:, start : start + tokens] for k in split}
-        out, state = stock(**{**call, **piece, "initial_states": state, "return_final_states": True})
-        outputs.append(out)
-    out = torch.cat(outputs, dim=1)
+    out, state = call_in_pieces(stock, call, tuple(split), tokens, "initial_states", "return_final_states")
     return (out, state) if call.get("return_final_states") else out
 
 
