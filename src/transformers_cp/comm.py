@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.distributed as dist
 
@@ -15,13 +17,13 @@ class RingComm:
         self.size = dist.get_world_size(group)
         self._reqs: list = []
 
-    def start(self, send: torch.Tensor, hops: int = 1) -> torch.Tensor:
-        """Begin passing `send` `hops` steps along the ring; returns the buffer that `wait` fills (`send` itself when
-        the hops make a full turn)."""
+    def start(self, send: torch.Tensor, hops: int = 1, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """Begin passing `send` `hops` steps along the ring; returns the buffer that `wait` fills, of `shape` (that of
+        `send` if not given), or `send` itself when the hops make a full turn."""
         hops %= self.size
         if hops == 0:
             return send
-        recv = torch.empty(send.shape, dtype=send.dtype, device=send.device)
+        recv = torch.empty(send.shape if shape is None else shape, dtype=send.dtype, device=send.device)
         to = dist.get_global_rank(self.group, (self.rank + hops) % self.size)
         source = dist.get_global_rank(self.group, (self.rank - hops) % self.size)
         ops = [dist.P2POp(dist.isend, send, to, self.group), dist.P2POp(dist.irecv, recv, source, self.group)]

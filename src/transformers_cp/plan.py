@@ -182,15 +182,58 @@ def ring_plan(
 
     A step whose blocks are empty on every rank is skipped by all of them alike: the KV then travels the skipped
     steps in one hop (`algorithms.ring`), so no rank waits for KV that nobody attends to. Short documents that stay
-    on one rank (the `documents` balance, or documents inside a chunk) leave the later steps empty.
+    on one rank (the `documents` balance, or documents inside a chunk) leave the later steps empty. What travels is
+    only the rows of a rank's KV that some other rank attends to (`sent_rows`), concatenated: the blocks of the
+    later steps index that buffer.
     """
 
     def build():
-        every = [_step_blocks(docs, layout, r, window_left) for r in range(layout.ring)]
+        every = _every_rank(docs, layout, window_left)
+        sent = sent_rows(docs, layout, window_left)
         used = [s for s in range(layout.ring) if s == 0 or any(steps[s] for steps in every)]
-        return [(s, every[ring_rank][s]) for s in used]
+        src = lambda s: (ring_rank - s) % layout.ring  # noqa: E731 - whose KV this rank holds at step s
+        return [
+            (s, [_in_sent(b, sent[src(s)]) for b in every[ring_rank][s]] if s else every[ring_rank][0]) for s in used
+        ]
 
     return docs.cached(("ring", layout, ring_rank, window_left), build)
+
+
+def _every_rank(docs: Documents, layout: Layout, window_left: int | None) -> list[list[list[Block]]]:
+    return [_step_blocks(docs, layout, r, window_left) for r in range(layout.ring)]
+
+
+def sent_rows(docs: Documents, layout: Layout, window_left: int | None) -> tuple[tuple[Range, ...], ...]:
+    """Per ring rank, the rows of its KV that some other ring rank attends to (the union of the keys of the blocks
+    that hold its KV at steps 1 and on), merged: what leaves the rank in `algorithms.ring`. All of them for one
+    document filling the row, none when every document stays on one rank."""
+
+    def build():
+        every = _every_rank(docs, layout, window_left)
+        out = []
+        for src in range(layout.ring):
+            keys = sorted(b.k for s in range(1, layout.ring) for b in every[(src + s) % layout.ring][s])
+            merged: list[Range] = []
+            for a, b in keys:
+                if merged and a <= merged[-1][1]:
+                    merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+                else:
+                    merged.append((a, b))
+            out.append(tuple(merged))
+        return tuple(out)
+
+    return docs.cached(("sent", layout, window_left), build)
+
+
+def _in_sent(block: Block, sent: Sequence[Range]) -> Block:
+    """`block` with its keys as rows of the sent buffer (the `sent` ranges concatenated); they lie in one range."""
+    offset = 0
+    for a, b in sent:
+        if a <= block.k[0] and block.k[1] <= b:
+            start = offset + block.k[0] - a
+            return Block(block.q, (start, start + block.k[1] - block.k[0]), block.seg)
+        offset += b - a
+    raise AssertionError(f"keys {block.k} are not among the sent rows {sent}")
 
 
 def gathered_plan(docs: Documents, layout: Layout, ring_rank: int, window_left: int | None) -> list[Block]:

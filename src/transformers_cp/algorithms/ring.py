@@ -1,34 +1,61 @@
-"""Ring attention over any chunked layout (`ring`: contiguous, `zigzag`: balanced 2N chunks).
+"""Ring attention over any chunked layout (`ring`: contiguous, `zigzag`: balanced 2N chunks, or one that follows the
+documents).
 
-KV travels around the ring by P2P, the next block in flight while the current one is computed. In backward the
-KV goes around again and each block's dK/dV (float32) travels with it, so it is home after a full turn. Steps that
-hold no pairs on any rank are not in the plan (`plan.ring_plan`): KV and dK/dV jump them in one hop, and when only
-step 0 is left nothing travels at all.
+KV travels around the ring by P2P, the next block in flight while the current one is computed. What travels is only
+the rows of a rank's KV that some other rank attends to (`plan.sent_rows`): all of them for one long document, few
+when most documents stay on one rank. In backward the KV goes around again, and the dK/dV (float32) of those rows
+starts at the first rank that attends to them, travels with them and comes home after the last, where it is added to
+the rank's own. Steps that hold no pairs on any rank are not in the plan (`plan.ring_plan`): KV and dK/dV jump them
+in one hop, and when only step 0 is left nothing travels at all.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 
 from ..comm import RingComm
 from ..kernels import AttentionKernel, accumulation_dtype
+from ..layout import Range
 from ..plan import Block
 from ..sinks import sinks_grad, with_sinks
 from .merge import Accumulator, Sum
 from .reuse import ForwardReuse, forward_once
 
 Steps = list[tuple[int, list[Block]]]
+Sent = Sequence[Sequence[Range]]  # per ring rank, the rows of its KV that travel (`plan.sent_rows`)
 
 
-def _ring_forward(q, k, v, steps: Steps, group: dist.ProcessGroup, kernel: AttentionKernel, scale):
+def _sent_kv(k: torch.Tensor, v: torch.Tensor, sent: Sequence[Range]) -> torch.Tensor:
+    """(2, n, H, D): the rows `sent` of K and of V, concatenated, as one buffer for the ring."""
+    n = sum(b - a for a, b in sent)
+    kv = torch.empty((2, n, *k.shape[1:]), dtype=k.dtype, device=k.device)
+    offset = 0
+    for a, b in sent:
+        kv[0, offset : offset + b - a].copy_(k[a:b])
+        kv[1, offset : offset + b - a].copy_(v[a:b])
+        offset += b - a
+    return kv
+
+
+def _shape(kv: torch.Tensor, sent: Sent, ring_rank: int) -> tuple[int, ...]:
+    """The shape of the sent buffer (or of its dK/dV) of ring rank `ring_rank`, given one of ours."""
+    return (kv.shape[0], sum(b - a for a, b in sent[ring_rank % len(sent)]), *kv.shape[2:])
+
+
+def _ring_forward(q, k, v, steps: Steps, sent: Sent, group: dist.ProcessGroup, kernel, scale):
     """(out, lse) of the local queries over every KV block of the ring."""
     comm = RingComm(group)
-    kv = torch.stack([k, v])
     acc = Accumulator(q)
+    kv = _sent_kv(k, v, sent[comm.rank]) if len(steps) > 1 else None
     for i, (s, blocks) in enumerate(steps):
-        nxt = comm.start(kv, steps[i + 1][0] - s) if i + 1 < len(steps) else None
-        acc.attend(q, kv[0], kv[1], blocks, kernel, scale)
+        if i + 1 < len(steps):  # the sent KV of the rank whose KV we hold at the next step
+            nxt = comm.start(kv, steps[i + 1][0] - s, _shape(kv, sent, comm.rank - steps[i + 1][0]))
+        else:
+            nxt = None
+        acc.attend(q, *((k, v) if i == 0 else kv), blocks, kernel, scale)
         if nxt is not None:
             comm.wait()
             kv = nxt
@@ -43,36 +70,38 @@ class RingAttention(torch.autograd.Function):
         k,
         v,
         steps: Steps,
+        sent: Sent,
         group,
         kernel: AttentionKernel,
         scale,
         reuse: ForwardReuse | None = None,
         sinks: torch.Tensor | None = None,
     ):
-        out, lse = forward_once(reuse, lambda: _ring_forward(q, k, v, steps, group, kernel, scale))
+        out, lse = forward_once(reuse, lambda: _ring_forward(q, k, v, steps, sent, group, kernel, scale))
         if sinks is not None:
             out, lse = with_sinks(out, lse, sinks)
         ctx.save_for_backward(q, k, v, out, lse, sinks)
-        ctx.steps, ctx.group, ctx.kernel, ctx.scale = steps, group, kernel, scale
+        ctx.steps, ctx.sent, ctx.group, ctx.kernel, ctx.scale = steps, sent, group, kernel, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, sinks = ctx.saved_tensors
         kv_comm, grad_comm = RingComm(ctx.group), RingComm(ctx.group)
-        steps = ctx.steps
-        kv = torch.stack([k, v])
+        steps, sent = ctx.steps, ctx.sent
         acc = accumulation_dtype(q.dtype)
         dq_buf = torch.empty(q.shape, dtype=acc, device=q.device)
         dq = Sum(dq_buf, [dq_buf])
-        dkv_buf = torch.empty(kv.shape, dtype=acc, device=q.device)
-        dkv = Sum(dkv_buf, [dkv_buf[0], dkv_buf[1]])
+        home_buf = torch.empty((2, *k.shape), dtype=acc, device=q.device)
+        home = Sum(home_buf, [home_buf[0], home_buf[1]])  # dK/dV of this rank's own KV from its own queries
+        rank = kv_comm.rank
+        kv = _sent_kv(k, v, sent[rank]) if len(steps) > 1 else None
         incoming = None
         for i, (s, blocks) in enumerate(steps):
             last = i + 1 == len(steps)
-            nxt = None if last else kv_comm.start(kv, steps[i + 1][0] - s)
+            nxt = None if last else kv_comm.start(kv, steps[i + 1][0] - s, _shape(kv, sent, rank - steps[i + 1][0]))
+            k_s, v_s = (k, v) if i == 0 else (kv[0], kv[1])
             grads = []
-            k_s, v_s = kv[0], kv[1]
             for b in blocks:
                 qs = b.rows
                 dq_b, dk_b, dv_b = ctx.kernel.backward(
@@ -80,18 +109,29 @@ class RingAttention(torch.autograd.Function):
                 )
                 dq.add(qs, dq_b)
                 grads.append((b.keys, dk_b, dv_b))
-            if incoming is not None:  # the dK/dV of the block we hold, accumulated by the ranks before us
+            if i == 0:
+                dkv = home
+            elif incoming is None:  # the first rank to attend to the rows we hold: their dK/dV starts here
+                buf = torch.empty(kv.shape, dtype=acc, device=q.device)
+                dkv = Sum(buf, [buf[0], buf[1]])
+            else:  # the dK/dV of the rows we hold, accumulated by the ranks before us
                 grad_comm.wait()
                 dkv = Sum(incoming, [incoming[0], incoming[1]], written=True)
             for keys, dk_b, dv_b in grads:
                 dkv.add(keys, dk_b, dv_b)
-            # along with the KV, or home (to the rank s steps back, whose KV we hold) after the last step
-            incoming = grad_comm.start(dkv.result, -s if last else steps[i + 1][0] - s)
+            if i > 0:  # along with the KV, or home (to the rank s steps back, whose KV we hold) after the last step
+                hops, held_next = (-s, rank) if last else (steps[i + 1][0] - s, rank - steps[i + 1][0])
+                incoming = grad_comm.start(dkv.result, hops, _shape(dkv.result, sent, held_next))
             if nxt is not None:
                 kv_comm.wait()
                 kv = nxt
-        grad_comm.wait()
+        if incoming is not None:  # our sent rows' dK/dV from every other rank
+            grad_comm.wait()
+            offset = 0
+            for a, b in sent[rank]:
+                home.add(slice(a, b), incoming[0, offset : offset + b - a], incoming[1, offset : offset + b - a])
+                offset += b - a
         dsinks = None if sinks is None else sinks_grad(dout, out, lse, sinks)
-        dkv_home = incoming.to(k.dtype)  # k and v share a dtype (stacked in forward): one conversion for both
+        dkv_home = home.result.to(k.dtype)  # k and v share a dtype: one conversion for both
         dk, dv = dkv_home[0], dkv_home[1]
-        return dq.result.to(q.dtype), dk, dv, None, None, None, None, None, dsinks
+        return dq.result.to(q.dtype), dk, dv, None, None, None, None, None, None, dsinks

@@ -93,6 +93,23 @@ def _pieces(seg: Segments, head_dim: int) -> list[tuple[Segments, int, int]]:
     return pieces
 
 
+def _reach(seg: Segments, q0: int, k0: int, q_shape: torch.Size, k_shape: torch.Size) -> int | None:
+    """For a piece that is one causal document of n tokens that cuDNN takes padded to its bucket m (`_bucket`), at
+    rows q0 (keys k0) of a call's q and k: m when the call's own next rows can stand in for the
+    padding, which saves copying the document into a padded buffer (forward: q, k, v; backward: dout, q, k, v, out).
+
+    Causal, the document's queries never see the borrowed keys after them, so the forward is exact for the real rows;
+    in backward the borrowed rows get an lse of +inf, which zeroes their probabilities and with them everything they
+    would add to the real keys' gradients."""
+    if len(seg.cu_q) != 2 or not seg.causal or seg.cu_q != seg.cu_k or not _dense_ok(seg, q_shape[-1]):
+        return None
+    n = seg.cu_q[1]
+    m = _bucket(n)
+    if n < CUDNN_MIN_DOCUMENT or m == n or q0 + m > q_shape[0] or k0 + m > k_shape[0]:
+        return None
+    return m
+
+
 def _dense_ok(seg: Segments, head_dim: int) -> bool:
     """cuDNN takes it: no window, causal only on squares, head dim <= 128, and not a lone token (cuDNN refuses
     q and k lengths of 1)."""
@@ -139,6 +156,11 @@ class TorchKernel:
         lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
         for sub, q0, k0 in pieces:
             rows, keys = slice(q0, q0 + sub.cu_q[-1]), slice(k0, k0 + sub.cu_k[-1])
+            if m := _reach(sub, q0, k0, q.shape, k.shape):  # the bucket's rows read on into the next document
+                ext, ext_k = slice(q0, q0 + m), slice(k0, k0 + m)
+                o, s = self._forward(q[ext], k[ext_k], v[ext_k], Segments((0, m), (0, m), True), scale)
+                out[rows], lse[:, rows] = o[: rows.stop - q0], s[:, : rows.stop - q0]
+                continue
             out[rows], lse[:, rows] = self._forward(q[rows], k[keys], v[keys], sub, scale)
         return out, lse
 
@@ -151,6 +173,17 @@ class TorchKernel:
         dq, dk, dv = torch.empty_like(q), alloc(k), alloc(v)
         for sub, q0, k0 in pieces:
             rows, keys = slice(q0, q0 + sub.cu_q[-1]), slice(k0, k0 + sub.cu_k[-1])
+            if m := _reach(sub, q0, k0, q.shape, k.shape):
+                n = rows.stop - q0
+                # +inf log-sum-exp: the borrowed rows' probabilities are exp(s - inf) = 0, so they add nothing to the
+                # real keys' dK, dV (whatever their dout), and their own gradients are dropped
+                lse_m = torch.cat([lse[:, rows], lse.new_full((lse.shape[0], m - n), float("inf"))], dim=1)
+                ext, ext_k = slice(q0, q0 + m), slice(k0, k0 + m)
+                grads = self._backward(
+                    dout[ext], q[ext], k[ext_k], v[ext_k], out[ext], lse_m, Segments((0, m), (0, m), True), scale
+                )
+                dq[rows], dk[keys], dv[keys] = (g[:n] for g in grads)
+                continue
             dq[rows], dk[keys], dv[keys] = self._backward(
                 dout[rows], q[rows], k[keys], v[keys], out[rows], lse[:, rows], sub, scale
             )

@@ -11,7 +11,7 @@ from ..algorithms.local import LocalAttention
 from ..algorithms.reuse import ForwardReuse
 from ..algorithms.ring import RingAttention
 from ..kernels import AttentionKernel
-from ..plan import Documents, local_segments, ring_plan
+from ..plan import Documents, local_segments, ring_plan, sent_rows
 
 if TYPE_CHECKING:
     from ..config import ContextParallelConfig
@@ -88,4 +88,8 @@ def ring_or_local(
     if mesh.layout.ring == 1:
         return LocalAttention.apply(q, k, v, local_segments(docs, left), kernel, scale, reuse, sinks)
     steps = ring_plan(docs, mesh.layout, mesh.ring_rank, left)
-    return RingAttention.apply(q, k, v, steps, mesh.ring_group, kernel, scale, reuse, sinks)
+    if len(steps) == 1 and len(blocks := steps[0][1]) == 1 and blocks[0].q == blocks[0].k == (0, q.shape[0]):
+        # every query of this rank sees only its own keys, in one call: no merge, no float32 buffers
+        return LocalAttention.apply(q, k, v, blocks[0].seg, kernel, scale, reuse, sinks)
+    sent = sent_rows(docs, mesh.layout, left)
+    return RingAttention.apply(q, k, v, steps, sent, mesh.ring_group, kernel, scale, reuse, sinks)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..algorithms.llama3 import Llama3Attention, Span, Spans
 from ..layout import Layout
-from ..plan import gathered_plan
+from ..plan import gathered_plan, sent_rows
 from .base import Mode, ring_or_local
 
 
@@ -38,7 +38,8 @@ class AllGatherKeys(Mode):
             )
 
     def attention(self, q, k, v, mesh, docs, kernel, scale, left, reuse, sinks=None, stages=1):
-        if mesh.layout.ring == 1:
+        if mesh.layout.ring == 1 or not any(sent_rows(docs, mesh.layout, left)):
+            # the whole row here, or no rank attends to another's keys (documents kept whole): nothing to gather
             return ring_or_local(q, k, v, mesh, docs, kernel, scale, left, reuse, sinks)
         stride = mesh.config.kv_stride(k.shape[1])  # divides the KV heads: `check_model`
         spans = docs.cached(("spans", mesh.layout), lambda: _gather_spans(docs.layout(mesh.layout), docs.seq_len))
