@@ -24,12 +24,13 @@ other rank's keys and runs as one full-size call.
   most loaded rank's pairs at each ring step, summed over the steps (a document filled in pieces meets its earlier
   pieces at later steps, on the rank holding the later piece only), so the most loaded rank's total work is within
   the tolerance too. The last candidate cuts every cuttable document, whatever the order (the rule of earlier
-  versions); if no candidate meets the tolerance, the one with the least work on its most loaded rank is taken
-  (ties: fewer cuts), so the work is never worse than with every cuttable document cut.
+  versions) and is always placed in full; if no candidate meets the tolerance, of those placed in full the one with
+  the least work on its most loaded rank is taken (ties: fewer cuts), so the work is never worse than with every
+  cuttable document cut.
 
 When no document is cut and the whole documents fill the ranks exactly, the KV never travels (see `plan.ring_plan`,
 which skips the ring steps that hold no pairs on any rank). The ranges depend only on the row's document boundaries
-(integer arithmetic, fixed orders), so every rank computes the same ones, on the host, once per row.
+(fixed orders, no randomness), so every rank computes the same ones, on the host, once per row.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ document cut, the whole documents each hold at most that much, which bounds what
 unbalanced; smaller ones are not worth a cut."""
 
 WORK_TOLERANCE = 0.03
-"""How far above the mean the most loaded rank's causal work may be before another document is cut: the ring runs
-at the pace of its slowest rank, so 3 % of attention time is lost at most, less than a cut document costs in
-smaller kernel calls and in KV sent round the ring."""
+"""How far above the mean causal work of a rank the ring time (the most loaded rank's work at each ring step, summed)
+may be before another document is cut: the ring runs each step at the pace of its slowest rank, so at most 3 % of
+the attention time is lost, less than cut documents cost in smaller kernel calls and in KV sent round the ring."""
 
 ORDERS = 16
 """Orders in which the uncut cuttable documents are tried per candidate: the greedy placement depends on the order,
@@ -110,13 +111,13 @@ def balanced_ranges(bounds: Sequence[int], seq_len: int, ring: int) -> tuple[tup
             _zigzag(a, b - a, ring, cut.tokens, cut.give)
         whole = sorted(cuttable[k:], key=largest_first)
         orders = dict.fromkeys(tuple(_shuffled(whole, seed)) for seed in range(ORDERS))
-        placed = [cut.copy().place(docs, order) for order in orders]
-        if k < len(cuttable):
-            placed = [p for p in placed if max(p.work) <= limit]
+        bound = limit if k < len(cuttable) else None  # the last candidate is always placed in full
+        placed = [p for p, order in ((cut.copy(), order) for order in orders) if p.place(docs, order, bound)]
         if not placed:
             continue
-        chosen = min(placed, key=lambda p: p.spread(rest_work)).place(docs, rest)
-        if chosen.ring_time() <= limit:
+        chosen = min(placed, key=lambda p: p.spread(rest_work))
+        chosen.place(docs, rest)
+        if max(chosen.work) <= limit and chosen.ring_time() <= limit:  # the ring time is at least the first
             return chosen.ranges()
         if best is None or max(chosen.work) < best[0]:
             best = (max(chosen.work), chosen)
@@ -148,22 +149,25 @@ class _Ranks:
             self.work[rank] += pairs(start, end, doc_start)
             self.pieces.setdefault(doc_start, []).append((rank, start, end))
 
-    def place(self, docs: Sequence[Range], order: Sequence[int]) -> _Ranks:
+    def place(self, docs: Sequence[Range], order: Sequence[int], limit: float | None = None) -> bool:
         """Each document of `order` whole to the least loaded rank with room; one that fits nowhere whole fills the
-        room of the least loaded ranks, in pieces."""
+        room of the least loaded ranks, in pieces. Stops with False as soon as a rank's work passes `limit`
+        (placing more documents only adds work)."""
         ring, tokens, work, cap = len(self.held), self.tokens, self.work, self.cap
         for i in order:
             a, b = docs[i]
             fits = [r for r in range(ring) if cap - tokens[r] >= b - a]
             if fits:
                 self.give(min(fits, key=lambda r: (work[r], r)), a, b, a)
-                continue
-            pos = a
-            for rank in sorted(range(ring), key=lambda r: (work[r], r)):
-                take = min(cap - tokens[rank], b - pos)
-                self.give(rank, pos, pos + take, a)
-                pos += take
-        return self
+            else:
+                pos = a
+                for rank in sorted(range(ring), key=lambda r: (work[r], r)):
+                    take = min(cap - tokens[rank], b - pos)
+                    self.give(rank, pos, pos + take, a)
+                    pos += take
+            if limit is not None and max(work) > limit:
+                return False
+        return True
 
     def spread(self, work: int) -> float:
         """The most loaded rank's work once `work` more is spread over the room left, in proportion: what the rest
