@@ -16,10 +16,10 @@ other rank's keys and runs as one full-size call.
 - Candidates k = 0, 1, 2, ...: cut the k cuttable documents of most work (ties: the earlier one), and place every
   other document whole: first the uncut cuttable ones, then the rest largest first, each to the rank with the least
   work that still has room (a document that fits nowhere whole fills the remaining room of the least loaded ranks,
-  in pieces). The uncut cuttable documents are tried in `ORDERS` orders (largest first, then fixed shuffles); an
+  in pieces). The uncut cuttable documents are tried in up to `ORDERS` orders (largest first, then fixed shuffles); an
   order whose ranks already exceed the tolerance before the rest is placed is dropped (placing only adds work), and
-  of the others the rest is placed after the one whose ranks look most even (their work plus the rest's work spread
-  over their room).
+  the rest is placed after the others in turn, those whose ranks look most even first (their work plus the rest's
+  work spread over their room), as far as the budget of `ORDERS` allows.
 - The first candidate whose ring time is within `WORK_TOLERANCE` of the mean work is taken: the ring time is the
   most loaded rank's pairs at each ring step, summed over the steps (a document filled in pieces meets its earlier
   pieces at later steps, on the rank holding the later piece only), so the most loaded rank's total work is within
@@ -52,8 +52,10 @@ the attention time is lost, less than cut documents cost in smaller kernel calls
 
 ORDERS = 16
 """Orders in which the uncut cuttable documents are tried per candidate: the greedy placement depends on the order,
-and a few more orders find a balance with fewer cuts on many rows; each costs one placement of those few documents
-(the many small ones are placed once per candidate)."""
+and a few more orders find a balance with fewer cuts on many rows; each costs one placement of those documents (and
+of the other documents after as many of the orders as `ORDERS`² documents placed allow). Fewer orders where those
+documents are many (at most `ORDERS`² placed per candidate), which keeps the host time of a row within milliseconds;
+there the order matters little."""
 
 
 def document_bounds(bounds: Sequence[int], seq_len: int) -> list[int]:
@@ -110,27 +112,32 @@ def balanced_ranges(bounds: Sequence[int], seq_len: int, ring: int) -> tuple[tup
             a, b = docs[i]
             _zigzag(a, b - a, ring, cut.tokens, cut.give)
         whole = sorted(cuttable[k:], key=largest_first)
-        orders = dict.fromkeys(tuple(_shuffled(whole, seed)) for seed in range(ORDERS))
+        tries = max(1, min(ORDERS, ORDERS**2 // max(1, len(whole))))
+        orders = dict.fromkeys(tuple(_shuffled(whole, seed)) for seed in range(tries))
         bound = limit if k < len(cuttable) else None  # the last candidate is always placed in full
         placed = [p for p, order in ((cut.copy(), order) for order in orders) if p.place(docs, order, bound)]
         if not placed:
             continue
-        chosen = min(placed, key=lambda p: p.spread(rest_work))
-        chosen.place(docs, rest)
-        if max(chosen.work) <= limit and chosen.ring_time() <= limit:  # the ring time is at least the first
-            return chosen.ranges()
-        if best is None or max(chosen.work) < best[0]:
-            best = (max(chosen.work), chosen)
+        placed.sort(key=lambda p: p.spread(rest_work))
+        for chosen in placed[: max(1, ORDERS**2 // max(1, len(rest)))]:
+            chosen.place(docs, rest)
+            if max(chosen.work) <= limit and chosen.ring_time() <= limit:  # the ring time is at least the first
+                return chosen.ranges()
+            if best is None or max(chosen.work) < best[0]:
+                best = (max(chosen.work), chosen)
     return best[1].ranges()
 
 
 class _Ranks:
-    """What each ring rank holds so far: its ranges, tokens and causal work, out of `cap` tokens."""
+    """What each ring rank holds so far: its ranges, tokens and causal work, out of `cap` tokens, and the work of
+    each ring step s >= 1 (`later[s][r]`: a piece of a split document on rank r against the earlier pieces on rank
+    r-s, whose keys arrive at step s; everything else is step 0)."""
 
     def __init__(self, ring: int, cap: int) -> None:
         self.held: list[list[Range]] = [[] for _ in range(ring)]
         self.tokens, self.work, self.cap = [0] * ring, [0] * ring, cap
-        self.pieces: dict[int, list[tuple[int, int, int]]] = {}  # document start: (rank, start, end) of each piece
+        self.later = [[0] * ring for _ in range(ring)]
+        self.doc, self.before = -1, {}  # the document given last, and its tokens on each rank so far
 
     @property
     def room(self) -> list[int]:
@@ -139,15 +146,22 @@ class _Ranks:
     def copy(self) -> _Ranks:
         other = _Ranks(len(self.held), self.cap)
         other.held, other.tokens, other.work = [list(h) for h in self.held], list(self.tokens), list(self.work)
-        other.pieces = {d: list(p) for d, p in self.pieces.items()}
+        other.later = [list(step) for step in self.later]
         return other
 
     def give(self, rank: int, start: int, end: int, doc_start: int) -> None:
+        """[start, end) of the document starting at `doc_start` to `rank`; a document's pieces come one after the
+        other, in order."""
         if end > start:
             self.held[rank].append((start, end))
             self.tokens[rank] += end - start
             self.work[rank] += pairs(start, end, doc_start)
-            self.pieces.setdefault(doc_start, []).append((rank, start, end))
+            if doc_start != self.doc:
+                self.doc, self.before = doc_start, {}
+            ring = len(self.held)
+            for q, tokens in self.before.items():
+                self.later[(rank - q) % ring][rank] += (end - start) * tokens
+            self.before[rank] = self.before.get(rank, 0) + end - start
 
     def place(self, docs: Sequence[Range], order: Sequence[int], limit: float | None = None) -> bool:
         """Each document of `order` whole to the least loaded rank with room; one that fits nowhere whole fills the
@@ -177,18 +191,10 @@ class _Ranks:
         return max(w + work * r / total for w, r in zip(self.work, room))
 
     def ring_time(self) -> int:
-        """The ring's causal work in time: at each ring step the most loaded rank's pairs, summed over the steps. At
-        step s rank r attends to the keys of rank r-s, so a piece of a split document meets an earlier piece held
-        by rank q at step r-q; whole documents are all at step 0."""
+        """The ring's causal work in time: at each ring step the most loaded rank's pairs, summed over the steps."""
         ring = len(self.held)
-        steps = [list(self.work)] + [[0] * ring for _ in range(ring - 1)]
-        for held in self.pieces.values():
-            for r, a, b in held:
-                for q, c, d in held:
-                    if d <= a:
-                        steps[(r - q) % ring][r] += (b - a) * (d - c)
-                        steps[0][r] -= (b - a) * (d - c)
-        return sum(max(step) for step in steps)
+        first = [w - sum(self.later[s][r] for s in range(1, ring)) for r, w in enumerate(self.work)]
+        return max(first) + sum(max(self.later[s]) for s in range(1, ring))
 
     def ranges(self) -> tuple[tuple[Range, ...], ...]:
         return tuple(_merged(ranges) for ranges in self.held)
