@@ -17,10 +17,10 @@ other rank's keys and runs as one full-size call.
   other document whole: first the uncut cuttable ones, then the rest largest first, each to the rank with the least
   work that still has room (a document that fits nowhere whole fills the remaining room of the least loaded ranks,
   in pieces). The uncut cuttable documents are tried in up to `ORDERS` orders (largest first, then fixed shuffles); an
-  order whose ranks already exceed the tolerance before the rest is placed is dropped (placing only adds work), and
-  the rest is placed after the others in turn, those whose ranks look most even first (their work plus the rest's
-  work spread over their room), as far as the budget of `ORDERS` allows.
-- The first candidate whose ring time is within `WORK_TOLERANCE` of the mean work is taken: the ring time is the
+  order whose ranks already exceed the tolerance is dropped (placing the rest only adds work), and the rest is
+  placed after each of the others in turn, those whose ranks look most even first (their work plus the rest's work
+  spread over their room), within the budget `ORDERS` sets.
+- The first placement whose ring time is within `WORK_TOLERANCE` of the mean work is taken: the ring time is the
   most loaded rank's pairs at each ring step, summed over the steps (a document filled in pieces meets its earlier
   pieces at later steps, on the rank holding the later piece only), so the most loaded rank's total work is within
   the tolerance too. The last candidate cuts every cuttable document, whatever the order (the rule of earlier
@@ -52,10 +52,9 @@ the attention time is lost, less than cut documents cost in smaller kernel calls
 
 ORDERS = 16
 """Orders in which the uncut cuttable documents are tried per candidate: the greedy placement depends on the order,
-and a few more orders find a balance with fewer cuts on many rows; each costs one placement of those documents (and
-of the other documents after as many of the orders as `ORDERS`² documents placed allow). Fewer orders where those
-documents are many (at most `ORDERS`² placed per candidate), which keeps the host time of a row within milliseconds;
-there the order matters little."""
+and a few more orders find a balance with fewer cuts on many rows. Per candidate at most about `ORDERS`² documents
+are placed in those orders, and as many for the rest after them (so fewer orders where the documents are many, and
+there the order matters little), which keeps the host time of a row within milliseconds."""
 
 
 def document_bounds(bounds: Sequence[int], seq_len: int) -> list[int]:
