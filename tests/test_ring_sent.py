@@ -78,7 +78,7 @@ def _worker(rank, world):
         _check(ring, seq, lengths, heads, window, f"ring {name} heads={heads} window={window}")
     # whole documents on every rank under the documents balance: nothing travels, one local call per rank
     balanced = build_mesh(ContextParallelConfig(size=world, mode="zigzag", balance="documents"), "cpu")
-    lengths = [2] * (seq // 2)
+    lengths = [4] * (seq // 4)
     docs = Documents(_bounds(lengths), seq)
     assert [s for s, _ in ring_plan(docs, balanced.layout, balanced.ring_rank, None)] == [0]
     for mode in ("zigzag", "llama3"):

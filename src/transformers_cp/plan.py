@@ -236,27 +236,6 @@ def _in_sent(block: Block, sent: Sequence[Range]) -> Block:
     raise AssertionError(f"keys {block.k} are not among the sent rows {sent}")
 
 
-def gathered_plan(docs: Documents, layout: Layout, ring_rank: int, window_left: int | None) -> list[Block]:
-    """For llama3: blocks of the local chunks against the all-gathered KV, whose rows are global positions.
-
-    Each chunk [a, b) sees itself causally and, through the document spanning a, the keys before it: the same two
-    block kinds as a ring step, so the same dense kernels serve both.
-    """
-
-    def build():
-        mine = docs.layout(layout).ring_ranges(docs.seq_len, ring_rank)
-        blocks = []
-        for (a, b), off in zip(mine, _offsets(mine)):
-            blocks.append(Block((off, off + b - a), (a, b), diagonal_segments(docs, [(a, b)], window_left)))
-            if a > 0:
-                block = earlier_block(docs, (a, b), off, (0, a), 0, window_left)
-                if block is not None:
-                    blocks.append(block)
-        return blocks
-
-    return docs.cached(("gathered", layout, ring_rank, window_left), build)
-
-
 def local_segments(docs: Documents, window_left: int | None) -> Segments:
     """The whole row against itself (Ulysses after the all-to-all, or no CP)."""
     return docs.cached(("local", window_left), lambda: diagonal_segments(docs, [(0, docs.seq_len)], window_left))

@@ -1,68 +1,27 @@
 """llama3-style CP: all-gather KV `heads_k_stride` heads at a time (the next stride in flight while the current
-one is computed), attend the local chunks to the gathered KV, and reduce-scatter dK/dV in backward.
+one is computed), attend the local queries to it, and reduce-scatter dK/dV in backward.
 
-On the zigzag layout each rank holds one early and one late chunk, so the causal work is balanced. K and V travel
-together, interleaved per token ((L, 2, h, D)), so that the gathered buffer is already one sequence in rank order;
-`Spans` moves its chunks to global order (and the gradients back) with one wide copy per chunk.
+What is gathered is only the rows of each rank's KV that other ranks attend to (`plan.sent_rows`; all of a zigzag
+shard but its last chunk on rank 0, little when the documents balance keeps most documents whole), padded to the
+longest rank's. The blocks are the ring's (`plan.ring_plan`): those of step 0 against the rank's own KV, those of step
+s against the gathered rows of ring rank r - s, which is what makes the two algorithms exact alike. K and V travel
+together, interleaved per token ((n, 2, h, D)).
 """
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 
 from ..comm import all_gather, contiguous, copy_rows, reduce_scatter
 from ..kernels import AttentionKernel, accumulation_dtype
-from ..plan import Block
+from ..layout import Range
 from ..sinks import sinks_grad, with_sinks
 from .merge import Accumulator, Sum
 from .reuse import ForwardReuse, forward_once
-
-
-class Span(NamedTuple):
-    rank: int  # ring rank holding the chunk
-    local: int  # its first row in that rank's shard
-    start: int  # its first global position
-    length: int
-
-
-Spans = tuple[Span, ...]
-
-
-SPAN_COPIES = 8
-"""Up to this many chunks move with one wide copy each; more (a layout that follows documents) with one indexed copy."""
-
-
-@functools.lru_cache(maxsize=16)
-def _order_index(spans: Spans, device: torch.device) -> torch.Tensor:
-    """For each global position, its row in the flattened (R·L, ...) per-rank buffer."""
-    length = sum(s.length for s in spans) // len({s.rank for s in spans})
-    index = torch.empty(sum(s.length for s in spans), dtype=torch.long)
-    for s in spans:
-        index[s.start : s.start + s.length] = torch.arange(s.length) + s.rank * length + s.local
-    return index.to(device)
-
-
-def _move_chunks(spans: Spans, by_rank: torch.Tensor, in_order: torch.Tensor, to_order: bool) -> None:
-    """Copy each chunk between its rows in the (R, L, ...) per-rank buffer and in the (S, ...) global-order one, in
-    the direction `to_order` says."""
-    if len(spans) > SPAN_COPIES:
-        index, flat = _order_index(spans, in_order.device), by_rank.flatten(0, 1)
-        if to_order:
-            torch.index_select(flat, 0, index, out=in_order)
-        else:
-            flat.index_copy_(0, index, in_order)
-        return
-    for s in spans:
-        rank_rows = by_rank[s.rank, s.local : s.local + s.length]
-        order_rows = in_order[s.start : s.start + s.length]
-        if to_order:
-            copy_rows(order_rows, rank_rows)
-        else:
-            copy_rows(rank_rows, order_rows)
+from .ring import Sent, Steps
 
 
 def _heads(stride_index: int, kv_stride: int, group_size: int) -> tuple[slice, slice]:
@@ -71,46 +30,67 @@ def _heads(stride_index: int, kv_stride: int, group_size: int) -> tuple[slice, s
     return slice(k0 * group_size, (k0 + kv_stride) * group_size), slice(k0, k0 + kv_stride)
 
 
-def _stride_kv(k: torch.Tensor, v: torch.Tensor, heads: slice) -> torch.Tensor:
-    """One stride's KV heads interleaved per token, (L, 2, h, D): what each rank sends to the all-gather (one copy)."""
-    return torch.stack([k[:, heads], v[:, heads]], dim=1)
+def _rows_kv(k: torch.Tensor, v: torch.Tensor, heads: slice, rows: Sequence[Range], length: int) -> torch.Tensor:
+    """(length, 2, h, D): `rows` of one stride's K and V heads, interleaved per token, then rows never read."""
+    kv = torch.empty((length, 2, heads.stop - heads.start, k.shape[-1]), dtype=k.dtype, device=k.device)
+    offset = 0
+    for a, b in rows:
+        copy_rows(kv[offset : offset + b - a, 0], k[a:b, heads])
+        copy_rows(kv[offset : offset + b - a, 1], v[a:b, heads])
+        offset += b - a
+    return kv
 
 
-def _gather(kv: torch.Tensor, group, spans: Spans):
-    """Start gathering this rank's (L, 2, h, D) KV stride; returns a function giving (S, 2, h, D) in global order."""
-    gathered, work = all_gather(contiguous(kv), group, async_op=True)
+class _Plan:
+    """Who this rank is, and the length every rank's gathered rows are padded to."""
 
-    def finish() -> torch.Tensor:
-        work.wait()
-        full = torch.empty((sum(s.length for s in spans), *kv.shape[1:]), dtype=kv.dtype, device=kv.device)
-        _move_chunks(spans, gathered, full, to_order=True)
-        return full
+    def __init__(self, steps: Steps, sent: Sent, group) -> None:
+        self.steps, self.sent = steps, sent
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.length = max(sum(b - a for a, b in rows) for rows in sent)
 
-    return finish
+    def source(self, step: int) -> int:
+        """Whose gathered rows the blocks of `step` read."""
+        return (self.rank - step) % self.world
+
+    def gather(self, k, v, heads: slice, group):
+        """Start gathering one stride's sent rows of every rank; returns a function giving (R, n, 2, h, D)."""
+        gathered, work = all_gather(_rows_kv(k, v, heads, self.sent[self.rank], self.length), group, async_op=True)
+
+        def finish() -> torch.Tensor:
+            work.wait()
+            return gathered
+
+        return finish
 
 
-def _scatter_grads(dfull: torch.Tensor, group, spans: Spans, world: int):
-    """Start summing the (S, 2, h, D) KV gradients over the ranks, each keeping its own chunks' (L, 2, h, D)."""
-    per_rank = torch.empty((world, dfull.shape[0] // world, *dfull.shape[1:]), dtype=dfull.dtype, device=dfull.device)
-    _move_chunks(spans, per_rank, dfull, to_order=False)
-    return reduce_scatter(per_rank, group, async_op=True)
+def _local_kv(k: torch.Tensor, v: torch.Tensor, heads: slice, n_strides: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if n_strides == 1:
+        return k, v
+    return contiguous(k[:, heads]), contiguous(v[:, heads])
 
 
-def _llama3_forward(q, k, v, blocks: list[Block], spans, group, kernel: AttentionKernel, scale, kv_stride: int):
-    """(out, lse) of the local queries against the all-gathered KV, one stride of KV heads at a time."""
+def _llama3_forward(q, k, v, plan: _Plan, group, kernel: AttentionKernel, scale, kv_stride: int):
+    """(out, lse) of the local queries against their own and the gathered KV, one stride of KV heads at a time."""
     g = q.shape[1] // k.shape[1]
     n_strides = k.shape[1] // kv_stride
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if n_strides > 1 else None
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=accumulation_dtype(q.dtype), device=q.device)
-    pending = _gather(_stride_kv(k, v, _heads(0, kv_stride, g)[1]), group, spans)
+    pending = plan.gather(k, v, _heads(0, kv_stride, g)[1], group)
     for i in range(n_strides):
-        full = pending()
+        gathered = pending()
         if i + 1 < n_strides:
-            pending = _gather(_stride_kv(k, v, _heads(i + 1, kv_stride, g)[1]), group, spans)
-        qh, _ = _heads(i, kv_stride, g)
+            pending = plan.gather(k, v, _heads(i + 1, kv_stride, g)[1], group)
+        qh, kh = _heads(i, kv_stride, g)
         qs = contiguous(q[:, qh])
         acc = Accumulator(qs, lse[qh])  # its lse is this stride's rows of `lse`, settled when `out` is read
-        acc.attend(qs, full[:, 0], full[:, 1], blocks, kernel, scale)
+        for s, blocks in plan.steps:
+            kv = (
+                _local_kv(k, v, kh, n_strides)
+                if s == 0
+                else (gathered[plan.source(s), :, 0], gathered[plan.source(s), :, 1])
+            )
+            acc.attend(qs, *kv, blocks, kernel, scale)
         if out is None:  # one stride: all heads
             out = acc.out.to(q.dtype)
         else:
@@ -125,8 +105,8 @@ class Llama3Attention(torch.autograd.Function):
         q,
         k,
         v,
-        blocks: list[Block],
-        spans: Spans,
+        steps: Steps,
+        sent: Sent,
         group,
         kernel: AttentionKernel,
         scale,
@@ -134,54 +114,70 @@ class Llama3Attention(torch.autograd.Function):
         reuse: ForwardReuse | None = None,
         sinks: torch.Tensor | None = None,
     ):
-        out, lse = forward_once(
-            reuse, lambda: _llama3_forward(q, k, v, blocks, spans, group, kernel, scale, kv_stride)
-        )
+        plan = _Plan(steps, sent, group)
+        out, lse = forward_once(reuse, lambda: _llama3_forward(q, k, v, plan, group, kernel, scale, kv_stride))
         if sinks is not None:
             out, lse = with_sinks(out, lse, sinks)
         ctx.save_for_backward(q, k, v, out, lse, sinks)
-        ctx.blocks, ctx.spans, ctx.group, ctx.kernel, ctx.scale = blocks, spans, group, kernel, scale
-        ctx.kv_stride = kv_stride
+        ctx.plan, ctx.group, ctx.kernel, ctx.scale, ctx.kv_stride = plan, group, kernel, scale, kv_stride
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, sinks = ctx.saved_tensors
+        plan, group = ctx.plan, ctx.group
         g, stride = q.shape[1] // k.shape[1], ctx.kv_stride
         n_strides = k.shape[1] // stride
-        world = dist.get_world_size(ctx.group)
+        acc = accumulation_dtype(q.dtype)
         dq = torch.empty_like(q) if n_strides > 1 else None
         dk, dv = (torch.empty_like(k), torch.empty_like(v)) if n_strides > 1 else (None, None)
-        pending = _gather(_stride_kv(k, v, _heads(0, stride, g)[1]), ctx.group, ctx.spans)
+        pending = plan.gather(k, v, _heads(0, stride, g)[1], group)
         scatters = []
         for i in range(n_strides):
-            full = pending()
+            gathered = pending()
             if i + 1 < n_strides:
-                pending = _gather(_stride_kv(k, v, _heads(i + 1, stride, g)[1]), ctx.group, ctx.spans)
+                pending = plan.gather(k, v, _heads(i + 1, stride, g)[1], group)
             qh, kh = _heads(i, stride, g)
             qs, outs, douts = (contiguous(t[:, qh]) for t in (q, out, dout))
-            dq_buf = torch.empty(qs.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
-            dfull_buf = torch.empty(full.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
-            dq_acc, dfull = Sum(dq_buf, [dq_buf]), Sum(dfull_buf, [dfull_buf[:, 0], dfull_buf[:, 1]])
-            full_k, full_v, lse_h = full[:, 0], full[:, 1], lse[qh]
-            for b in ctx.blocks:
-                rows, keys = b.rows, b.keys
-                dq_b, dk_b, dv_b = ctx.kernel.backward(
-                    douts[rows], qs[rows], full_k[keys], full_v[keys], outs[rows], lse_h[:, rows], b.seg, ctx.scale
-                )
-                dq_acc.add(rows, dq_b)
-                dfull.add(keys, dk_b, dv_b)
+            lse_h = lse[qh]
+            dq_buf = torch.empty(qs.shape, dtype=acc, device=q.device)
+            dq_acc = Sum(dq_buf, [dq_buf])
+            home_buf = torch.empty((k.shape[0], 2, *gathered.shape[3:]), dtype=acc, device=q.device)
+            home = Sum(home_buf, [home_buf[:, 0], home_buf[:, 1]])  # this rank's own KV, from its own queries
+            dgath_buf = torch.empty(gathered.shape, dtype=acc, device=q.device)
+            dgath = [Sum(d, [d[:, 0], d[:, 1]]) for d in dgath_buf]  # per source rank, for the reduce-scatter
+            for s, blocks in plan.steps:
+                if s == 0:
+                    ks, vs = _local_kv(k, v, kh, n_strides)
+                    sums = home
+                else:
+                    ks, vs = gathered[plan.source(s), :, 0], gathered[plan.source(s), :, 1]
+                    sums = dgath[plan.source(s)]
+                for b in blocks:
+                    rows, keys = b.rows, b.keys
+                    dq_b, dk_b, dv_b = ctx.kernel.backward(
+                        douts[rows], qs[rows], ks[keys], vs[keys], outs[rows], lse_h[:, rows], b.seg, ctx.scale
+                    )
+                    dq_acc.add(rows, dq_b)
+                    sums.add(keys, dk_b, dv_b)
             if dq is None:  # one stride: all heads
                 dq = dq_acc.result.to(q.dtype)
             else:
                 copy_rows(dq[:, qh], dq_acc.result.to(q.dtype))
-            scatters.append((kh, *_scatter_grads(dfull.result, ctx.group, ctx.spans, world)))
-        for kh, mine, work in scatters:
-            work.wait()
+            for d in dgath:  # rows no block reached, every row of our own slot among them, are zero
+                d.settle()
+            scatters.append((kh, home, *reduce_scatter(dgath_buf, group, async_op=True)))
+        for kh, home, mine, work in scatters:
+            work.wait()  # our sent rows' dK/dV from every other rank
+            offset = 0
+            for a, b in plan.sent[plan.rank]:
+                home.add(slice(a, b), mine[offset : offset + b - a, 0], mine[offset : offset + b - a, 1])
+                offset += b - a
+            grads = home.result
             if dk is None:  # one stride: all heads
-                dk, dv = mine[:, 0].to(k.dtype), mine[:, 1].to(v.dtype)
+                dk, dv = grads[:, 0].to(k.dtype), grads[:, 1].to(v.dtype)
             else:
-                copy_rows(dk[:, kh], mine[:, 0].to(dk.dtype))
-                copy_rows(dv[:, kh], mine[:, 1].to(dv.dtype))
+                copy_rows(dk[:, kh], grads[:, 0].to(dk.dtype))
+                copy_rows(dv[:, kh], grads[:, 1].to(dv.dtype))
         dsinks = None if sinks is None else sinks_grad(dout, out, lse, sinks)
         return dq, dk, dv, None, None, None, None, None, None, None, dsinks

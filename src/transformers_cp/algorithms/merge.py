@@ -117,8 +117,12 @@ class Sum:
         for part, value in zip(self.parts, values):
             part[rows].add_(value)
 
+    def settle(self) -> None:
+        """Zero the rows that no block reached."""
+        self._clear(self._empty.take(0, self.parts[0].shape[0]))
+
     @property
     def result(self) -> torch.Tensor:
         """The buffer, rows that no block reached being zero."""
-        self._clear(self._empty.take(0, self.parts[0].shape[0]))
+        self.settle()
         return self.buffer

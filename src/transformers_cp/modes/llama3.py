@@ -2,26 +2,9 @@
 
 from __future__ import annotations
 
-from ..algorithms.llama3 import Llama3Attention, Span, Spans
-from ..layout import Layout
-from ..plan import gathered_plan, sent_rows
+from ..algorithms.llama3 import Llama3Attention
+from ..plan import ring_plan, sent_rows
 from .base import Mode, ring_or_local
-
-
-def _gather_spans(row: Layout, seq_len: int) -> Spans:
-    """Where each chunk of the KV all-gathered in ring-rank order belongs in the global order (adjacent chunks of one
-    rank merged), for the row's layout (`Documents.layout`: the mode's, or the one that follows the documents)."""
-    spans: list[Span] = []
-    for rank in range(row.ring):
-        local = 0
-        for start, end in row.ring_ranges(seq_len, rank):
-            last = spans[-1] if spans else None
-            if last is not None and last.rank == rank and last.start + last.length == start:
-                spans[-1] = last._replace(length=last.length + end - start)
-            else:
-                spans.append(Span(rank, local, start, end - start))
-            local += end - start
-    return tuple(spans)
 
 
 class AllGatherKeys(Mode):
@@ -42,9 +25,9 @@ class AllGatherKeys(Mode):
             # the whole row here, or no rank attends to another's keys (documents kept whole): nothing to gather
             return ring_or_local(q, k, v, mesh, docs, kernel, scale, left, reuse, sinks)
         stride = mesh.config.kv_stride(k.shape[1])  # divides the KV heads: `check_model`
-        spans = docs.cached(("spans", mesh.layout), lambda: _gather_spans(docs.layout(mesh.layout), docs.seq_len))
-        blocks = gathered_plan(docs, mesh.layout, mesh.ring_rank, left)
-        return Llama3Attention.apply(q, k, v, blocks, spans, mesh.ring_group, kernel, scale, stride, reuse, sinks)
+        steps = ring_plan(docs, mesh.layout, mesh.ring_rank, left)
+        sent = sent_rows(docs, mesh.layout, left)
+        return Llama3Attention.apply(q, k, v, steps, sent, mesh.ring_group, kernel, scale, stride, reuse, sinks)
 
 
 LLAMA3 = AllGatherKeys()
