@@ -80,6 +80,8 @@ def test_degrees():
     assert (cfg.ring_size, cfg.ulysses_degree, cfg.layout) == (1, 4, "contiguous")
     assert ContextParallelConfig(mode="llama3").kv_stride(8) == 4
     assert ContextParallelConfig(mode="llama3", heads_k_stride=2).kv_stride(8) == 2
+    assert ContextParallelConfig(mode="llama3").kv_stride(8, few_rows=True) == 8  # one gather when it is small
+    assert ContextParallelConfig(mode="llama3", heads_k_stride=2).kv_stride(8, few_rows=True) == 2
 
 
 @pytest.mark.parametrize(

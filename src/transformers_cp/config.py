@@ -135,10 +135,14 @@ class ContextParallelSettings:
         fits = [d for d in range(1, self.size + 1) if self.size % d == 0 and heads % d == 0]
         return replace(self, ulysses_size=max(d for d in fits if per_node is None or per_node % d == 0))
 
-    def kv_stride(self, kv_heads: int) -> int:
-        """KV heads per llama3 all-gather for a model with `kv_heads` KV heads."""
+    def kv_stride(self, kv_heads: int, few_rows: bool = False) -> int:
+        """KV heads per llama3 all-gather for a model with `kv_heads` KV heads: `heads_k_stride`, else half of them
+        (the second half gathered while the first is attended), or all at once when `few_rows` are gathered (the
+        documents balance keeps most documents whole), where the overlap would hide little and halve every call."""
         if self.heads_k_stride is not None:
             return self.heads_k_stride
+        if few_rows:
+            return kv_heads
         return kv_heads // 2 if kv_heads % 2 == 0 else 1
 
     @property

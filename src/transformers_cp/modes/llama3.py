@@ -24,9 +24,10 @@ class AllGatherKeys(Mode):
         if mesh.layout.ring == 1 or not any(sent_rows(docs, mesh.layout, left)):
             # the whole row here, or no rank attends to another's keys (documents kept whole): nothing to gather
             return ring_or_local(q, k, v, mesh, docs, kernel, scale, left, reuse, sinks)
-        stride = mesh.config.kv_stride(k.shape[1])  # divides the KV heads: `check_model`
         steps = ring_plan(docs, mesh.layout, mesh.ring_rank, left)
         sent = sent_rows(docs, mesh.layout, left)
+        gathered = max(sum(b - a for a, b in rows) for rows in sent)
+        stride = mesh.config.kv_stride(k.shape[1], few_rows=4 * gathered <= q.shape[0])  # divides the KV heads
         return Llama3Attention.apply(q, k, v, steps, sent, mesh.ring_group, kernel, scale, stride, reuse, sinks)
 
 
