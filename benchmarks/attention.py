@@ -105,6 +105,12 @@ def work_imbalance(docs: Documents, layout, world: int) -> float:
     return round(max(work) * len(work) / sum(work), 3)
 
 
+def run_meta(command: str, machine: str) -> dict:
+    """What a results file says of its run: the command, the machine, torch, dtype, head dim and date."""
+    return dict(command=command, machine=machine, torch=torch.__version__, dtype=str(DTYPE), head_dim=HEAD_DIM,
+                date=time.strftime("%Y-%m-%d"))  # fmt: skip
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -296,13 +302,9 @@ def main() -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
         native_mesh = init_device_mesh("cuda", (world,), mesh_dim_names=("cp",))
-    meta = dict(
-        command=f"torchrun --nproc_per_node {world} {' '.join(sys.argv)}",
-        machine=f"{world}x {torch.cuda.get_device_name() if CUDA else platform.processor() or 'cpu'}",
-        torch=torch.__version__,
-        dtype=str(DTYPE),
-        head_dim=HEAD_DIM,
-        date=time.strftime("%Y-%m-%d"),
+    meta = run_meta(
+        f"torchrun --nproc_per_node {world} {' '.join(sys.argv)}",
+        f"{world}x {torch.cuda.get_device_name() if CUDA else platform.processor() or 'cpu'}",
     )
     results = []
     for seq, heads, doc_kind in itertools.product(map(int, a.seqs.split(",")), a.heads.split(","), a.docs.split(",")):

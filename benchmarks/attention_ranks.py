@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -32,6 +31,7 @@ from attention import (
     causal_flops,
     doc_lengths,
     fwd_bwd,
+    run_meta,
     single_attention,
     timed,
     timed_iterations,
@@ -160,14 +160,10 @@ def main() -> None:
             f"S={out['seq']} {out['hq']}/{out['hk']} {out['docs']} single {out['single_ms']:.2f} ms | "
             + " | ".join(cells)
         )
-    meta = dict(
-        command=f"python {' '.join(sys.argv)}",
-        machine=f"1x {torch.cuda.get_device_name() if CUDA else 'cpu'}, playing {a.world} ranks in turn (no communication)",
-        torch=torch.__version__,
-        dtype=str(DTYPE),
-        head_dim=HEAD_DIM,
-        date=time.strftime("%Y-%m-%d"),
+    machine = (
+        f"1x {torch.cuda.get_device_name() if CUDA else 'cpu'}, playing {a.world} ranks in turn (no communication)"
     )
+    meta = run_meta(f"python {' '.join(sys.argv)}", machine)
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         with open(a.out, "w") as f:

@@ -11,11 +11,10 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed import run_distributed
-from reference import assert_close, reference_attention
+from reference import assert_close, check_cp_attention
 from trainer_cases import assert_same_run, build_model, run_cp, run_stock, sft_dataset
 
 from transformers_cp import ContextParallelCollator, gather_sequence
-from transformers_cp.attention import context_parallel_attention
 from transformers_cp.balance import (
     SPLIT_SHARE,
     WORK_TOLERANCE,
@@ -230,31 +229,12 @@ def _attention_worker(rank, world):
         mha, gqa = (2 * world, 2 * world), (2 * world, max(1, world // 2))
         for (name, lengths), (heads, window) in itertools.product(_mixes(seq, world).items(), ((mha, None), (gqa, 7))):
             bounds = _row(lengths, seq)
-            _check_attention(mesh, seq, bounds, heads, window, f"{mode} {name} heads={heads} window={window}")
+            check_cp_attention(mesh, seq, bounds, heads, window, f"{mode} {name} heads={heads} window={window}")
     if world == 4:  # the token zigzag, with one document crossing from chunk 4 (rank 3) into chunk 5 (rank 2) only
         mesh = build_mesh(ContextParallelConfig(size=world, mode="zigzag"), "cpu")
         bounds = [0, 12, 24, 36, 48, 54, 66, 72, 84, 96]
         assert [s for s, _ in ring_plan(Documents(bounds, 96), mesh.layout, mesh.ring_rank, None)] == [0, 3]
-        _check_attention(mesh, 96, bounds, (8, 2), None, "zigzag, steps 1 and 2 jumped")
-
-
-def _check_attention(mesh, seq, bounds, heads, window, case):
-    hq, hk = heads
-    g = torch.Generator().manual_seed(len(bounds) + hq)
-    q, k, v, dout = (torch.randn(seq, h, HEAD_DIM, generator=g) for h in (hq, hk, hk, hq))
-    scale = HEAD_DIM**-0.5
-    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = reference_attention(*ref_in, [b - a for a, b in zip(bounds, bounds[1:])], scale, window)
-    ref.backward(dout)
-    docs = Documents(bounds, seq)
-    layout = docs.layout(mesh.layout)
-    shard = lambda t: layout.shard(t, mesh.cp_rank, dim=0)  # noqa: E731
-    local = [shard(t).requires_grad_() for t in (q, k, v)]
-    out = context_parallel_attention(*local, mesh, docs, scale, sliding_window=window)
-    out.backward(shard(dout))
-    assert_close(out, shard(ref.detach()), RTOL, f"out [{case}]")
-    for name, t, r in zip("qkv", local, ref_in):
-        assert_close(t.grad, shard(r.grad), RTOL, f"d{name} [{case}]")
+        check_cp_attention(mesh, 96, bounds, (8, 2), None, "zigzag, steps 1 and 2 jumped")
 
 
 @pytest.mark.parametrize("world", [2, 4])

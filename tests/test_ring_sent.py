@@ -7,17 +7,13 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import torch
 from distributed import run_distributed
-from reference import assert_close, reference_attention
+from reference import check_cp_attention
 
-from transformers_cp.attention import context_parallel_attention
 from transformers_cp.config import ContextParallelConfig
 from transformers_cp.layout import Layout
 from transformers_cp.mesh import build_mesh
 from transformers_cp.plan import Documents, ring_plan, sent_rows
-
-HEAD_DIM = 8
 
 
 def _bounds(lengths: list[int]) -> list[int]:
@@ -43,26 +39,6 @@ def test_a_document_crossing_one_boundary_sends_only_its_rows():
     assert sent_rows(docs, layout, 3) == (((13, 16),), ())
 
 
-def _check(mesh, seq: int, lengths: list[int], heads: tuple[int, int], window: int | None, case: str) -> None:
-    bounds = _bounds(lengths)
-    hq, hk = heads
-    g = torch.Generator().manual_seed(seq + len(lengths))
-    q, k, v, dout = (torch.randn(seq, h, HEAD_DIM, generator=g) for h in (hq, hk, hk, hq))
-    scale = HEAD_DIM**-0.5
-    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = reference_attention(*ref_in, lengths, scale, window)
-    ref.backward(dout)
-    docs = Documents(bounds, seq)
-    layout = docs.layout(mesh.layout)
-    shard = lambda t: layout.shard(t, mesh.cp_rank, dim=0)  # noqa: E731
-    local = [shard(t).requires_grad_() for t in (q, k, v)]
-    out = context_parallel_attention(*local, mesh, docs, scale, sliding_window=window)
-    out.backward(shard(dout))
-    assert_close(out, shard(ref.detach()), 1e-5, f"out [{case}]")
-    for name, t, r in zip("qkv", local, ref_in):
-        assert_close(t.grad, shard(r.grad), 1e-5, f"d{name} [{case}]")
-
-
 def _worker(rank, world):
     seq = 16 * world
     ring = build_mesh(ContextParallelConfig(size=world, mode="ring"), "cpu")
@@ -75,7 +51,7 @@ def _worker(rank, world):
         sent = sent_rows(Documents(_bounds(lengths), seq), ring.layout, window)
         if name != "documents inside the shards":
             assert len({sum(b - a for a, b in r) for r in sent}) > 1, "ranks send different amounts"
-        _check(ring, seq, lengths, heads, window, f"ring {name} heads={heads} window={window}")
+        check_cp_attention(ring, seq, _bounds(lengths), heads, window, f"ring {name} heads={heads} window={window}")
     # whole documents on every rank under the documents balance: nothing travels, one local call per rank
     balanced = build_mesh(ContextParallelConfig(size=world, mode="zigzag", balance="documents"), "cpu")
     lengths = [4] * (seq // 4)
@@ -83,7 +59,7 @@ def _worker(rank, world):
     assert [s for s, _ in ring_plan(docs, balanced.layout, balanced.ring_rank, None)] == [0]
     for mode in ("zigzag", "llama3"):
         mesh = build_mesh(ContextParallelConfig(size=world, mode=mode, balance="documents"), "cpu")
-        _check(mesh, seq, lengths, (4, 2), None, f"{mode} documents balance, whole documents")
+        check_cp_attention(mesh, seq, _bounds(lengths), (4, 2), None, f"{mode} documents balance, whole documents")
 
 
 @pytest.mark.parametrize("world", [2, 4])
