@@ -34,10 +34,13 @@ def attention_bytes(
         kv_sent = sum(len(kv_heads_for_rank(hq, hkv, cp, r)) for r in range(cp))
         forward = part * seq / cp * (2 * hq + 2 * kv_sent) * d * dtype_bytes
         backward, repeated = forward, forward
-    elif mode == "zigzag":  # K and V pass N-1 times; in backward again, with dK/dV (float32) passed N times
-        kv = 2 * seq / cp * hkv * d
-        forward = (cp - 1) * kv * dtype_bytes
-        backward = forward + cp * kv * 4
+    elif mode == "zigzag":  # the rows others attend to pass N-1 times; in backward again, with their dK/dV (float32)
+        # One sequence: rank r sends both its chunks but rank 0 only its first (nobody after it sees its last): 2N-1
+        # of the 2N chunks travel, each N-1 times, and their dK/dV N-1 times (N-2 hops along, one home); per rank,
+        # the mean over the ranks.
+        kv = 2 * (2 * cp - 1) / (2 * cp) * seq * part * hkv * d
+        forward = kv * dtype_bytes
+        backward = forward + kv * 4
         repeated = 0.0  # the recomputation reuses the first forward's attention (algorithms/reuse.py)
     else:
         raise ValueError(f"no communication model for mode {mode!r}; choose one of {MODES}")
@@ -99,10 +102,10 @@ class CollectiveCounter:
             self.bytes += (world - 1) * n // world  # the slice for this rank itself stays
             return exchange_init(exchange, send, group)
 
-        def counted_ring_start(ring, send, hops=1):
+        def counted_ring_start(ring, send, hops=1, shape=None):
             if hops % ring.size:  # a full turn sends nothing
                 self.bytes += send.numel() * send.element_size()
-            return ring_start(ring, send, hops)
+            return ring_start(ring, send, hops, shape)
 
         comm.all_gather, comm.reduce_scatter = counted_all_gather, counted_reduce_scatter
         comm.Exchange.__init__, comm.RingComm.start = counted_exchange, counted_ring_start
@@ -115,7 +118,8 @@ class CollectiveCounter:
 
 
 def measure(config: dict, seq: int) -> None:
-    """One checkpointed fwd+bwd per mode on this job's ranks (float32): counted bytes per layer vs `attention_bytes`."""
+    """One checkpointed fwd+bwd per mode on this job's ranks (float32): counted bytes per rank (the mean) and layer vs
+    `attention_bytes`."""
     import torch
     import torch.distributed as dist
     import transformers
@@ -141,8 +145,12 @@ def measure(config: dict, seq: int) -> None:
             logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
             logits.float().logsumexp(-1).sum().backward()
         computed = attention_bytes(mode, config, seq, cp, dtype_bytes=4)["total"]
+        counted = torch.tensor([float(counter.bytes)], dtype=torch.float64)
+        dist.all_reduce(counted)  # the mean over the ranks (zigzag's ranks send different amounts)
         if dist.get_rank() == 0:
-            print(f"{mode:>9} {computed:>12.0f} {counter.bytes / config['num_hidden_layers']:>12.0f}", flush=True)
+            print(
+                f"{mode:>9} {computed:>12.0f} {counted.item() / cp / config['num_hidden_layers']:>12.0f}", flush=True
+            )
 
 
 def main() -> None:
