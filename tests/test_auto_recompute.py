@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -12,44 +13,80 @@ from distributed import run_distributed
 from trainer_cases import assert_same_run, cp_trainer, run_stock, train_and_record
 
 from transformers_cp import auto_recompute
-from transformers_cp.auto_recompute import AutoRecompute, choose_recompute_layers, layer_activation_bytes
+from transformers_cp.auto_recompute import AutoRecompute, choose_recompute_layers
 from transformers_cp.config import ContextParallelConfig, ContextParallelConfigError
 
 GiB = 2**30
 
 
 @pytest.mark.parametrize(
-    "layers,checkpointed,headroom,per_layer,expected",
+    "checkpointed,headroom,per_layer,expected",
     [
-        (28, 28, 80 * GiB, 3 * GiB, 2),  # 26 layers' activations fit
-        (28, 28, 200 * GiB, 3 * GiB, 0),  # all fit: nothing recomputed
-        (28, 28, 2 * GiB, 3 * GiB, 28),  # not one layer fits
-        (28, 28, -5 * GiB, 3 * GiB, 28),  # already above the reserve: never more than now, never fewer
-        (28, 10, 9 * GiB, 3 * GiB, 7),  # counted from what is checkpointed now
-        (4, 6, 0, GiB, 4),  # no more than the model has
-        (28, 28, 80 * GiB, 0, 28),  # no estimate: keep the choice
+        (28, 80 * GiB, [3 * GiB] * 28, 2),  # 26 layers' activations fit
+        (28, 200 * GiB, [3 * GiB] * 28, 0),  # all fit: nothing recomputed
+        (28, 2 * GiB, [3 * GiB] * 28, 28),  # not one layer fits
+        (28, -5 * GiB, [3 * GiB] * 28, 28),  # already above the reserve: never more than now, never fewer
+        (10, 9 * GiB, [3 * GiB] * 28, 7),  # counted from what is checkpointed now
+        (6, 0, [GiB] * 4, 4),  # no more than the model has
+        (28, 80 * GiB, [3 * GiB] * 27 + [0], 28),  # a layer not measured: keep the choice
+        (4, 7 * GiB, [GiB, 5 * GiB, GiB, 2 * GiB], 2),  # kept from the last layer back while they fit: 2 + 1, not 5
     ],
 )
-def test_choose_recompute_layers(layers, checkpointed, headroom, per_layer, expected):
-    assert choose_recompute_layers(layers, checkpointed, headroom, per_layer) == expected
+def test_choose_recompute_layers(checkpointed, headroom, per_layer, expected):
+    assert choose_recompute_layers(checkpointed, headroom, per_layer) == expected
 
 
-def test_the_estimate_matches_the_measured_layer_at_the_1_5b_shape():
-    """3.04 GiB per layer was measured (2×H200, 32k tokens per rank, bf16: 107 GiB with no layer recomputed against
-    21.7 GiB with all 28); the estimate before its margin is within 5 %, and it drops the MLP part when tiled."""
-    model = torch.nn.Module()
-    model.config = transformers.Qwen2Config(hidden_size=1536, intermediate_size=8960, num_attention_heads=12)
-    plain = layer_activation_bytes(model, 32768, 2, mlp_tiled=False) / auto_recompute.MARGIN
-    assert abs(plain / GiB - 3.04) / 3.04 < 0.05, plain / GiB
-    assert layer_activation_bytes(model, 32768, 2, mlp_tiled=True) / auto_recompute.MARGIN < plain / 2
+def test_kept_bytes_are_measured_in_the_whole_recomputation():
+    """Each layer's kept bytes are read around what transformers checkpoints (its `forward`, which module hooks never
+    see recomputed), where autograd records: in step 1's first forward and in its recomputation, which runs whole
+    (no early stop), so the measurement closes in both; a forward under no_grad is not measured. After step 1 the
+    layers get their own checkpointing function back."""
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.Qwen2Config(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )  # fmt: skip
+    )
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    own = [layer._gradient_checkpointing_func for layer in model.model.layers]
+    callback = AutoRecompute(ContextParallelConfig(auto_recompute=True))
+    args = transformers.TrainingArguments("out", use_cpu=True, gradient_checkpointing=True)
+    reads = []
+
+    def fake_allocated():  # every read 10 bytes more, and which one it was
+        reads.append(torch.is_grad_enabled())
+        return 10 * len(reads)
+
+    original = auto_recompute.allocated_bytes
+    auto_recompute.allocated_bytes = fake_allocated
+    try:
+        callback.on_train_begin(args, transformers.TrainerState(), None, model=model)
+        ids = torch.randint(0, 64, (1, 16))
+        with torch.no_grad():
+            model(input_ids=ids)
+        assert callback.kept == {}
+        model(input_ids=ids, labels=ids).loss.backward()
+        callback.on_step_end(args, transformers.TrainerState(), None, model=model)
+    finally:
+        auto_recompute.allocated_bytes = original
+    # 3 layers × (forward + recomputation) × 2 reads (the no_grad forward is not checkpointed), each call measured
+    # to its end: with the early stop the recomputation would stop inside the layer, before its second read
+    assert reads == [True] * (3 * 2 * 2)
+    assert callback.kept == {0: 10, 1: 10, 2: 10}
+    assert [layer._gradient_checkpointing_func for layer in model.model.layers] == own
 
 
 def test_on_cpu_the_choice_stays():
     """No device memory to read: the callback decides nothing and the layers stay as configured."""
     callback = AutoRecompute(ContextParallelConfig())
-    callback.hook = torch.nn.Linear(1, 1).register_forward_pre_hook(lambda *a: None)
+    callback.hooks = [torch.nn.Linear(1, 1).register_forward_pre_hook(lambda *a: None)]
     callback.on_step_end(transformers.TrainingArguments("out", use_cpu=True), None, None, model=torch.nn.Linear(1, 1))
-    assert callback.chosen is None and callback.hook is None
+    assert callback.chosen is None and callback.hooks == []
 
 
 def test_auto_recompute_must_be_a_bool():
@@ -63,8 +100,9 @@ CASES = [(1, [True, False]), (5, [False, False])]  # room for 1 layer: one recom
 def _worker(rank, world, ref_path):
     for headroom_layers, expected_flags in CASES:
         # Device memory as a GPU would report it after step 1: room for `headroom_layers` layers' activations.
-        auto_recompute.device_headroom = lambda n=headroom_layers: n * 10**9
-        auto_recompute.layer_activation_bytes = lambda *args, **kwargs: 10**9
+        auto_recompute.device_headroom = lambda n=headroom_layers: int(n * 10**9 * auto_recompute.MARGIN)
+        allocated = itertools.count(0, 10**9)  # each layer's forward leaves 1 GB allocated
+        auto_recompute.allocated_bytes = lambda allocated=allocated: next(allocated)
         trainer = cp_trainer("qwen2", 2, "zigzag", gradient_checkpointing=True, context_parallel_auto_recompute=True)
         result = train_and_record(trainer)
         name = f"auto recompute, room for {headroom_layers} layers, rank {rank}"

@@ -3,52 +3,59 @@ has room for their activations.
 
 The long-sequence savings (CP shards, chunked loss, tiled MLP) leave most of a GPU free under the default activation
 checkpointing of every layer (21.7 GiB of 141 at the 1.5B shape and 64k tokens on two H200s), while each layer that is
-not recomputed saves one forward of it in backward. After step 1 the peak memory of a full step is known: the
-headroom left below `RESERVE` of the device, taken as the smallest over all ranks, buys as many layers' activations as
-it fits (`choose_recompute_layers`), estimated per layer as tokens × (10 × hidden + 4 × intermediate) × the
-activation's element size (without the intermediate part where the MLP is tiled). That is what was measured: 3.04 GiB
-per layer for 32k tokens per rank at the 1.5B shape, and the estimate gives 3.1. Then `recompute.apply_partial_recompute`
-turns checkpointing off on the last layers. The math is the same either way (a recomputation gives what the first
-forward computed), so losses and weights do not change.
+not recomputed saves one forward of it in backward. Step 1 measures both sides: the peak memory of a full step, and
+what each decoder layer keeps for backward, read as the device memory its forward leaves allocated when it runs with
+autograd recording (the recomputation in backward, which keeps exactly what an uncheckpointed forward keeps). The
+headroom left below `RESERVE` of the device, the smallest over all ranks, then buys the last layers whose kept bytes
+(the largest over all ranks, times `MARGIN`) fit (`choose_recompute_layers`), and `recompute.apply_partial_recompute`
+turns checkpointing off on them. Measured, not estimated, so it holds for any layer: attention, MoE, or a hybrid's
+recurrent mixers, whose kept tensors no formula of the widths gives. The math is the same either way (a
+recomputation gives what the first forward computed), so losses and weights do not change.
 
-It acts only where activation checkpointing is on, the run has not chosen `context_parallel_recompute_layers`, the
-device reports its memory (CUDA), and `context_parallel_auto_recompute` is on; elsewhere (CPU) it keeps the
-configured choice. The decision is logged.
+It acts where activation checkpointing is on, the run has not chosen `context_parallel_recompute_layers`, the device
+reports its memory (CUDA), and `context_parallel_auto_recompute` is on; elsewhere (CPU) it keeps the configured
+choice. The decision is logged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 import transformers
 
 from .config import MemorySavings
-from .model_info import text_config
 from .recompute import apply_partial_recompute, checkpointable_layers
-from .tiled_mlp import AUTO_MIN_TOKENS
 
 logger = transformers.utils.logging.get_logger(f"transformers.{__name__}")
 
 RESERVE = 0.9
 """Fraction of the device's memory the run may fill (the rest absorbs fragmentation and rows longer than step 1's)."""
 MARGIN = 1.25
-"""Factor on the per-layer estimate, for what it leaves out (norms' float32 copies, the allocator's rounding)."""
+"""Factor on each layer's measured kept bytes, for the allocator's rounding and blocks split by later steps."""
 
 
-def choose_recompute_layers(layers: int, checkpointed: int, headroom: int, per_layer: int) -> int:
-    """How many of the first decoder layers to keep checkpointed: `checkpointed` now, fewer by as many layers' kept
-    activations (`per_layer` bytes each) as `headroom` bytes hold; never more than now, never below 0."""
-    if per_layer <= 0 or headroom <= 0:
-        return min(checkpointed, layers)
-    return max(0, min(checkpointed, layers) - headroom // per_layer)
+def choose_recompute_layers(checkpointed: int, headroom: int, per_layer: list[int]) -> int:
+    """How many of the first decoder layers to keep checkpointed: `checkpointed` now (at most the layers), fewer by as
+    many of the last of them as `headroom` bytes hold, layer i keeping `per_layer[i]` bytes; never more than now, and
+    nothing changes where a layer's bytes are unknown (0)."""
+    n = min(checkpointed, len(per_layer))
+    if headroom <= 0 or any(b <= 0 for b in per_layer[:n]):
+        return n
+    while n > 0 and per_layer[n - 1] <= headroom:
+        headroom -= per_layer[n - 1]
+        n -= 1
+    return n
 
 
-def layer_activation_bytes(model: torch.nn.Module, tokens: int, element_size: int, mlp_tiled: bool) -> int:
-    """Estimated bytes a decoder layer keeps for backward when it is not checkpointed, for `tokens` tokens."""
-    config = text_config(model)
-    hidden = int(getattr(config, "hidden_size", 0))
-    intermediate = 0 if mlp_tiled else int(getattr(config, "intermediate_size", 0) or 0)
-    return int(tokens * (10 * hidden + 4 * intermediate) * element_size * MARGIN)
+def allocated_bytes() -> int | None:
+    """Device memory held by tensors now, or None where the device does not report it (CPU)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.memory_allocated()
 
 
 def device_headroom() -> int | None:
@@ -61,13 +68,15 @@ def device_headroom() -> int | None:
 
 
 class AutoRecompute(transformers.TrainerCallback):
-    """Counts the longest micro-batch of step 1 (a forward pre-hook), then decides after it (see the module)."""
+    """Measures each decoder layer's kept bytes in step 1 (around what it checkpoints), then decides after it (see the
+    module)."""
 
     def __init__(self, config: MemorySavings | None) -> None:
         self.config = config
-        self.tokens = 0
-        self.element_size = 2
-        self.hook = None
+        self.kept: dict[int, int] = {}  # layer index -> the most its forward left allocated with autograd recording
+        self._wrapped: list[tuple[torch.nn.Module, object]] = []  # (layer, its own checkpointing function)
+        self.hooks: list = []
+        self._whole = contextlib.nullcontext()  # step 1: checkpointing without its early stop
         self.chosen: int | None = None
 
     def wanted(self, args) -> bool:
@@ -80,42 +89,63 @@ class AutoRecompute(transformers.TrainerCallback):
         )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.wanted(args) and model is not None and self.hook is None and state.global_step == 0:
-            self.hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+        if self.wanted(args) and model is not None and not self.hooks and state.global_step == 0:
+            # step 1's recomputations run whole, so that each layer's checkpointed function returns with what it
+            # keeps allocated; by default non-reentrant checkpointing stops at the last tensor backward needs
+            self._whole = torch.utils.checkpoint.set_checkpoint_early_stop(False)
+            self._whole.__enter__()
+            self.hooks.append(model.register_forward_pre_hook(self._measure_layers))
 
-    def _count(self, module, args, kwargs) -> None:
-        inputs = kwargs.get("input_ids", args[0] if args else None)
-        inputs = inputs if inputs is not None else kwargs.get("inputs_embeds")
-        if inputs is not None and module.training:
-            self.tokens = max(self.tokens, inputs.shape[0] * inputs.shape[1])
-            floating = [p for p in module.parameters() if p.is_floating_point()]
-            self.element_size = floating[0].element_size() if floating else 2
-            if torch.is_autocast_enabled():
-                self.element_size = 2
+    def _measure_layers(self, model, args) -> None:
+        """At step 1's first forward, when checkpointing is on: wrap what each layer checkpoints in a measurement.
+        (transformers checkpoints a layer's `forward`, not its `__call__`, so module hooks never see the
+        recomputation.)"""
+        if self._wrapped:
+            return
+        for i, layer in enumerate(checkpointable_layers(model)):
+            if (func := getattr(layer, "_gradient_checkpointing_func", None)) is not None:
+                self._wrapped.append((layer, func))
+                layer._gradient_checkpointing_func = functools.partial(self._checkpoint, i, func)
+
+    def _checkpoint(self, index: int, func, fn, *args, **kwargs):
+        return func(functools.partial(self._measured, index, fn), *args, **kwargs)
+
+    def _measured(self, index: int, fn, *args, **kwargs):
+        start = allocated_bytes()
+        out = fn(*args, **kwargs)
+        if start is not None and torch.is_grad_enabled():
+            self.kept[index] = max(self.kept.get(index, 0), allocated_bytes() - start)
+        return out
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.hook is None:
+        if not self.hooks:
             return
-        self.hook.remove()
-        self.hook = None
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+        for layer, func in self._wrapped:
+            layer._gradient_checkpointing_func = func
+        self._wrapped = []
+        self._whole.__exit__(None, None, None)
         headroom = device_headroom()
         if headroom is None or model is None:
             return
-        if dist.is_initialized():  # every rank takes the same decision: the tightest rank's
-            value = torch.tensor([headroom], dtype=torch.int64, device=args.device)
-            dist.all_reduce(value, op=dist.ReduceOp.MIN)
-            headroom = int(value.item())
         layers = checkpointable_layers(model)
+        kept = [self.kept.get(i, 0) for i in range(len(layers))]
+        if dist.is_initialized():  # every rank takes the same decision: the tightest rank's
+            values = torch.tensor([-headroom, *kept], dtype=torch.int64, device=args.device)
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+            headroom, kept = -int(values[0].item()), [int(b) for b in values[1:].tolist()]
         checkpointed = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
-        tile = self.config.mlp_tile_size
-        mlp_tiled = tile != 0 and self.tokens > (tile if tile is not None else AUTO_MIN_TOKENS)
-        per_layer = layer_activation_bytes(model, self.tokens, self.element_size, mlp_tiled)
-        self.chosen = choose_recompute_layers(len(layers), checkpointed, headroom, per_layer)
+        per_layer = [int(b * MARGIN) for b in kept]
+        self.chosen = choose_recompute_layers(checkpointed, headroom, per_layer)
         if self.chosen < checkpointed:
             apply_partial_recompute(model, self.chosen)
         if args.process_index == 0:
+            measured = [b for b in kept if b > 0]
+            sizes = f"{min(measured) / 2**30:.2f}–{max(measured) / 2**30:.2f}" if measured else "unmeasured"
             logger.warning(
-                f"context_parallel_auto_recompute: {headroom / 2**30:.1f} GiB free after step 1 at "
-                f"{per_layer / 2**30:.2f} GiB per decoder layer ({self.tokens} tokens per micro-batch): recomputing "
-                f"{self.chosen} of {len(layers)} layers from now on (context_parallel_auto_recompute=False keeps all)."
+                f"context_parallel_auto_recompute: {headroom / 2**30:.1f} GiB free after step 1, decoder layers keep "
+                f"{sizes} GiB each (measured in step 1): recomputing {self.chosen} of {len(layers)} layers from now "
+                "on (context_parallel_auto_recompute=False recomputes all)."
             )

@@ -223,9 +223,10 @@ class ContextParallelConfig(MemorySavings, ContextParallelSettings):
             intermediate) × 2 bytes in bf16 (without the intermediate part under the tiled MLP), and saves one forward
             of the layer in backward. No effect without activation checkpointing.
         auto_recompute: under activation checkpointing with `recompute_layers` unset, choose after the first step how
-            many layers to recompute from the device memory left free (CUDA; elsewhere every layer stays recomputed,
-            as with False). Off by default: its per-layer estimate is made for dense decoder layers and undercounts
-            others (a Qwen3-Next-shaped hybrid ran out of memory after it). See `auto_recompute.py`.
+            many layers to recompute from the device memory left free and what each layer was measured to keep in
+            step 1 (CUDA; elsewhere every layer stays recomputed, as with False). Off by default until the
+            measured choice is confirmed on GPU (the estimate it replaces ran a Qwen3-Next-shaped hybrid out of
+            memory). See `auto_recompute.py`.
 
     The first six fields are the CP settings (`ContextParallelSettings`, what a mesh carries), the others the memory
     savings, handed on as `memory_savings` (`MemorySavings`, what `memory.apply_memory_savings` installs).

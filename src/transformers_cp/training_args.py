@@ -106,8 +106,8 @@ class ContextParallelArguments:
         default=False,
         metadata={
             "help": f"With {CHECKPOINTING_FLAG} and context_parallel_recompute_layers unset: after the first step, "
-            "recompute only as many decoder layers as the free device memory requires (CUDA; logged), from a "
-            "per-layer estimate made for dense decoder layers. Off by default. Works without CP too."
+            "recompute only as many decoder layers as the free device memory requires (CUDA; logged), from what "
+            "each layer was measured to keep in step 1. Off by default. Works without CP too."
         },
     )
     context_parallel_balance: str = field(
