@@ -32,6 +32,9 @@ def _heads(stride_index: int, kv_stride: int, group_size: int) -> tuple[slice, s
 
 def _rows_kv(k: torch.Tensor, v: torch.Tensor, heads: slice, rows: Sequence[Range], length: int) -> torch.Tensor:
     """(length, 2, h, D): `rows` of one stride's K and V heads, interleaved per token, then rows never read."""
+    if len(rows) == 1 and rows[0][1] - rows[0][0] == length:  # one copy
+        ((a, b),) = rows
+        return torch.stack([k[a:b, heads], v[a:b, heads]], dim=1)
     kv = torch.empty((length, 2, heads.stop - heads.start, k.shape[-1]), dtype=k.dtype, device=k.device)
     offset = 0
     for a, b in rows:

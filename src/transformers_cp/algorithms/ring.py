@@ -30,6 +30,9 @@ Sent = Sequence[Sequence[Range]]  # per ring rank, the rows of its KV that trave
 
 def _sent_kv(k: torch.Tensor, v: torch.Tensor, sent: Sequence[Range]) -> torch.Tensor:
     """(2, n, H, D): the rows `sent` of K and of V, concatenated, as one buffer for the ring."""
+    if len(sent) == 1:  # one copy
+        ((a, b),) = sent
+        return torch.stack([k[a:b], v[a:b]])
     n = sum(b - a for a, b in sent)
     kv = torch.empty((2, n, *k.shape[1:]), dtype=k.dtype, device=k.device)
     offset = 0
