@@ -191,15 +191,17 @@ def ring_plan(
         every = _every_rank(docs, layout, window_left)
         sent = sent_rows(docs, layout, window_left)
         used = [s for s in range(layout.ring) if s == 0 or any(steps[s] for steps in every)]
-        src = lambda s: (ring_rank - s) % layout.ring  # noqa: E731 - whose KV this rank holds at step s
-        return [
-            (s, [_in_sent(b, sent[src(s)]) for b in every[ring_rank][s]] if s else every[ring_rank][0]) for s in used
-        ]
+        steps = []
+        for s in used:
+            held = sent[(ring_rank - s) % layout.ring]  # the sent rows of the rank whose KV this one holds at step s
+            steps.append((s, [_in_sent(b, held) for b in every[ring_rank][s]] if s else every[ring_rank][0]))
+        return steps
 
     return docs.cached(("ring", layout, ring_rank, window_left), build)
 
 
 def _every_rank(docs: Documents, layout: Layout, window_left: int | None) -> list[list[list[Block]]]:
+    """Every ring rank's blocks per step, in the KV buffers' own rows (each rank plans every rank's, on the host)."""
     return [_step_blocks(docs, layout, r, window_left) for r in range(layout.ring)]
 
 
