@@ -6,7 +6,7 @@ them. The `zigzag` layout balances that work for one document filling the row; f
 tokens, and the work follows wherever the documents happen to fall. The `documents` balance instead gives every ring
 rank exactly the same number of tokens (MLPs, exchanges and buffers stay equal) and about the same causal work, and
 cuts as few documents as it can, since a cut document costs: its chunks run as smaller kernel calls (more of them,
-more merges), and any cut document makes the KV travel round the ring. A document kept whole on one rank needs no
+more merges), and its rows of KV travel round the ring (`plan.sent_rows`). A document kept whole on one rank needs no
 other rank's keys and runs as one full-size call.
 
 - To cut a document is to zigzag it alone: it is cut into 2R chunks (sizes differing by at most one token) and rank
