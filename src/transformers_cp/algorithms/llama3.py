@@ -10,38 +10,21 @@ together, interleaved per token ((n, 2, h, D)).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.distributed as dist
 
 from ..comm import all_gather, contiguous, copy_rows, reduce_scatter
 from ..kernels import AttentionKernel, accumulation_dtype
-from ..layout import Range
 from ..sinks import sinks_grad, with_sinks
 from .merge import Accumulator, Sum
 from .reuse import ForwardReuse, forward_once
-from .ring import Sent, Steps
+from .ring import Sent, Steps, add_packed, pack_rows
 
 
 def _heads(stride_index: int, kv_stride: int, group_size: int) -> tuple[slice, slice]:
     """(q heads, kv heads) of one stride."""
     k0 = stride_index * kv_stride
     return slice(k0 * group_size, (k0 + kv_stride) * group_size), slice(k0, k0 + kv_stride)
-
-
-def _rows_kv(k: torch.Tensor, v: torch.Tensor, heads: slice, rows: Sequence[Range], length: int) -> torch.Tensor:
-    """(length, 2, h, D): `rows` of one stride's K and V heads, interleaved per token, then rows never read."""
-    if len(rows) == 1 and rows[0][1] - rows[0][0] == length:  # one copy
-        ((a, b),) = rows
-        return torch.stack([k[a:b, heads], v[a:b, heads]], dim=1)
-    kv = torch.empty((length, 2, heads.stop - heads.start, k.shape[-1]), dtype=k.dtype, device=k.device)
-    offset = 0
-    for a, b in rows:
-        copy_rows(kv[offset : offset + b - a, 0], k[a:b, heads])
-        copy_rows(kv[offset : offset + b - a, 1], v[a:b, heads])
-        offset += b - a
-    return kv
 
 
 class _Plan:
@@ -58,7 +41,9 @@ class _Plan:
 
     def gather(self, k, v, heads: slice, group):
         """Start gathering one stride's sent rows of every rank; returns a function giving (R, n, 2, h, D)."""
-        gathered, work = all_gather(_rows_kv(k, v, heads, self.sent[self.rank], self.length), group, async_op=True)
+        gathered, work = all_gather(
+            pack_rows(k[:, heads], v[:, heads], self.sent[self.rank], 1, self.length), group, async_op=True
+        )
 
         def finish() -> torch.Tensor:
             work.wait()
@@ -172,10 +157,7 @@ class Llama3Attention(torch.autograd.Function):
             scatters.append((kh, home, *reduce_scatter(dgath_buf, group, async_op=True)))
         for kh, home, mine, work in scatters:
             work.wait()  # our sent rows' dK/dV from every other rank
-            offset = 0
-            for a, b in plan.sent[plan.rank]:
-                home.add(slice(a, b), mine[offset : offset + b - a, 0], mine[offset : offset + b - a, 1])
-                offset += b - a
+            add_packed(home, plan.sent[plan.rank], mine, dim=1)
             grads = home.result
             if dk is None:  # one stride: all heads
                 dk, dv = grads[:, 0].to(k.dtype), grads[:, 1].to(v.dtype)

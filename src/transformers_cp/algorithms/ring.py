@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from ..comm import RingComm
+from ..comm import RingComm, copy_rows
 from ..kernels import AttentionKernel, accumulation_dtype
 from ..layout import Range
 from ..plan import Block
@@ -28,19 +28,32 @@ Steps = list[tuple[int, list[Block]]]
 Sent = Sequence[Sequence[Range]]  # per ring rank, the rows of its KV that travel (`plan.sent_rows`)
 
 
-def _sent_kv(k: torch.Tensor, v: torch.Tensor, sent: Sequence[Range]) -> torch.Tensor:
-    """(2, n, H, D): the rows `sent` of K and of V, concatenated, as one buffer for the ring."""
-    if len(sent) == 1:  # one copy
-        ((a, b),) = sent
-        return torch.stack([k[a:b], v[a:b]])
-    n = sum(b - a for a, b in sent)
-    kv = torch.empty((2, n, *k.shape[1:]), dtype=k.dtype, device=k.device)
+def pack_rows(k: torch.Tensor, v: torch.Tensor, rows: Sequence[Range], dim: int = 0, length: int | None = None):
+    """The `rows` of K and of V, concatenated, stacked along `dim`: (2, n, H, D) for the ring's P2P, or (n, 2, H, D),
+    interleaved per token, for llama3's all-gather; rows up to `length` after them are never read."""
+    n = sum(b - a for a, b in rows)
+    length = n if length is None else length
+    if len(rows) == 1 and n == length:  # one copy
+        ((a, b),) = rows
+        return torch.stack([k[a:b], v[a:b]], dim=dim)
+    shape = [length, *k.shape[1:]]
+    shape.insert(dim, 2)
+    kv = torch.empty(shape, dtype=k.dtype, device=k.device)
     offset = 0
-    for a, b in sent:
-        kv[0, offset : offset + b - a].copy_(k[a:b])
-        kv[1, offset : offset + b - a].copy_(v[a:b])
+    for a, b in rows:
+        copy_rows(kv.select(dim, 0)[offset : offset + b - a], k[a:b])
+        copy_rows(kv.select(dim, 1)[offset : offset + b - a], v[a:b])
         offset += b - a
     return kv
+
+
+def add_packed(total: Sum, rows: Sequence[Range], packed: torch.Tensor, dim: int = 0) -> None:
+    """Add `packed` (dK and dV laid out as `pack_rows` lays out K and V) to the rows `rows` of `total`'s parts."""
+    dk, dv = packed.select(dim, 0), packed.select(dim, 1)
+    offset = 0
+    for a, b in rows:
+        total.add(slice(a, b), dk[offset : offset + b - a], dv[offset : offset + b - a])
+        offset += b - a
 
 
 def _shape(kv: torch.Tensor, sent: Sent, ring_rank: int) -> tuple[int, ...]:
@@ -52,7 +65,7 @@ def _ring_forward(q, k, v, steps: Steps, sent: Sent, group: dist.ProcessGroup, k
     """(out, lse) of the local queries over every KV block of the ring."""
     comm = RingComm(group)
     acc = Accumulator(q)
-    kv = _sent_kv(k, v, sent[comm.rank]) if len(steps) > 1 else None
+    kv = pack_rows(k, v, sent[comm.rank]) if len(steps) > 1 else None
     for i, (s, blocks) in enumerate(steps):
         if i + 1 < len(steps):  # the sent KV of the rank whose KV we hold at the next step
             nxt = comm.start(kv, steps[i + 1][0] - s, _shape(kv, sent, comm.rank - steps[i + 1][0]))
@@ -98,7 +111,7 @@ class RingAttention(torch.autograd.Function):
         home_buf = torch.empty((2, *k.shape), dtype=acc, device=q.device)
         home = Sum(home_buf, [home_buf[0], home_buf[1]])  # dK/dV of this rank's own KV from its own queries
         rank = kv_comm.rank
-        kv = _sent_kv(k, v, sent[rank]) if len(steps) > 1 else None
+        kv = pack_rows(k, v, sent[rank]) if len(steps) > 1 else None
         incoming = None
         for i, (s, blocks) in enumerate(steps):
             last = i + 1 == len(steps)
@@ -130,10 +143,7 @@ class RingAttention(torch.autograd.Function):
                 kv = nxt
         if incoming is not None:  # our sent rows' dK/dV from every other rank
             grad_comm.wait()
-            offset = 0
-            for a, b in sent[rank]:
-                home.add(slice(a, b), incoming[0, offset : offset + b - a], incoming[1, offset : offset + b - a])
-                offset += b - a
+            add_packed(home, sent[rank], incoming)
         dsinks = None if sinks is None else sinks_grad(dout, out, lse, sinks)
         dkv_home = home.result.to(k.dtype)  # k and v share a dtype: one conversion for both
         dk, dv = dkv_home[0], dkv_home[1]
