@@ -105,6 +105,25 @@ def work_imbalance(docs: Documents, layout, world: int) -> float:
     return round(max(work) * len(work) / sum(work), 3)
 
 
+def mode_config(name: str, world: int) -> ContextParallelConfig:
+    """The config of a mode as the benchmarks name it: the mode, then options after slashes ("hybrid/u4": Ulysses
+    degree 4; "llama3/k8": heads_k_stride 8; "zigzag/b": the documents balance; "ulysses/s4": see `mode_stages`)."""
+    mode, *opts = name.split("/")
+    degree = next((int(o[1:]) for o in opts if o.startswith("u")), 2 if world % 2 == 0 else 1)
+    return ContextParallelConfig(
+        size=world,
+        mode=mode,
+        ulysses_size=degree if mode == "hybrid" else None,
+        heads_k_stride=next((int(o[1:]) for o in opts if o.startswith("k")), None),
+        balance="documents" if "b" in opts else "tokens",
+    )
+
+
+def mode_stages(name: str) -> int:
+    """At most how many Ulysses pipeline stages the mode named so runs ("ulysses/s4": 4; the default otherwise)."""
+    return next((int(o[1:]) for o in name.split("/")[1:] if o.startswith("s")), ulysses.STAGES)
+
+
 def run_meta(command: str, machine: str) -> dict:
     """What a results file says of its run: the command, the machine, torch, dtype, head dim and date."""
     return dict(command=command, machine=machine, torch=torch.__version__, dtype=str(DTYPE), head_dim=HEAD_DIM,
@@ -223,11 +242,10 @@ def bench_shape(a, device, meshes: dict, native_mesh, seq: int, hq: int, hk: int
         if seq <= 32768:
             truth = fp32_truth(q, k, v, dout, docs, scale)
             row["single_err_vs_fp32"] = {n: rel(x, t) for n, x, t in zip(GRADS, ref, truth)}
-    default_stages = ulysses.STAGES
     for m, mesh in meshes.items():
         layout = docs.layout(mesh.layout)  # the mode's own, or under /b the one that follows the documents
         local = [layout.shard(t, mesh.cp_rank, dim=0) for t in (q, k, v, dout)]
-        stages = next((int(o[1:]) for o in m.split("/")[1:] if o.startswith("s")), default_stages)
+        stages = mode_stages(m)
 
         def attn(qq, kk, vv, mesh=mesh, stages=stages):
             return context_parallel_attention(qq, kk, vv, mesh, docs, scale, ulysses_stages=stages)
@@ -285,18 +303,7 @@ def main() -> None:
     modes = a.modes.split(",")
     meshes = {}
     for m in modes:
-        # "ulysses/s4": at most 4 Ulysses pipeline stages; "hybrid/u4": Ulysses degree 4; "llama3/k8": heads_k_stride 8.
-        mode, *opts = m.split("/")
-        degree = next((int(o[1:]) for o in opts if o.startswith("u")), 2 if world % 2 == 0 else 1)
-        stride = next((int(o[1:]) for o in opts if o.startswith("k")), None)
-        cfg = ContextParallelConfig(
-            size=world,
-            mode=mode,
-            ulysses_size=degree if mode == "hybrid" else None,
-            heads_k_stride=stride,
-            balance="documents" if "b" in opts else "tokens",
-        )
-        meshes[m] = build_mesh(cfg)
+        meshes[m] = build_mesh(mode_config(m, world))
     native_mesh = None
     if CUDA and not a.no_native:
         from torch.distributed.device_mesh import init_device_mesh

@@ -31,6 +31,8 @@ from attention import (
     causal_flops,
     doc_lengths,
     fwd_bwd,
+    mode_config,
+    mode_stages,
     run_meta,
     single_attention,
     timed,
@@ -39,7 +41,6 @@ from attention import (
 )
 
 from transformers_cp.attention import context_parallel_attention
-from transformers_cp.config import ContextParallelConfig
 from transformers_cp.mesh import build_mesh
 from transformers_cp.plan import Documents
 
@@ -82,9 +83,12 @@ def time_shape(a, meshes: dict, device: torch.device, seq: int, hq: int, hk: int
     for m, mesh in meshes.items():
         layout = docs.layout(mesh.layout)
         local = [layout.shard(t, mesh.cp_rank, dim=0) for t in (q, k, v, dout)]
+        stages = mode_stages(m)
 
-        def step(mesh=mesh, local=local):
-            attn = lambda qq, kk, vv: context_parallel_attention(qq, kk, vv, mesh, docs, scale)  # noqa: E731
+        def step(mesh=mesh, local=local, stages=stages):
+            attn = lambda qq, kk, vv: context_parallel_attention(  # noqa: E731
+                qq, kk, vv, mesh, docs, scale, ulysses_stages=stages
+            )
             return fwd_bwd(attn, *local)
 
         row[m] = {
@@ -104,11 +108,7 @@ def run_rank(a) -> None:
     device = torch.device("cuda" if CUDA else "cpu")
     meshes = {}
     for m in a.modes.split(","):
-        mode, *opts = m.split("/")
-        cfg = ContextParallelConfig(
-            size=a.world, mode=mode, balance="documents" if "b" in opts else "tokens", ulysses_size=None
-        )
-        meshes[m] = build_mesh(cfg, device.type)
+        meshes[m] = build_mesh(mode_config(m, a.world), device.type)
     rows = []
     for shape in shapes(a):
         rows.append(time_shape(a, meshes, device, *shape))
