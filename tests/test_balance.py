@@ -286,7 +286,7 @@ def test_balanced_model_matches_the_stock_model():
 
 
 def _trainer_worker(rank, world, expected):
-    # llama3 (its gathered plan and spans); the ring's steps are covered above, through the model and alone
+    # llama3 (its gathered sent rows); the ring's steps are covered above, through the model and alone
     actual = run_cp("qwen2", world, "llama3", predict=True, context_parallel_balance="documents")
     assert_same_run(actual, expected, "llama3 balanced")
 
