@@ -63,6 +63,7 @@ def main() -> None:
     a = model_job_parser(__doc__, SHAPES, modes="ulysses", cp_seqs="65536").parse_args()
     if a.smoke:
         a.single_seqs, a.cp_seqs, a.steps = "64", "128", 2
+    extra = dict(context_parallel_auto_recompute=not a.no_auto_recompute)
     world, results = model_job_results(a.out)
 
     def record(row: dict, variant: str, on: bool) -> None:
@@ -75,7 +76,7 @@ def main() -> None:
             progress(f"{shape}: one GPU per sequence at {seq}")
             config = build(a.smoke)
             config._attn_implementation = SINGLE_ATTENTION
-            row = run_one(shape, seq, "single", a.steps, 1, config=config)
+            row = run_one(shape, seq, "single", a.steps, 1, config=config, extra=extra)
             record({**row, "attention": SINGLE_ATTENTION}, variant, True)
         if world < 2:
             continue
@@ -84,7 +85,7 @@ def main() -> None:
                 for on in (True, False):
                     config = build(a.smoke, variant=on or variant == "sinks")
                     edit = None if on or variant != "sinks" else without_sinks
-                    record(run_one(shape, seq, mode, a.steps, world, config=config, edit=edit), variant, on)
+                    record(run_one(shape, seq, mode, a.steps, world, config=config, edit=edit, extra=extra), variant, on)
 
 
 if __name__ == "__main__":

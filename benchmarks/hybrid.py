@@ -128,6 +128,7 @@ def main() -> None:
         a.single_seqs, a.cp_seqs, a.steps, a.search_limit = "64", "128", 2, 256
     delta_rule.USE_STATE = a.mixer_path == "state"
     pieces = dict(delta_rule_piece_bytes=delta_rule.PIECE_BYTES, mamba2_scan_bytes=mixers_mamba2.SCAN_BYTES)
+    extra = dict(context_parallel_auto_recompute=not a.no_auto_recompute)
     world, results = model_job_results(a.out, kernels=kernels(), mixer_path=a.mixer_path, **pieces)
 
     def record(row: dict) -> None:
@@ -140,12 +141,12 @@ def main() -> None:
             for seq in map(int, a.single_seqs.split(",")) if a.single_seqs else []:
                 progress(f"{shape}: one GPU per sequence at {seq}, {form} kernels")
                 with kernels_in_pieces(config) if form == "pieces" else contextlib.nullcontext():
-                    record({**run_one(shape, seq, "single", a.steps, 1, config=config), "kernels": form})
+                    record({**run_one(shape, seq, "single", a.steps, 1, config=config, extra=extra), "kernels": form})
         if world < 2:
             continue
         for mode in a.modes.split(","):
             for seq in map(int, a.cp_seqs.split(",")) if a.cp_seqs else []:
-                record(run_one(shape, seq, mode, a.steps, world, config=config))
+                record(run_one(shape, seq, mode, a.steps, world, config=config, extra=extra))
         if a.search:
             start = int(a.single_seqs.split(",")[0])
             record(longest(shape, "single", start, 1, a.search_limit, step=max(start // 4, 64), config=config))

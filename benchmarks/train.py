@@ -199,6 +199,7 @@ def model_job_parser(doc: str, shapes: dict, modes: str, cp_seqs: str) -> argpar
     p.add_argument("--cp-seqs", default=cp_seqs, help="sequences of the CP=2 runs")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--smoke", action="store_true", help="tiny shapes and sequences, for a CPU check of the script")
+    p.add_argument("--no-auto-recompute", action="store_true", help="recompute every layer (no choice after step 1)")
     p.add_argument("--out", default=None)
     return p
 

@@ -1,5 +1,5 @@
 """Automatic partial recomputation: the decision as a pure function, and training that stays exact (float32, rtol
-1e-5 against the stock Trainer) when the number of recomputed layers changes after step 1."""
+1e-5 against the stock Trainer) when the number of recomputed layers changes after step 1 and again after step 2."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from transformers_cp.auto_recompute import AutoRecompute, choose_recompute_layer
 from transformers_cp.config import ContextParallelConfig, ContextParallelConfigError
 
 GiB = 2**30
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -41,16 +43,7 @@ def test_kept_bytes_are_measured_in_the_whole_recomputation():
     see recomputed), where autograd records: in step 1's first forward and in its recomputation, which runs whole
     (no early stop), so the measurement closes in both; a forward under no_grad is not measured. After step 1 the
     layers get their own checkpointing function back."""
-    model = transformers.AutoModelForCausalLM.from_config(
-        transformers.Qwen2Config(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )  # fmt: skip
-    )
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(**TINY))
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     own = [layer._gradient_checkpointing_func for layer in model.model.layers]
@@ -62,8 +55,9 @@ def test_kept_bytes_are_measured_in_the_whole_recomputation():
         reads.append(torch.is_grad_enabled())
         return 10 * len(reads)
 
-    original = auto_recompute.allocated_bytes
+    original = auto_recompute.allocated_bytes, auto_recompute.device_headroom
     auto_recompute.allocated_bytes = fake_allocated
+    auto_recompute.device_headroom = lambda: 0  # a device that reports its memory, no room: nothing is decided
     try:
         callback.on_train_begin(args, transformers.TrainerState(), None, model=model)
         ids = torch.randint(0, 64, (1, 16))
@@ -73,7 +67,7 @@ def test_kept_bytes_are_measured_in_the_whole_recomputation():
         model(input_ids=ids, labels=ids).loss.backward()
         callback.on_step_end(args, transformers.TrainerState(), None, model=model)
     finally:
-        auto_recompute.allocated_bytes = original
+        auto_recompute.allocated_bytes, auto_recompute.device_headroom = original
     # 3 layers × (forward + recomputation) × 2 reads (the no_grad forward is not checkpointed), each call measured
     # to its end: with the early stop the recomputation would stop inside the layer, before its second read
     assert reads == [True] * (3 * 2 * 2)
@@ -81,12 +75,20 @@ def test_kept_bytes_are_measured_in_the_whole_recomputation():
     assert [layer._gradient_checkpointing_func for layer in model.model.layers] == own
 
 
-def test_on_cpu_the_choice_stays():
-    """No device memory to read: the callback decides nothing and the layers stay as configured."""
+def test_on_cpu_nothing_changes():
+    """No device memory to read: step 1 runs as configured (nothing wrapped, checkpointing's early stop kept), the
+    callback decides nothing, and the layers stay as configured."""
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(**TINY))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     callback = AutoRecompute(ContextParallelConfig())
+    args = transformers.TrainingArguments("out", use_cpu=True, gradient_checkpointing=True)
+    assert callback.wanted(args)  # on by default
+    callback.on_train_begin(args, transformers.TrainerState(), None, model=model)
+    assert callback.hooks == [] and callback._wrapped == []
     callback.hooks = [torch.nn.Linear(1, 1).register_forward_pre_hook(lambda *a: None)]
-    callback.on_step_end(transformers.TrainingArguments("out", use_cpu=True), None, None, model=torch.nn.Linear(1, 1))
-    assert callback.chosen is None and callback.hooks == []
+    callback.on_step_end(args, None, None, model=model)
+    assert callback.chosen is None and callback.hooks == [] and not callback.second_look
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
 
 
 def test_auto_recompute_must_be_a_bool():
@@ -94,23 +96,47 @@ def test_auto_recompute_must_be_a_bool():
         ContextParallelConfig(auto_recompute="yes")
 
 
-CASES = [(1, [True, False]), (5, [False, False])]  # room for 1 layer: one recomputed; for 5: none
+GB = 10**9
+CASES = [  # (headroom after step 1, bytes each kept layer really holds in step 2), layers checkpointed after 1 and 2
+    (1 * GB * auto_recompute.MARGIN, GB, 1, 1),  # room for 1 layer, which step 2 fills: one recomputed
+    (5 * GB * auto_recompute.MARGIN, GB, 0, 0),  # room for 5: none recomputed
+    (1.9 * GB, GB // 2, 1, 0),  # room for 1; it holds half its measure in step 2: the second look keeps the other
+]
 
 
 def _worker(rank, world, ref_path):
-    for headroom_layers, expected_flags in CASES:
-        # Device memory as a GPU would report it after step 1: room for `headroom_layers` layers' activations.
-        auto_recompute.device_headroom = lambda n=headroom_layers: int(n * 10**9 * auto_recompute.MARGIN)
-        allocated = itertools.count(0, 10**9)  # each layer's forward leaves 1 GB allocated
-        auto_recompute.allocated_bytes = lambda allocated=allocated: next(allocated)
-        trainer = cp_trainer("qwen2", 2, "zigzag", gradient_checkpointing=True, context_parallel_auto_recompute=True)
-        result = train_and_record(trainer)
-        name = f"auto recompute, room for {headroom_layers} layers, rank {rank}"
-        assert_same_run(result, torch.load(ref_path), name)
+    for room, real, after_one, after_two in CASES:
+        trainer = cp_trainer("qwen2", 2, "zigzag", gradient_checkpointing=True)  # auto recompute: the default
         (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, AutoRecompute)]
-        assert callback.chosen == expected_flags.count(True), name
-        assert [layer.gradient_checkpointing for layer in trainer.model.model.layers] == expected_flags, name
-        assert len(result["grads"]) > 1, name  # steps ran after the change
+
+        def headroom(room=room, real=real, callback=callback):
+            """Device memory as a GPU would report it: `room` after step 1; after step 2 what the layers left out
+            of checkpointing really took is gone from it."""
+            left_out = 0 if callback.chosen is None else 2 - callback.chosen
+            return int(room - left_out * real)
+
+        auto_recompute.device_headroom = headroom
+        allocated = itertools.count(0, GB)  # each layer's forward leaves 1 GB allocated
+        auto_recompute.allocated_bytes = lambda allocated=allocated: next(allocated)
+        decisions = []
+        trainer.add_callback(Decisions(callback, decisions))
+        result = train_and_record(trainer)
+        name = f"auto recompute, {room / GB:.2f} GB free after step 1, rank {rank}"
+        assert_same_run(result, torch.load(ref_path), name)
+        assert decisions[:2] == [after_one, after_two], (name, decisions)
+        flags = [i < after_two for i in range(2)]
+        assert [layer.gradient_checkpointing for layer in trainer.model.model.layers] == flags, name
+        assert len(result["grads"]) > 2, name  # steps ran after both decisions
+
+
+class Decisions(transformers.TrainerCallback):
+    """The checkpointed layer count the auto-recompute callback holds at the end of each step (it runs first)."""
+
+    def __init__(self, callback: AutoRecompute, out: list) -> None:
+        self.callback, self.out = callback, out
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.out.append(self.callback.chosen)
 
 
 def test_training_stays_exact_when_the_choice_changes_after_step_one(tmp_path):

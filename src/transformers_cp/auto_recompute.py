@@ -1,4 +1,4 @@
-"""Automatic partial recomputation: after the first optimizer step, recompute fewer decoder layers where the device
+"""Automatic partial recomputation: after the first optimizer steps, recompute fewer decoder layers where the device
 has room for their activations.
 
 The long-sequence savings (CP shards, chunked loss, tiled MLP) leave most of a GPU free under the default activation
@@ -8,13 +8,15 @@ what each decoder layer keeps for backward, read as the device memory its forwar
 autograd recording (the recomputation in backward, which keeps exactly what an uncheckpointed forward keeps). The
 headroom left below `RESERVE` of the device, the smallest over all ranks, then buys the last layers whose kept bytes
 (the largest over all ranks, times `MARGIN`) fit (`choose_recompute_layers`), and `recompute.apply_partial_recompute`
-turns checkpointing off on them. Measured, not estimated, so it holds for any layer: attention, MoE, or a hybrid's
+turns checkpointing off on them. After step 2, which ran with that choice, the same rule looks again at the headroom
+that step really left (the margin and the measurement are upper bounds, so room often remains) and may leave more
+layers out; it never puts one back. Measured, not estimated, so it holds for any layer: attention, MoE, or a hybrid's
 recurrent mixers, whose kept tensors no formula of the widths gives. The math is the same either way (a
 recomputation gives what the first forward computed), so losses and weights do not change.
 
 It acts where activation checkpointing is on, the run has not chosen `context_parallel_recompute_layers`, the device
-reports its memory (CUDA), and `context_parallel_auto_recompute` is on; elsewhere (CPU) it keeps the configured
-choice. The decision is logged.
+reports its memory (CUDA), and `context_parallel_auto_recompute` is on (the default); elsewhere (CPU) it keeps the
+configured choice and changes nothing in step 1. Each decision is logged.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ class AutoRecompute(transformers.TrainerCallback):
         self._wrapped: list[tuple[torch.nn.Module, object]] = []  # (layer, its own checkpointing function)
         self.hooks: list = []
         self._whole = contextlib.nullcontext()  # step 1: checkpointing without its early stop
-        self.chosen: int | None = None
+        self.chosen: int | None = None  # the decoder layers checkpointed from the last decision on
+        self.second_look = False  # after step 2: decide again from the headroom step 2 left
 
     def wanted(self, args) -> bool:
         config = self.config
@@ -89,7 +92,8 @@ class AutoRecompute(transformers.TrainerCallback):
         )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.wanted(args) and model is not None and not self.hooks and state.global_step == 0:
+        measurable = device_headroom() is not None
+        if self.wanted(args) and measurable and model is not None and not self.hooks and state.global_step == 0:
             # step 1's recomputations run whole, so that each layer's checkpointed function returns with what it
             # keeps allocated; by default non-reentrant checkpointing stops at the last tensor backward needs
             self._whole = torch.utils.checkpoint.set_checkpoint_early_stop(False)
@@ -118,8 +122,14 @@ class AutoRecompute(transformers.TrainerCallback):
         return out
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if not self.hooks:
-            return
+        if self.hooks:
+            self._stop_measuring()
+            self.second_look = self._decide(args, model, after="step 1")
+        elif self.second_look:
+            self.second_look = False
+            self._decide(args, model, after="step 2")
+
+    def _stop_measuring(self) -> None:
         for hook in self.hooks:
             hook.remove()
         self.hooks = []
@@ -127,25 +137,34 @@ class AutoRecompute(transformers.TrainerCallback):
             layer._gradient_checkpointing_func = func
         self._wrapped = []
         self._whole.__exit__(None, None, None)
+
+    def _decide(self, args, model, after: str) -> bool:
+        """Leave out of checkpointing as many of the last layers as the headroom now holds; whether it decided."""
         headroom = device_headroom()
         if headroom is None or model is None:
-            return
+            return False
         layers = checkpointable_layers(model)
         kept = [self.kept.get(i, 0) for i in range(len(layers))]
         if dist.is_initialized():  # every rank takes the same decision: the tightest rank's
             values = torch.tensor([-headroom, *kept], dtype=torch.int64, device=args.device)
             dist.all_reduce(values, op=dist.ReduceOp.MAX)
             headroom, kept = -int(values[0].item()), [int(b) for b in values[1:].tolist()]
-        checkpointed = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
+        if self.chosen is None:
+            checkpointed = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in layers)
+        else:  # the flags change at the next forward (`recompute`): the last decision is what holds
+            checkpointed = self.chosen
         per_layer = [int(b * MARGIN) for b in kept]
-        self.chosen = choose_recompute_layers(checkpointed, headroom, per_layer)
-        if self.chosen < checkpointed:
-            apply_partial_recompute(model, self.chosen)
-        if args.process_index == 0:
+        chosen = choose_recompute_layers(checkpointed, headroom, per_layer)
+        changed = chosen < checkpointed
+        if changed:
+            apply_partial_recompute(model, chosen)
+        self.chosen = chosen
+        if args.process_index == 0 and (changed or after == "step 1"):
             measured = [b for b in kept if b > 0]
             sizes = f"{min(measured) / 2**30:.2f}–{max(measured) / 2**30:.2f}" if measured else "unmeasured"
             logger.warning(
-                f"context_parallel_auto_recompute: {headroom / 2**30:.1f} GiB free after step 1, decoder layers keep "
-                f"{sizes} GiB each (measured in step 1): recomputing {self.chosen} of {len(layers)} layers from now "
+                f"context_parallel_auto_recompute: {headroom / 2**30:.1f} GiB free after {after}, decoder layers "
+                f"keep {sizes} GiB each (measured in step 1): recomputing {chosen} of {len(layers)} layers from now "
                 "on (context_parallel_auto_recompute=False recomputes all)."
             )
+        return True

@@ -33,7 +33,7 @@ class MemorySavings:
     offload_activations: bool = False
     offload_attention_outputs: bool = False
     recompute_layers: int | None = None
-    auto_recompute: bool = False
+    auto_recompute: bool = True
 
     def __post_init__(self) -> None:
         counts = (  # (field, what the count is, what None means)
@@ -224,9 +224,8 @@ class ContextParallelConfig(MemorySavings, ContextParallelSettings):
             of the layer in backward. No effect without activation checkpointing.
         auto_recompute: under activation checkpointing with `recompute_layers` unset, choose after the first step how
             many layers to recompute from the device memory left free and what each layer was measured to keep in
-            step 1 (CUDA; elsewhere every layer stays recomputed, as with False). Off by default until the
-            measured choice is confirmed on GPU (the estimate it replaces ran a Qwen3-Next-shaped hybrid out of
-            memory). See `auto_recompute.py`.
+            step 1, and look again after step 2 at the memory that step really left (CUDA; elsewhere every layer
+            stays recomputed). On by default; False recomputes every layer. See `auto_recompute.py`.
 
     The first six fields are the CP settings (`ContextParallelSettings`, what a mesh carries), the others the memory
     savings, handed on as `memory_savings` (`MemorySavings`, what `memory.apply_memory_savings` installs).

@@ -103,11 +103,12 @@ class ContextParallelArguments:
         },
     )
     context_parallel_auto_recompute: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": f"With {CHECKPOINTING_FLAG} and context_parallel_recompute_layers unset: after the first step, "
             "recompute only as many decoder layers as the free device memory requires (CUDA; logged), from what "
-            "each layer was measured to keep in step 1. Off by default. Works without CP too."
+            "each layer was measured to keep in step 1, and again after step 2. False recomputes every layer. Works "
+            "without CP too."
         },
     )
     context_parallel_balance: str = field(
