@@ -53,7 +53,8 @@ def shapes(a) -> list[tuple[int, int, int, str]]:
 
 
 def kernel_table(step, path: str) -> None:
-    """The GPU kernels of three runs of `step`, by total time (what a rank's time is made of)."""
+    """The GPU kernels of three runs of `step`, by total time (what a rank's time is made of), and on CUDA its host
+    ops by their own CPU time (where the host's time goes when it sets the pace)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]) as prof:
@@ -64,6 +65,8 @@ def kernel_table(step, path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(prof.key_averages().table(sort_by="cuda_time_total" if CUDA else "cpu_time_total", row_limit=30))
+        if CUDA:
+            f.write("\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
 
 
 def time_shape(a, meshes: dict, device: torch.device, seq: int, hq: int, hk: int, kind: str) -> dict:

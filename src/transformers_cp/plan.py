@@ -86,9 +86,29 @@ def _cumulative(lengths: list[int]) -> tuple[int, ...]:
 
 
 def diagonal_segments(docs: Documents, ranges: Sequence[Range], window_left: int | None) -> Segments:
-    """Causal varlen segments of the concatenated `ranges` against themselves."""
-    cu = _cumulative([n for s, e in ranges for n in docs.pieces(s, e)])
+    """Causal varlen segments of the concatenated `ranges` (in ascending order) against themselves. Without a window,
+    one document's pieces in consecutive ranges form one segment (`_joined`): each row of a later piece sees all of
+    the earlier ones, as causal attention over their concatenation gives, so zigzag's two chunks of one document are
+    one kernel call rather than a causal one, a full one and a merge of the two."""
+    lengths: list[int] = []
+    previous: Range | None = None
+    for s, e in ranges:
+        if e <= s:
+            continue
+        for i, n in enumerate(docs.pieces(s, e)):
+            if i == 0 and previous is not None and _joined(docs, (s, e), previous, window_left):
+                lengths[-1] += n
+            else:
+                lengths.append(n)
+        previous = (s, e)
+    cu = _cumulative(lengths)
     return Segments(cu, cu, causal=True, window_left=window_left)
+
+
+def _joined(docs: Documents, q: Range, k: Range, window_left: int | None) -> bool:
+    """Whether the diagonal segments hold the block of chunk `q` against an earlier chunk `k` of the same buffer: the
+    first row of `q` and the last of `k` lie in one document, and no window cuts what a row sees."""
+    return window_left is None and k[1] <= q[0] and docs.span(q[0]) == docs.span(k[1] - 1)
 
 
 def earlier_block(
@@ -148,12 +168,13 @@ def pair_blocks(
 ) -> list[Block]:
     """All blocks of local queries (chunks `q_ranges`) against one KV buffer (chunks `k_ranges`)."""
     blocks = []
-    if list(q_ranges) == list(k_ranges):
+    diagonal = list(q_ranges) == list(k_ranges)
+    if diagonal:
         n = sum(e - s for s, e in q_ranges)
         blocks.append(Block((0, n), (0, n), diagonal_segments(docs, q_ranges, window_left)))
     for q, q_off in zip(q_ranges, _offsets(q_ranges)):
         for k, k_off in zip(k_ranges, _offsets(k_ranges)):
-            if k[1] <= q[0]:
+            if k[1] <= q[0] and not (diagonal and _joined(docs, q, k, window_left)):
                 block = earlier_block(docs, q, q_off, k, k_off, window_left)
                 if block is not None:
                     blocks.append(block)
