@@ -38,7 +38,7 @@ from transformers_cp import (
     build_mesh,
     shard_batch,
 )
-from transformers_cp.chunked_loss import apply_chunked_loss
+from transformers_cp.chunked_loss import apply_chunked_loss, chunked_cross_entropy_sum
 from transformers_cp.memory import apply_memory_savings
 from transformers_cp.offload import activation_offloader, apply_activation_offload
 from transformers_cp.recompute import apply_partial_recompute, remove_partial_recompute
@@ -104,6 +104,27 @@ def test_chunked_loss_is_the_models_loss(family, chunk):
     assert chunked(input_ids=ids, labels=labels).logits is None  # the logits are never formed
     with torch.no_grad():  # without labels the head runs as usual
         assert_close(chunked(input_ids=ids).logits, plain(input_ids=ids).logits, RTOL, "logits")
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_chunked_cross_entropy_is_autograds(softcap):
+    """The gradient written by hand (softmax − one-hot, ignored rows zero, × (1 − tanh²) through the soft-capping,
+    a head with a bias) against autograd on the same operations, over ragged chunks with and without ignored rows."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, VOCAB, bias=True)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (37,))
+    labels[3:9] = -100  # the first chunk of 8 has ignored rows, the next ones none, the last is short
+    logits = head(hidden)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    expected = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+    inputs = (hidden, head.weight, head.bias)
+    loss = chunked_cross_entropy_sum(hidden, head, labels, 8, softcap)
+    assert_close(loss, expected, RTOL, "loss")
+    for name, got, want in zip(("hidden", "weight", "bias"), torch.autograd.grad(loss, inputs),
+                               torch.autograd.grad(expected, inputs)):  # fmt: skip
+        assert_close(got, want, RTOL, f"gradient of the {name}")
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])

@@ -4,9 +4,15 @@ Full float32 logits of 500k tokens and a 152k vocabulary would take 300 GB; here
 time. The gradients with respect to the hidden states and the head's weight are computed chunk by chunk during the
 forward (as fused linear-cross-entropy implementations do) rather than by recomputing each chunk's logits in backward:
 it saves one LM-head matrix product per token and keeps only two tensors for backward (the hidden states' gradient,
-the size of the hidden states, and the head's weight gradient in float32). Each chunk is differentiated by autograd
-on exactly the operations the model runs (head, optional final soft-capping in the logits' dtype, float32 upcast,
-cross-entropy with ignore index -100), so the values and gradients are those of the model's own loss.
+the size of the hidden states, and the head's weight gradient in float32).
+
+Each chunk runs the operations the model runs (head, optional final soft-capping in the logits' dtype, float32
+log-softmax, cross-entropy with ignore index -100) and writes out by hand the gradient autograd would give, with the
+same operations in the same dtypes (`_chunk_loss`): d CE / d logits = softmax − one-hot in float32, rounded to the
+logits' dtype, zero on ignored rows; through the soft-capping, × (1 − tanh²); then the head's two matrix products.
+By hand, the float32 log-probabilities are the only full-size buffer, exponentiated straight into the logits' dtype:
+about a third of the memory traffic of autograd's cross-entropy, which writes the log-probabilities, a one-hot
+gradient and the log-softmax gradient, each in float32, before the cast.
 
 `apply_chunked_loss(model)` makes a Hugging Face causal LM return this loss whenever it is called with `labels` or
 `shift_labels`: the same value as its own loss (sum over tokens / `num_items_in_batch`, or the token mean, plus
@@ -35,18 +41,45 @@ NAME = "chunked_loss"
 _UNSUPPORTED_SCALING = ("logit_scale", "logits_scaling")
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None):
+def _chunk_plan(labels: torch.Tensor, chunk_size: int) -> list[tuple[int, bool]]:
+    """(first row, every row a target) of the chunks that hold a target (a label other than -100), read from the
+    device in one synchronisation for all chunks (a short last chunk counts as having rows without one)."""
+    targets = F.pad(labels.ne(IGNORE_INDEX), (0, -labels.shape[0] % chunk_size)).view(-1, chunk_size)
+    flags = torch.stack([targets.any(1), targets.all(1)], 1).tolist()
+    return [(i * chunk_size, every) for i, (some, every) in enumerate(flags) if some]
+
+
+def _chunk_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    every_target: bool,
+    softcap: float | None,
+    with_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(Σ CE over the chunk's rows in float32, d Σ CE / d (h·Wᵀ + b) in the logits' dtype or None)."""
     logits = F.linear(hidden, weight, bias)
+    capped = None
     if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits.float()
-
-
-def _chunks_with_targets(labels: torch.Tensor, chunk_size: int) -> list[int]:
-    """The first rows of the chunks that hold a target (a label other than -100), read from the device in one
-    synchronisation for all chunks."""
-    targets = F.pad(labels.ne(IGNORE_INDEX), (0, -labels.shape[0] % chunk_size))
-    return [i * chunk_size for i, has in enumerate(targets.view(-1, chunk_size).any(1).tolist()) if has]
+        capped = torch.tanh(logits / softcap)
+        logits = capped * softcap
+    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # = log_softmax(logits.float())
+    valid = labels.ne(IGNORE_INDEX)
+    index = labels.clamp(min=0).unsqueeze(1)  # an ignored row picks column 0, and counts for nothing
+    picked = logp.gather(1, index).squeeze(1)
+    loss = -torch.where(valid, picked, 0.0).sum()
+    if not with_grad:
+        return loss, None
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    torch.exp(logp, out=grad)  # softmax, rounded once to the logits' dtype
+    del logp
+    grad.scatter_(1, index, (picked.exp() - 1).unsqueeze(1).to(grad.dtype))  # minus the one-hot, in float32
+    if not every_target:
+        grad.mul_(valid.unsqueeze(1))
+    if capped is not None:  # d softcap·tanh(x / softcap) / dx
+        grad = grad * (1 - capped * capped)
+    return loss, grad
 
 
 def _add_float(total: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
@@ -64,25 +97,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # float32 sums over the chunks (None until the first chunk, copied in rather than added to zeros)
         grad_weight = grad_bias = None
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        for start in _chunks_with_targets(labels, chunk_size):
-            chunk_labels = labels[start : start + chunk_size]
-            with torch.enable_grad():
-                h = hidden[start : start + chunk_size].detach().requires_grad_(needs[0])
-                w = weight.detach().requires_grad_(needs[1])
-                b = bias.detach().requires_grad_(needs[2]) if bias is not None else None
-                loss = F.cross_entropy(
-                    _chunk_logits(h, w, b, softcap), chunk_labels, ignore_index=IGNORE_INDEX, reduction="sum"
-                )
-            inputs = [t for t, need in ((h, needs[0]), (w, needs[1]), (b, needs[2])) if t is not None and need]
-            if inputs:
-                grads = iter(torch.autograd.grad(loss, inputs))
-                if needs[0]:
-                    grad_hidden[start : start + chunk_size] = next(grads)
-                if needs[1]:
-                    grad_weight = _add_float(grad_weight, next(grads))
-                if bias is not None and needs[2]:
-                    grad_bias = _add_float(grad_bias, next(grads))
-            total += loss.detach()
+        for start, every_target in _chunk_plan(labels, chunk_size):
+            rows = slice(start, start + chunk_size)
+            h = hidden[rows]
+            loss, grad = _chunk_loss(h, weight, bias, labels[rows], every_target, softcap, any(needs))
+            if needs[0]:
+                grad_hidden[rows] = grad.mm(weight)  # under autocast both in its dtype, as the head's backward
+            if needs[1]:
+                grad_weight = _add_float(grad_weight, grad.t().mm(h))
+            if bias is not None and needs[2]:
+                grad_bias = _add_float(grad_bias, grad.sum(0))
+            total += loss
         if needs[1] and grad_weight is None:  # no chunk has a target
             grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         if bias is not None and needs[2] and grad_bias is None:
