@@ -85,7 +85,9 @@ def main() -> None:
                 for on in (True, False):
                     config = build(a.smoke, variant=on or variant == "sinks")
                     edit = None if on or variant != "sinks" else without_sinks
-                    record(run_one(shape, seq, mode, a.steps, world, config=config, edit=edit, extra=extra), variant, on)
+                    record(
+                        run_one(shape, seq, mode, a.steps, world, config=config, edit=edit, extra=extra), variant, on
+                    )
 
 
 if __name__ == "__main__":
