@@ -22,6 +22,7 @@ trainer, and transformers_cp's loss scaling (`loss.py`), works unchanged on top.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,11 +88,17 @@ def _add_float(total: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor:
     return grad.float() if total is None else total.add_(grad)
 
 
+@functools.cache
+def _products_take_out_dtype() -> bool:
+    """Whether torch's matrix products take `out_dtype` (the `dtype` overloads, from torch 2.8 on)."""
+    return all("dtype" in op.overloads() for op in (torch.ops.aten.mm, torch.ops.aten.addmm))
+
+
 def _add_product(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`total + a·b` in float32. On CUDA with half-precision factors the product is summed into the float32 total by
     the matrix product itself (`out_dtype`), never rounded to the factors' dtype nor written out apart: for the head's
     weight gradient that is one vocabulary × hidden buffer less to write, read and add per chunk."""
-    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
+    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16) and _products_take_out_dtype():
         if total is None:
             return torch.mm(a, b, out_dtype=torch.float32)
         return torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
