@@ -33,6 +33,7 @@ import types
 
 import torch
 import torch.distributed as dist
+from attention import doc_lengths
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from transformers_cp import attention
@@ -131,17 +132,20 @@ def fwd_bwd(mesh, docs, q, k, v, dout, scale):
 
 
 def doc_bounds(kind: str, seq: int) -> list[int]:
-    """One sequence, or four documents of unequal lengths (as the 8k `packed` row of benchmarks/attention.py, whose
-    plan the tiny row repeats: `CUDNN_MIN_DOCUMENT` is scaled down with the row)."""
+    """One sequence; four documents of unequal lengths (as the 8k `packed` row of benchmarks/attention.py, whose
+    plan the tiny row repeats: `CUDNN_MIN_DOCUMENT` is scaled down with the row); or `bench`: benchmarks/attention.py's
+    own `packed` row of `seq` tokens (at --seq 8192, the calls and copies of that row, cuDNN's length rounding too)."""
     if kind == "single":
         return [0, seq]
+    if kind == "bench":
+        return list(itertools.accumulate(doc_lengths("packed", seq), initial=0))
     return [0, seq * 3 // 16, seq * 9 // 16, seq * 11 // 16, seq]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--modes", default="ulysses,zigzag,ring,llama3,hybrid")
-    p.add_argument("--docs", default="single,packed")
+    p.add_argument("--docs", default="single,packed", help="single, packed, bench (see doc_bounds)")
     p.add_argument("--kernel", default="fused", choices=sorted(KERNELS))
     p.add_argument("--seq", type=int, default=256, help="row length (tiny: the kernels and copies cost ~nothing)")
     p.add_argument("--heads", default="16:16")

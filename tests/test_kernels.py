@@ -24,6 +24,9 @@ CASES = {
     "two long equal chunks": ((0, 2048, 4096), (0, 2048, 4096), True, None),  # a zigzag diagonal: one batched call
     # 2100 and 2200 tokens run in cuDNN at 2112 and 2240 (`_bucket`), reading on into the rows after them
     "long documents borrowing the next rows": ((0, 2100, 4300, 4400), (0, 2100, 4300, 4400), True, None),
+    # a short lone document off its bucket runs in the varlen op (`_cudnn_shape`), alone or around a long one
+    "short document off its bucket": ((0, 553), (0, 553), True, None),
+    "short documents around a long one": ((0, 553, 3299, 4096), (0, 553, 3299, 4096), True, None),
 }
 
 
@@ -86,6 +89,21 @@ def test_cudnn_lengths_are_rounded_to_few_reusable_sizes():
         m = _bucket(n)
         assert n <= m <= n + n // CUDNN_BUCKETS and _bucket(m) == m, (n, m)
     assert len({_bucket(n) for n in range(2048, 131073)}) < 200
+
+
+def test_short_lone_documents_skip_cudnn_padding():
+    """One causal document shorter than `CUDNN_MIN_DOCUMENT` at a length off its bucket goes to the varlen op rather
+    than to cuDNN padded (copies of every input and output); at its bucket's length, or from 2048 tokens on, cuDNN."""
+    from transformers_cp.kernels.torch_fused import _cudnn_shape
+
+    def route(n, causal=True):
+        t = torch.empty(n, 2, 8)
+        return _cudnn_shape(Segments((0, n), (0, n), causal, None), t, t)
+
+    assert route(553) is None  # bucket 560
+    assert route(512) == (1, 512, 512) and route(31) == (1, 31, 31)  # their own buckets
+    assert route(553, causal=False) == (1, 553, 553)  # no padding off the causal square
+    assert route(2746) == (1, 2746, 2746)  # long: cuDNN at its bucket (2752)
 
 
 def test_long_documents_of_one_shape_share_a_cudnn_call():

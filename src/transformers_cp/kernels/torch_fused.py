@@ -33,6 +33,16 @@ def _dense_shape(seg: Segments, q: torch.Tensor, k: torch.Tensor) -> tuple[int, 
     return n, lq, lk
 
 
+def _cudnn_shape(seg: Segments, q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int] | None:
+    """`_dense_shape`, except for one causal document shorter than `CUDNN_MIN_DOCUMENT` whose length is not its own
+    bucket (`_bucket`): the varlen op takes that as it is, where cuDNN would need padding copies of every input and
+    output to reuse its plans; at such lengths the calls, not the kernel, set the time."""
+    dense = _dense_shape(seg, q, k)
+    if dense is not None and dense[0] == 1 and seg.causal and (n := dense[1]) < CUDNN_MIN_DOCUMENT and _bucket(n) != n:
+        return None
+    return dense
+
+
 def _bucket(n: int) -> int:
     """The length a lone causal document of n tokens runs at in cuDNN: n rounded up to a multiple of the largest
     power of two not above n/32, so at most about 3 % longer (193 lengths from 2k to 128k).
@@ -190,7 +200,7 @@ class TorchKernel:
         return dq, dk, dv
 
     def _forward(self, q, k, v, seg: Segments, scale: float):
-        dense = _dense_shape(seg, q, k)
+        dense = _cudnn_shape(seg, q, k)
         if dense is not None and dense[0] == 1 and seg.causal and (n := dense[1]) != (m := _bucket(dense[1])):
             out, lse = self._forward(*(_padded(t, m) for t in (q, k, v)), Segments((0, m), (0, m), True), scale)
             return out[:n], lse[:, :n]
@@ -220,7 +230,7 @@ class TorchKernel:
 
     def _backward(self, dout, q, k, v, out, lse, seg: Segments, scale: float):
         seed, offset = _no_dropout_state(q.device)
-        dense = _dense_shape(seg, q, k)
+        dense = _cudnn_shape(seg, q, k)
         if dense is not None and dense[0] == 1 and seg.causal and (n := dense[1]) != (m := _bucket(dense[1])):
             padded = (_padded(t, m) for t in (dout, q, k, v, out))
             lse_p = _padded(lse.T, m).T  # 0, not -inf: the padded rows' probabilities stay finite (times zero)
