@@ -196,7 +196,7 @@ class _Ranks:
         return max(first) + sum(max(self.later[s]) for s in range(1, ring))
 
     def ranges(self) -> tuple[tuple[Range, ...], ...]:
-        return tuple(_merged(ranges) for ranges in self.held)
+        return tuple(merged_ranges(ranges) for ranges in self.held)
 
 
 def _shuffled(items: list[int], seed: int) -> list[int]:
@@ -231,12 +231,12 @@ def _zigzag(start: int, n: int, ring: int, tokens: list[int], give) -> None:
         pos += size
 
 
-def _merged(ranges: list[Range]) -> tuple[Range, ...]:
-    """Sorted, with touching ranges joined (fewer pieces to shard and to copy)."""
+def merged_ranges(ranges: Sequence[Range]) -> tuple[Range, ...]:
+    """Sorted, with touching or overlapping ranges joined (fewer pieces to shard, copy and send)."""
     out: list[Range] = []
     for s, e in sorted(ranges):
-        if out and out[-1][1] == s:
-            out[-1] = (out[-1][0], e)
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(e, out[-1][1]))
         else:
             out.append((s, e))
     return tuple(out)

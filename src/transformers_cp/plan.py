@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .balance import merged_ranges
 from .kernels import Segments
 from .layout import Layout, Range
 
@@ -233,17 +234,10 @@ def sent_rows(docs: Documents, layout: Layout, window_left: int | None) -> tuple
 
     def build():
         every = _every_rank(docs, layout, window_left)
-        out = []
-        for src in range(layout.ring):
-            keys = sorted(b.k for s in range(1, layout.ring) for b in every[(src + s) % layout.ring][s])
-            merged: list[Range] = []
-            for a, b in keys:
-                if merged and a <= merged[-1][1]:
-                    merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
-                else:
-                    merged.append((a, b))
-            out.append(tuple(merged))
-        return tuple(out)
+        return tuple(
+            merged_ranges([b.k for s in range(1, layout.ring) for b in every[(src + s) % layout.ring][s]])
+            for src in range(layout.ring)
+        )
 
     return docs.cached(("sent", layout, window_left), build)
 
