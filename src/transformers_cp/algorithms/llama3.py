@@ -27,13 +27,18 @@ def _heads(stride_index: int, kv_stride: int, group_size: int) -> tuple[slice, s
     return slice(k0 * group_size, (k0 + kv_stride) * group_size), slice(k0, k0 + kv_stride)
 
 
+def gathered_rows(sent: Sent) -> int:
+    """Rows each rank contributes to the all-gather: its sent rows, padded to the longest rank's."""
+    return max(sum(b - a for a, b in rows) for rows in sent)
+
+
 class _Plan:
     """Who this rank is, and the length every rank's gathered rows are padded to."""
 
     def __init__(self, steps: Steps, sent: Sent, group) -> None:
         self.steps, self.sent = steps, sent
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        self.length = max(sum(b - a for a, b in rows) for rows in sent)
+        self.length = gathered_rows(sent)
 
     def source(self, step: int) -> int:
         """Whose gathered rows the blocks of `step` read."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..algorithms.llama3 import Llama3Attention
+from ..algorithms.llama3 import Llama3Attention, gathered_rows
 from ..plan import ring_plan, sent_rows
 from .base import Mode, ring_or_local
 
@@ -26,8 +26,8 @@ class AllGatherKeys(Mode):
             return ring_or_local(q, k, v, mesh, docs, kernel, scale, left, reuse, sinks)
         steps = ring_plan(docs, mesh.layout, mesh.ring_rank, left)
         sent = sent_rows(docs, mesh.layout, left)
-        gathered = max(sum(b - a for a, b in rows) for rows in sent)
-        stride = mesh.config.kv_stride(k.shape[1], few_rows=4 * gathered <= q.shape[0])  # divides the KV heads
+        few_rows = 4 * gathered_rows(sent) <= q.shape[0]
+        stride = mesh.config.kv_stride(k.shape[1], few_rows=few_rows)  # divides the KV heads
         return Llama3Attention.apply(q, k, v, steps, sent, mesh.ring_group, kernel, scale, stride, reuse, sinks)
 
 
