@@ -34,13 +34,20 @@ def _dense_shape(seg: Segments, q: torch.Tensor, k: torch.Tensor) -> tuple[int, 
 
 
 def _cudnn_shape(seg: Segments, q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int] | None:
-    """`_dense_shape`, except for one causal document shorter than `CUDNN_MIN_DOCUMENT` whose length is not its own
-    bucket (`_bucket`): the varlen op takes that as it is, where cuDNN would need padding copies of every input and
+    """`_dense_shape`, except for one causal document shorter than `CUDNN_MIN_DOCUMENT` that cuDNN would run padded
+    (`_padded_length`): the varlen op takes that as it is, where cuDNN would need padding copies of every input and
     output to reuse its plans; at such lengths the calls, not the kernel, set the time."""
     dense = _dense_shape(seg, q, k)
-    if dense is not None and dense[0] == 1 and seg.causal and (n := dense[1]) < CUDNN_MIN_DOCUMENT and _bucket(n) != n:
+    if dense is not None and _padded_length(seg, dense) is not None and dense[1] < CUDNN_MIN_DOCUMENT:
         return None
     return dense
+
+
+def _padded_length(seg: Segments, dense: tuple[int, int, int] | None) -> int | None:
+    """The length cuDNN runs a lone causal document of shape `dense` at when that is not its own (`_bucket`)."""
+    if dense is None or dense[0] != 1 or not seg.causal or _bucket(dense[1]) == dense[1]:
+        return None
+    return _bucket(dense[1])
 
 
 def _bucket(n: int) -> int:
@@ -201,7 +208,8 @@ class TorchKernel:
 
     def _forward(self, q, k, v, seg: Segments, scale: float):
         dense = _cudnn_shape(seg, q, k)
-        if dense is not None and dense[0] == 1 and seg.causal and (n := dense[1]) != (m := _bucket(dense[1])):
+        if (m := _padded_length(seg, dense)) is not None:
+            n = dense[1]
             out, lse = self._forward(*(_padded(t, m) for t in (q, k, v)), Segments((0, m), (0, m), True), scale)
             return out[:n], lse[:, :n]
         if dense is not None:
@@ -231,7 +239,8 @@ class TorchKernel:
     def _backward(self, dout, q, k, v, out, lse, seg: Segments, scale: float):
         seed, offset = _no_dropout_state(q.device)
         dense = _cudnn_shape(seg, q, k)
-        if dense is not None and dense[0] == 1 and seg.causal and (n := dense[1]) != (m := _bucket(dense[1])):
+        if (m := _padded_length(seg, dense)) is not None:
+            n = dense[1]
             padded = (_padded(t, m) for t in (dout, q, k, v, out))
             lse_p = _padded(lse.T, m).T  # 0, not -inf: the padded rows' probabilities stay finite (times zero)
             grads = self._backward(*padded, lse_p, Segments((0, m), (0, m), True), scale)
