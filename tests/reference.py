@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
+
+
+def bounds_of(lengths: list[int]) -> list[int]:
+    """Document bounds (0 first) of a packed row of documents of `lengths`."""
+    return list(itertools.accumulate(lengths, initial=0))
 
 
 def document_ids(lengths: list[int]) -> torch.Tensor:

@@ -10,7 +10,7 @@ import itertools
 
 import pytest
 from distributed import run_distributed
-from reference import check_cp_attention
+from reference import bounds_of, check_cp_attention
 
 from transformers_cp.config import ContextParallelConfig
 from transformers_cp.layout import Layout
@@ -18,13 +18,9 @@ from transformers_cp.mesh import build_mesh
 from transformers_cp.plan import Documents, ring_plan
 
 
-def _bounds(lengths: list[int]) -> list[int]:
-    return list(itertools.accumulate(lengths, initial=0))
-
-
 def _step0(lengths: list[int], window: int | None, rank: int = 0) -> list[tuple]:
     """Rank `rank`'s step-0 blocks, zigzag over 2 ranks of a 64-token row (its chunks [16r, 16r+16) and the mirror)."""
-    (step, blocks), *_ = ring_plan(Documents(_bounds(lengths), 64), Layout("zigzag", 2, 1), rank, window)
+    (step, blocks), *_ = ring_plan(Documents(bounds_of(lengths), 64), Layout("zigzag", 2, 1), rank, window)
     assert step == 0
     return [(b.q, b.k, b.seg.cu_q, b.seg.causal) for b in blocks]
 
@@ -70,7 +66,9 @@ def _worker(rank, world):
         ("zigzag", "llama3"), rows.items(), (((4, 4), None), ((4, 2), None), ((4, 2), 5))
     ):
         mesh = build_mesh(ContextParallelConfig(size=world, mode=mode), "cpu")
-        check_cp_attention(mesh, seq, _bounds(lengths), heads, window, f"{mode} {name} heads={heads} window={window}")
+        check_cp_attention(
+            mesh, seq, bounds_of(lengths), heads, window, f"{mode} {name} heads={heads} window={window}"
+        )
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -8,16 +8,12 @@ import itertools
 
 import pytest
 from distributed import run_distributed
-from reference import check_cp_attention
+from reference import bounds_of, check_cp_attention
 
 from transformers_cp.config import ContextParallelConfig
 from transformers_cp.layout import Layout
 from transformers_cp.mesh import build_mesh
 from transformers_cp.plan import Documents, ring_plan, sent_rows
-
-
-def _bounds(lengths: list[int]) -> list[int]:
-    return list(itertools.accumulate(lengths, initial=0))
 
 
 def test_one_document_sends_what_later_ranks_see():
@@ -30,7 +26,7 @@ def test_one_document_sends_what_later_ranks_see():
 def test_a_document_crossing_one_boundary_sends_only_its_rows():
     """Contiguous halves of 32 tokens; the document [10, 30) crosses from rank 0 into rank 1: rank 0 sends its rows
     10-15 (local), rank 1 sends nothing, and rank 1's step-1 block reads rows 0-6 of what arrives."""
-    docs = Documents(_bounds([10, 20, 2]), 32)
+    docs = Documents(bounds_of([10, 20, 2]), 32)
     layout = Layout("contiguous", 2, 1)
     assert sent_rows(docs, layout, None) == (((10, 16),), ())
     (_, local), (step, blocks) = ring_plan(docs, layout, 1, None)
@@ -48,18 +44,18 @@ def _worker(rank, world):
         "documents inside the shards": [8] * (seq // 8),
     }
     for (name, lengths), (heads, window) in itertools.product(rows.items(), (((4, 4), None), ((4, 2), 5))):
-        sent = sent_rows(Documents(_bounds(lengths), seq), ring.layout, window)
+        sent = sent_rows(Documents(bounds_of(lengths), seq), ring.layout, window)
         if name != "documents inside the shards":
             assert len({sum(b - a for a, b in r) for r in sent}) > 1, "ranks send different amounts"
-        check_cp_attention(ring, seq, _bounds(lengths), heads, window, f"ring {name} heads={heads} window={window}")
+        check_cp_attention(ring, seq, bounds_of(lengths), heads, window, f"ring {name} heads={heads} window={window}")
     # whole documents on every rank under the documents balance: nothing travels, one local call per rank
     balanced = build_mesh(ContextParallelConfig(size=world, mode="zigzag", balance="documents"), "cpu")
     lengths = [4] * (seq // 4)
-    docs = Documents(_bounds(lengths), seq)
+    docs = Documents(bounds_of(lengths), seq)
     assert [s for s, _ in ring_plan(docs, balanced.layout, balanced.ring_rank, None)] == [0]
     for mode in ("zigzag", "llama3"):
         mesh = build_mesh(ContextParallelConfig(size=world, mode=mode, balance="documents"), "cpu")
-        check_cp_attention(mesh, seq, _bounds(lengths), (4, 2), None, f"{mode} documents balance, whole documents")
+        check_cp_attention(mesh, seq, bounds_of(lengths), (4, 2), None, f"{mode} documents balance, whole documents")
 
 
 @pytest.mark.parametrize("world", [2, 4])
