@@ -187,21 +187,24 @@ def native_cp(q, k, v, dout, scale, mesh, method: str, iters: int) -> float:
         return timed(step, iters)
 
 
-def profile(fn, path: str) -> None:
-    """Where the time of one fwd+bwd goes: top kernels and host-side totals (rank 0 writes the table)."""
+def profile(fn, path: str, write: bool | None = None) -> None:
+    """Where the time of three fwd+bwd runs goes: the kernels by total time, then (on CUDA) the host ops by their own
+    CPU time, where the host's time goes when it sets the pace. Written to `path` by rank 0, or as `write` says."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if CUDA else [])]) as prof:
         for _ in range(3):
             fn()
-        torch.cuda.synchronize()
-    if dist.get_rank() == 0:
+        if CUDA:
+            torch.cuda.synchronize()
+    if write if write is not None else dist.get_rank() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".txt", "w") as f:
-            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
-            f.write("\n\nHost side (3 runs):\n")
-            f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+        with open(path, "w") as f:
+            f.write(prof.key_averages().table(sort_by="cuda_time_total" if CUDA else "cpu_time_total", row_limit=30))
+            if CUDA:
+                f.write("\n\nHost side (3 runs):\n")
+                f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
 
 
 def print_table(results: list[dict], modes: list[str]) -> None:
@@ -257,7 +260,7 @@ def bench_shape(a, device, meshes: dict, native_mesh, seq: int, hq: int, hk: int
             continue
         if a.profile:
             name = f"{m.replace('/', '-')}_S{seq}_{hq}_{hk}_{doc_kind}"
-            profile(lambda attn=attn, local=local: fwd_bwd(attn, *local), f"{a.profile}/{name}")
+            profile(lambda attn=attn, local=local: fwd_bwd(attn, *local), f"{a.profile}/{name}.txt")
         if a.check:
             gathered = []
             for t in fwd_bwd(attn, *local):

@@ -33,6 +33,7 @@ from attention import (
     fwd_bwd,
     mode_config,
     mode_stages,
+    profile,
     run_meta,
     single_attention,
     timed,
@@ -50,23 +51,6 @@ def shapes(a) -> list[tuple[int, int, int, str]]:
         (seq, *map(int, heads.split(":")), docs)
         for seq, heads, docs in itertools.product(map(int, a.seqs.split(",")), a.heads.split(","), a.docs.split(","))
     ]
-
-
-def kernel_table(step, path: str) -> None:
-    """The GPU kernels of three runs of `step`, by total time (what a rank's time is made of), and on CUDA its host
-    ops by their own CPU time (where the host's time goes when it sets the pace)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA] if CUDA else [ProfilerActivity.CPU]) as prof:
-        for _ in range(3):
-            step()
-        if CUDA:
-            torch.cuda.synchronize()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(prof.key_averages().table(sort_by="cuda_time_total" if CUDA else "cpu_time_total", row_limit=30))
-        if CUDA:
-            f.write("\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
 
 
 def time_shape(a, meshes: dict, device: torch.device, seq: int, hq: int, hk: int, kind: str) -> dict:
@@ -99,7 +83,8 @@ def time_shape(a, meshes: dict, device: torch.device, seq: int, hq: int, hk: int
             "work_max_over_mean": work_imbalance(docs, layout, a.world),
         }
         if m in a.profile.split(","):
-            kernel_table(step, f"{a.profile_dir}/{m.replace('/', '-')}_S{seq}_{hq}_{hk}_{kind}_rank{a.rank}.txt")
+            path = f"{a.profile_dir}/{m.replace('/', '-')}_S{seq}_{hq}_{hk}_{kind}_rank{a.rank}.txt"
+            profile(step, path, write=True)  # every rank its own table
     return row
 
 
