@@ -10,15 +10,13 @@ import pytest
 import torch
 import transformers
 from distributed import run_distributed
-from trainer_cases import assert_same_run, cp_trainer, run_stock, train_and_record
+from trainer_cases import VOCAB, assert_same_run, cp_trainer, run_stock, tiny_config, train_and_record
 
 from transformers_cp import auto_recompute
 from transformers_cp.auto_recompute import AutoRecompute, choose_recompute_layers
 from transformers_cp.config import ContextParallelConfig, ContextParallelConfigError
 
 GiB = 2**30
-TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -43,7 +41,7 @@ def test_kept_bytes_are_measured_in_the_whole_recomputation():
     see recomputed), where autograd records: in step 1's first forward and in its recomputation, which runs whole
     (no early stop), so the measurement closes in both; a forward under no_grad is not measured. After step 1 the
     layers get their own checkpointing function back."""
-    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(**TINY))
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("qwen2", layers=3))
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     own = [layer._gradient_checkpointing_func for layer in model.model.layers]
@@ -60,7 +58,7 @@ def test_kept_bytes_are_measured_in_the_whole_recomputation():
     auto_recompute.device_headroom = lambda: 0  # a device that reports its memory, no room: nothing is decided
     try:
         callback.on_train_begin(args, transformers.TrainerState(), None, model=model)
-        ids = torch.randint(0, 64, (1, 16))
+        ids = torch.randint(0, VOCAB, (1, 16))
         with torch.no_grad():
             model(input_ids=ids)
         assert callback.kept == {}
@@ -78,7 +76,7 @@ def test_kept_bytes_are_measured_in_the_whole_recomputation():
 def test_on_cpu_nothing_changes():
     """No device memory to read: step 1 runs as configured (nothing wrapped, checkpointing's early stop kept), the
     callback decides nothing, and the layers stay as configured."""
-    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen2Config(**TINY))
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("qwen2", layers=3))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     callback = AutoRecompute(ContextParallelConfig())
     args = transformers.TrainingArguments("out", use_cpu=True, gradient_checkpointing=True)
