@@ -102,9 +102,10 @@ CASES = [  # (headroom after step 1, bytes each kept layer really holds in step 
 ]
 
 
-def _worker(rank, world, ref_path):
+def _worker(rank, world, ref_path, family, savings):
     for room, real, after_one, after_two in CASES:
-        trainer = cp_trainer("qwen2", 2, "zigzag", gradient_checkpointing=True)  # auto recompute: the default
+        # auto recompute: the default
+        trainer = cp_trainer(family, 2, "zigzag", gradient_checkpointing=True, **savings)
         (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, AutoRecompute)]
 
         def headroom(room=room, real=real, callback=callback):
@@ -119,7 +120,7 @@ def _worker(rank, world, ref_path):
         decisions = []
         trainer.add_callback(Decisions(callback, decisions))
         result = train_and_record(trainer)
-        name = f"auto recompute, {room / GB:.2f} GB free after step 1, rank {rank}"
+        name = f"auto recompute, {family} {savings}, {room / GB:.2f} GB free after step 1, rank {rank}"
         assert_same_run(result, torch.load(ref_path), name)
         assert decisions[:2] == [after_one, after_two], (name, decisions)
         flags = [i < after_two for i in range(2)]
@@ -137,7 +138,14 @@ class Decisions(transformers.TrainerCallback):
         self.out.append(self.callback.chosen)
 
 
-def test_training_stays_exact_when_the_choice_changes_after_step_one(tmp_path):
+@pytest.mark.parametrize(
+    "family,savings",
+    [
+        ("qwen2", {}),  # GQA; at these lengths the chunked loss and the tiled MLP stay off
+        ("llama", dict(context_parallel_loss_chunk_size=8, context_parallel_mlp_tile_size=8)),  # MHA, savings on
+    ],
+)
+def test_training_stays_exact_when_the_choice_changes_after_step_one(tmp_path, family, savings):
     ref_path = os.path.join(tmp_path, "stock.pt")
-    torch.save(run_stock("qwen2"), ref_path)
-    run_distributed(_worker, 2, ref_path)
+    torch.save(run_stock(family), ref_path)
+    run_distributed(_worker, 2, ref_path, family, savings)
